@@ -1,0 +1,123 @@
+"""Command line: ``isthmus serve`` runs the control plane; ``isthmus bootstrap`` writes an Envoy bootstrap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from isthmus import __version__
+from isthmus.app import ControlPlane
+from isthmus.discovery.file import MeshFileError
+from isthmus.settings import ServeSettings, SettingsError, parse_hostport
+from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
+from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, Role
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isthmus", description="Multi-cluster Envoy xDS control plane.")
+    parser.add_argument("--version", action="version", version=f"isthmus {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane (ADS server and admin endpoints)")
+    serve.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT",
+                       help="gRPC ADS listen address (default %(default)s)")
+    serve.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT",
+                       help="admin HTTP listen address: /healthz, /readyz (default %(default)s)")
+    serve.add_argument("--mesh", type=Path, metavar="PATH",
+                       help="YAML mesh file (file source, watched for changes); "
+                            "without any discovery flag the built-in example mesh is served")
+    serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="close a stream whose Envoy does not read a response within this time")
+
+    boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
+    boot.add_argument("--role", choices=[r.value for r in Role], required=True)
+    boot.add_argument("--cluster", required=True, help="member cluster this Envoy runs in")
+    boot.add_argument("--namespace", required=True)
+    boot.add_argument("--service", required=True)
+    boot.add_argument("--service-account", default="default")
+    boot.add_argument("--node-id", default="", help="unique node id (default ROLE~SERVICE.NAMESPACE~CLUSTER)")
+    boot.add_argument("--region", default="")
+    boot.add_argument("--zone", default="")
+    boot.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT")
+    boot.add_argument("--admin-port", type=int, default=15000)
+    boot.add_argument("--listen-address", default="0.0.0.0", help="address the proxy's listeners bind")
+    boot.add_argument("--outbound-port", type=int, default=DEFAULT_OUTBOUND_PORT)
+    boot.add_argument("--inbound-port", type=int, default=DEFAULT_INBOUND_PORT)
+    boot.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
+    boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
+    boot.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    return parser
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    host, port = parse_hostport(args.xds_address, "--xds-address")
+    for flag in ("admin_port", "outbound_port", "inbound_port"):
+        if not 0 < getattr(args, flag) < 65536:
+            raise SettingsError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} is not a port number")
+    opts = BootstrapOptions(
+        role=Role(args.role),
+        cluster=args.cluster,
+        namespace=args.namespace,
+        service=args.service,
+        service_account=args.service_account,
+        node_id=args.node_id,
+        region=args.region,
+        zone=args.zone,
+        xds_host=host,
+        xds_port=port,
+        admin_port=args.admin_port,
+        delta=args.delta,
+        listen_address=args.listen_address,
+        outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port,
+    )
+    fmt = args.format or ("yaml" if args.output and args.output.suffix in (".yaml", ".yml") else "json")
+    data = bootstrap_dict(opts)
+    text = yaml.safe_dump(data, sort_keys=False) if fmt == "yaml" else json.dumps(data, indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def _serve(settings: ServeSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await ControlPlane(settings).run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "bootstrap":
+            return _bootstrap(args)
+        settings = ServeSettings(
+            xds_address=args.xds_address, admin_address=args.admin_address, mesh=args.mesh,
+            send_timeout=args.send_timeout,
+        )
+        asyncio.run(_serve(settings))
+        return 0
+    except (SettingsError, MeshFileError) as exc:
+        print(f"isthmus: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"isthmus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

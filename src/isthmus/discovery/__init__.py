@@ -1,0 +1,1 @@
+"""Discovery: sources of the mesh model (file, Kubernetes) and the immutable MeshView they produce."""

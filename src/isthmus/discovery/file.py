@@ -1,0 +1,186 @@
+"""File source: a YAML description of clusters, services and endpoints, turned into a MeshView.
+
+Used for workloads outside Kubernetes, for the built-in example mesh and for tests.
+The file is re-read when its modification time or size changes (polling, so it
+works on every filesystem and inside ConfigMap mounts); a file that fails to
+parse is reported and the last good view is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from isthmus.discovery.model import (
+    Endpoint,
+    Gateway,
+    Health,
+    Locality,
+    MemberCluster,
+    MeshView,
+    Protocol,
+    Service,
+    ServiceKey,
+    ServicePort,
+)
+
+log = logging.getLogger(__name__)
+
+
+class MeshFileError(ValueError):
+    """The mesh file is not valid; the message says where and why."""
+
+
+def example_mesh_text() -> str:
+    """The built-in example mesh shipped with the package."""
+    return resources.files("isthmus").joinpath("examples/mesh.yaml").read_text()
+
+
+def _require(obj: dict[str, Any], key: str, where: str) -> Any:
+    if key not in obj:
+        raise MeshFileError(f"{where}: missing required field {key!r}")
+    return obj[key]
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MeshFileError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _as_dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MeshFileError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _port_number(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise MeshFileError(f"{where}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
+    """Parse the YAML mesh description into a MeshView, or raise MeshFileError."""
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise MeshFileError(f"{source}: not valid YAML: {exc}") from exc
+    doc = _as_dict(doc, source)
+
+    clusters: dict[str, MemberCluster] = {}
+    for i, raw in enumerate(_as_list(doc.get("clusters"), f"{source}: clusters")):
+        where = f"{source}: clusters[{i}]"
+        c = _as_dict(raw, where)
+        name = str(_require(c, "name", where))
+        if name in clusters:
+            raise MeshFileError(f"{where}: duplicate cluster {name!r}")
+        gateway = None
+        if c.get("gateway") is not None:
+            g = _as_dict(c["gateway"], f"{where}.gateway")
+            gateway = Gateway(
+                address=str(_require(g, "address", f"{where}.gateway")),
+                port=_port_number(g.get("port", 15443), f"{where}.gateway.port"),
+            )
+        clusters[name] = MemberCluster(
+            name=name, region=str(c.get("region", "")), zone=str(c.get("zone", "")), gateway=gateway
+        )
+
+    services: dict[ServiceKey, Service] = {}
+    for i, raw in enumerate(_as_list(doc.get("services"), f"{source}: services")):
+        where = f"{source}: services[{i}]"
+        s = _as_dict(raw, where)
+        key = ServiceKey(str(s.get("namespace", "default")), str(_require(s, "name", where)))
+        if key in services:
+            raise MeshFileError(f"{where}: duplicate service {key}")
+        ports = []
+        for j, rp in enumerate(_as_list(s.get("ports"), f"{where}.ports")):
+            pw = f"{where}.ports[{j}]"
+            p = _as_dict(rp, pw)
+            number = _port_number(_require(p, "port", pw), f"{pw}.port")
+            ports.append(
+                ServicePort(
+                    name=str(p.get("name", f"port-{number}")),
+                    port=number,
+                    target_port=_port_number(p.get("target_port", number), f"{pw}.target_port"),
+                    protocol=_parse_enum(Protocol, p.get("protocol", "http"), f"{pw}.protocol"),
+                )
+            )
+        if not ports:
+            raise MeshFileError(f"{where}: a service needs at least one port")
+        endpoints = []
+        for j, re_ in enumerate(_as_list(s.get("endpoints"), f"{where}.endpoints")):
+            ew = f"{where}.endpoints[{j}]"
+            e = _as_dict(re_, ew)
+            cluster_name = str(_require(e, "cluster", ew))
+            member = clusters.get(cluster_name)
+            if member is None:
+                raise MeshFileError(f"{ew}: unknown cluster {cluster_name!r} (declare it under clusters)")
+            raw_ports = _as_dict(e.get("ports", {}), f"{ew}.ports")
+            if "port" in e:
+                raw_ports = {p.name: e["port"] for p in ports} | raw_ports
+            ep_ports = tuple(
+                sorted((str(k), _port_number(v, f"{ew}.ports.{k}")) for k, v in raw_ports.items())
+            )
+            endpoints.append(
+                Endpoint(
+                    address=str(_require(e, "address", ew)),
+                    locality=Locality(
+                        region=str(e.get("region", member.region)),
+                        zone=str(e.get("zone", member.zone)),
+                        cluster=cluster_name,
+                    ),
+                    ports=ep_ports,
+                    health=_parse_enum(Health, e.get("health", "healthy"), f"{ew}.health"),
+                    service_account=str(e.get("service_account", "default")),
+                    workload=str(e.get("workload", "")),
+                )
+            )
+        services[key] = Service(key=key, ports=tuple(ports), endpoints=tuple(endpoints))
+    return MeshView.build(services.values(), clusters.values())
+
+
+def _parse_enum(kind: Any, value: Any, where: str) -> Any:
+    try:
+        return kind(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise MeshFileError(f"{where}: {value!r} is not one of {allowed}") from None
+
+
+def load_mesh_file(path: Path) -> MeshView:
+    return parse_mesh(path.read_text(), str(path))
+
+
+async def watch_mesh_file(
+    path: Path, on_view: Callable[[MeshView], Awaitable[None] | None], interval: float = 1.0
+) -> None:
+    """Poll ``path`` and call ``on_view`` with each new valid MeshView. Runs until cancelled."""
+    last_stat: tuple[float, int] | None = None
+    while True:
+        try:
+            st = os.stat(path)
+            stat = (st.st_mtime, st.st_size)
+        except OSError as exc:
+            log.warning("mesh file %s unreadable: %s (keeping the last good view)", path, exc)
+            stat = None
+        if stat is not None and stat != last_stat:
+            last_stat = stat
+            try:
+                view = await asyncio.to_thread(load_mesh_file, path)
+            except (MeshFileError, OSError) as exc:
+                log.error("mesh file rejected, keeping the last good view: %s", exc)
+            else:
+                result = on_view(view)
+                if result is not None:
+                    await result
+        await asyncio.sleep(interval)

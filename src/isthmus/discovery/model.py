@@ -1,0 +1,164 @@
+"""The mesh model: typed, frozen value objects that every other layer reads.
+
+Nothing here knows about Kubernetes or Envoy. Sources (discovery.file,
+discovery.kube) build these objects; xds.generate turns them into Envoy
+resources. All collections are tuples or read-only mappings so that a
+MeshView can be shared between tasks without copying or locking.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Protocol(enum.StrEnum):
+    """Application protocol of a service port (decides HTTP routing vs TCP proxying)."""
+
+    HTTP = "http"
+    HTTP2 = "http2"
+    GRPC = "grpc"
+    TCP = "tcp"
+
+    @property
+    def is_http(self) -> bool:
+        return self is not Protocol.TCP
+
+
+class Health(enum.StrEnum):
+    """Health of one endpoint as its source reports it."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Locality:
+    """Where an endpoint or proxy runs: region and zone, and the member cluster as sub-zone."""
+
+    region: str = ""
+    zone: str = ""
+    cluster: str = ""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    """A service's identity across the mesh: the same namespace/name in every cluster is one service."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """A port the service exposes, and the port its endpoints listen on."""
+
+    name: str
+    port: int
+    target_port: int
+    protocol: Protocol = Protocol.HTTP
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """One workload instance backing a service.
+
+    ``ports`` maps a service port name to the port this endpoint listens on for it.
+    """
+
+    address: str
+    locality: Locality
+    ports: tuple[tuple[str, int], ...] = ()
+    health: Health = Health.HEALTHY
+    service_account: str = "default"
+    workload: str = ""
+
+    def port_for(self, service_port: ServicePort) -> int:
+        for name, number in self.ports:
+            if name == service_port.name:
+                return number
+        return service_port.target_port
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A service merged across member clusters, with all its endpoints."""
+
+    key: ServiceKey
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+    @property
+    def namespace(self) -> str:
+        return self.key.namespace
+
+    @property
+    def clusters(self) -> frozenset[str]:
+        return frozenset(e.locality.cluster for e in self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A member cluster's east-west gateway: the address other clusters use to reach it."""
+
+    address: str
+    port: int = 15443
+
+
+@dataclass(frozen=True, slots=True)
+class MemberCluster:
+    """A member cluster of the mesh, as the control plane sees it."""
+
+    name: str
+    region: str = ""
+    zone: str = ""
+    gateway: Gateway | None = None
+
+
+def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
+    return MappingProxyType(dict(items))
+
+
+@dataclass(frozen=True, slots=True)
+class MeshView:
+    """An immutable snapshot of the whole mesh: what the generators read.
+
+    ``version`` is a content hash: two views with the same services and clusters
+    have the same version, so a reload that changes nothing pushes nothing.
+    """
+
+    services: Mapping[ServiceKey, Service] = field(default_factory=lambda: MappingProxyType({}))
+    clusters: Mapping[str, MemberCluster] = field(default_factory=lambda: MappingProxyType({}))
+    version: str = ""
+
+    @classmethod
+    def build(cls, services: Iterable[Service], clusters: Iterable[MemberCluster]) -> MeshView:
+        svc = sorted(services, key=lambda s: s.key)
+        normalized = [
+            Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc
+        ]
+        mcs = sorted(clusters, key=lambda c: c.name)
+        digest = hashlib.sha256(repr((normalized, mcs)).encode()).hexdigest()[:16]
+        return cls(
+            services=_frozen_map((s.key, s) for s in normalized),
+            clusters=_frozen_map((c.name, c) for c in mcs),
+            version=digest,
+        )
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self.services.get(ServiceKey(namespace, name))

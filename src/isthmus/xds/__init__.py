@@ -1,0 +1,1 @@
+"""xDS: naming, generators, the resource cache and the ADS server."""

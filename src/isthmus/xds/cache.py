@@ -1,0 +1,148 @@
+"""The resource cache: current MeshView, memoized generation, shared serialized resources.
+
+The cache owns versions; the server owns only the protocol. For each
+(type URL, proxy key) it generates once per mesh version, serializes each
+resource once, and interns the result by content hash so that identical
+resources generated for different proxy keys share one Resource (one set of
+bytes). A ResourceSet whose contents did not change keeps its identity across
+mesh versions, which lets a stream skip an unchanged type with one ``is`` test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from isthmus.discovery.model import MeshView
+from isthmus.xds.generate import GENERATORS, Generator, placeholder
+from isthmus.xds.proxy import Proxy
+from isthmus.xds.resources import Resource, state_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ResourceSet(Mapping[str, Resource]):
+    """All resources of one type for one proxy key, by name, with a version for the whole set."""
+
+    type_url: str
+    by_name: Mapping[str, Resource]
+    version: str
+
+    def __getitem__(self, name: str) -> Resource:
+        return self.by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def same_contents(self, other: ResourceSet) -> bool:
+        return self.version == other.version and self.by_name.keys() == other.by_name.keys()
+
+
+class ConfigCache:
+    """Generates, serializes and shares resources; tells watchers when the mesh changed."""
+
+    def __init__(self, view: MeshView | None = None, generators: Mapping[str, Generator] | None = None) -> None:
+        self._generators = dict(generators if generators is not None else GENERATORS)
+        self._view = view if view is not None else MeshView.build((), ())
+        self._generation = 0
+        self._memo: dict[tuple[str, tuple[object, ...]], ResourceSet] = {}
+        self._previous: dict[tuple[str, tuple[object, ...]], ResourceSet] = {}
+        self._interned: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
+            weakref.WeakValueDictionary()
+        )
+        self._watchers: set[asyncio.Event] = set()
+        self.serializations = 0  # resources serialized, for tests and metrics
+
+    @property
+    def view(self) -> MeshView:
+        return self._view
+
+    @property
+    def generation(self) -> int:
+        """Increments on every effective change; streams compare it to skip idle wakeups."""
+        return self._generation
+
+    def type_urls(self) -> frozenset[str]:
+        return frozenset(self._generators)
+
+    def set_view(self, view: MeshView) -> bool:
+        """Install a new MeshView. Returns False (and wakes nobody) when nothing changed."""
+        if view.version and view.version == self._view.version:
+            return False
+        self._view = view
+        self._bump()
+        return True
+
+    def invalidate(self) -> None:
+        """Regenerate everything (used when generators' inputs change outside the view)."""
+        self._bump()
+
+    def _bump(self) -> None:
+        self._generation += 1
+        self._previous = self._memo
+        self._memo = {}
+        for event in self._watchers:
+            event.set()
+
+    def watch(self, event: asyncio.Event | None = None) -> asyncio.Event:
+        """Register an Event set on every change; the caller clears it and must ``unwatch`` it."""
+        event = event if event is not None else asyncio.Event()
+        self._watchers.add(event)
+        return event
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        self._watchers.discard(event)
+
+    def _intern(self, type_url: str, name: str, body: bytes) -> Resource:
+        candidate = Resource.from_bytes(type_url, name, body)
+        key = (type_url, name, candidate.version)
+        existing = self._interned.get(key)
+        if existing is not None:
+            return existing
+        self._interned[key] = candidate
+        return candidate
+
+    def resources(self, type_url: str, proxy: Proxy) -> ResourceSet:
+        """The resources of ``type_url`` for ``proxy`` at the current mesh version."""
+        key = (type_url, proxy.key)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        previous = self._previous.get(key)
+        try:
+            messages = self._generators[type_url](self._view, proxy)
+            by_name: dict[str, Resource] = {}
+            for name, message in messages.items():
+                self.serializations += 1
+                by_name[name] = self._intern(type_url, name, message.SerializeToString(deterministic=True))
+        except Exception:
+            # A generator bug must not take streams down: keep serving the last good set.
+            log.exception("generator for %s failed for proxy %s", type_url, proxy.node_id)
+            if previous is not None:
+                self._memo[key] = previous
+                return previous
+            by_name = {}
+        result = ResourceSet(type_url, MappingProxyType(by_name), state_version(by_name.values()))
+        if previous is not None and previous.same_contents(result):
+            result = previous
+        self._memo[key] = result
+        return result
+
+    def placeholder(self, type_url: str, name: str) -> Resource:
+        """The empty resource answering a request for an EDS/RDS name that does not exist."""
+        key = (type_url, name, "placeholder")
+        existing = self._interned.get(key)
+        if existing is not None:
+            return existing
+        message = placeholder(type_url, name)
+        resource = Resource.from_message(type_url, name, message)
+        self._interned[key] = resource
+        return resource

@@ -1,0 +1,34 @@
+"""Generators: pure functions ``(MeshView, Proxy) -> {name: message}``, one module per type URL.
+
+They import neither gRPC nor the Kubernetes client (import-linter checks it) and
+never mutate their inputs; the cache memoizes them per (view version, proxy key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from isthmus.discovery.model import MeshView
+from isthmus.xds import types
+from isthmus.xds.generate import clusters, endpoints, listeners, routes, secrets
+from isthmus.xds.proxy import Proxy
+
+Generator = Callable[[MeshView, Proxy], Mapping[str, Any]]
+
+GENERATORS: Mapping[str, Generator] = {
+    types.CLUSTER: clusters.generate,
+    types.ENDPOINT: endpoints.generate,
+    types.LISTENER: listeners.generate,
+    types.ROUTE: routes.generate,
+    types.SECRET: secrets.generate,
+}
+
+
+def placeholder(type_url: str, name: str) -> Any:
+    """The empty resource sent for a requested EDS/RDS name that does not exist (yet)."""
+    if type_url == types.ENDPOINT:
+        return endpoints.empty(name)
+    if type_url == types.ROUTE:
+        return routes.empty(name)
+    raise ValueError(f"no placeholder for {type_url}")

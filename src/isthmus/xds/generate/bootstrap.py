@@ -1,0 +1,145 @@
+"""Envoy bootstrap: the node identity, locality and ADS config that make an Envoy a client of isthmus.
+
+A pure function from BootstrapOptions to an envoy.config.bootstrap.v3.Bootstrap
+message; the CLI renders it as JSON or YAML. Building the message (not a dict)
+means a typo in a field name fails here, not in Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
+
+from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, METADATA_KEY, Role
+
+XDS_CLUSTER = "isthmus_xds"
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapOptions:
+    role: Role
+    cluster: str
+    namespace: str
+    service: str
+    service_account: str = "default"
+    node_id: str = ""
+    region: str = ""
+    zone: str = ""
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 15010
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 15000
+    delta: bool = False
+    listen_address: str = "0.0.0.0"
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    inbound_port: int = DEFAULT_INBOUND_PORT
+
+    @property
+    def effective_node_id(self) -> str:
+        return self.node_id or f"{self.role.value}~{self.service}.{self.namespace}~{self.cluster}"
+
+
+def _xds_cluster(opts: BootstrapOptions) -> Any:
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(
+                connection_keepalive=protocol_pb2.KeepaliveSettings(
+                    interval=duration_pb2.Duration(seconds=30), timeout=duration_pb2.Duration(seconds=5)
+                )
+            )
+        )
+    )
+    packed = any_pb2.Any()
+    packed.Pack(http2)
+    cluster = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=XDS_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=opts.xds_host, port_value=opts.xds_port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
+        packed
+    )
+    return cluster
+
+
+def bootstrap(opts: BootstrapOptions) -> Any:
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            METADATA_KEY: {
+                "role": opts.role.value,
+                "cluster": opts.cluster,
+                "namespace": opts.namespace,
+                "service": opts.service,
+                "service_account": opts.service_account,
+                "listen_address": opts.listen_address,
+                "outbound_port": opts.outbound_port,
+                "inbound_port": opts.inbound_port,
+            }
+        }
+    )
+    ads_source = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
+    api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if opts.delta else config_source_pb2.ApiConfigSource.GRPC
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(
+            id=opts.effective_node_id,
+            cluster=f"{opts.service}.{opts.namespace}",
+            locality=base_pb2.Locality(region=opts.region, zone=opts.zone, sub_zone=opts.cluster),
+            metadata=metadata,
+        ),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=api_type,
+                transport_api_version=config_source_pb2.V3,
+                grpc_services=[
+                    grpc_service_pb2.GrpcService(
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+                    )
+                ],
+                set_node_on_first_message_only=True,
+            ),
+            cds_config=ads_source,
+            lds_config=ads_source,
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(opts)]),
+        admin=bootstrap_pb2.Admin(
+            address=address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(address=opts.admin_address, port_value=opts.admin_port)
+            )
+        ),
+    )
+
+
+def bootstrap_dict(opts: BootstrapOptions) -> dict[str, Any]:
+    """The bootstrap as plain data (proto3 JSON mapping), ready for json.dumps or yaml.safe_dump."""
+    text = json_format.MessageToJson(bootstrap(opts), preserving_proto_field_name=True)
+    result: dict[str, Any] = json.loads(text)  # plain dicts (Any fields come back as OrderedDict otherwise)
+    return result

@@ -1,0 +1,46 @@
+"""Names of generated resources: one documented scheme (docs/naming.md), used everywhere.
+
+    cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
+    outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
+"""
+
+from __future__ import annotations
+
+from isthmus.discovery.model import Service, ServicePort
+
+CLUSTER_DOMAIN = "cluster.local"
+CLUSTERSET_DOMAIN = "clusterset.local"
+OUTBOUND_HTTP_ROUTE = "outbound_http"
+
+
+def service_fqdn(service: Service, domain: str = CLUSTER_DOMAIN) -> str:
+    return f"{service.name}.{service.namespace}.svc.{domain}"
+
+
+def outbound_cluster(service: Service, port: ServicePort) -> str:
+    return f"outbound|{port.port}||{service_fqdn(service)}"
+
+
+def outbound_http_listener(port: int) -> str:
+    return f"outbound_http_{port}"
+
+
+def outbound_tcp_listener(service: Service, port: ServicePort) -> str:
+    return f"outbound_tcp|{port.port}||{service_fqdn(service)}"
+
+
+def host_names(service: Service, port: ServicePort, *, short: bool, portless: bool) -> list[str]:
+    """Hosts a client may use for a service port: FQDNs, ``name.ns``, and (``short``, same
+    namespace only) ``name``; each with ``:PORT``, and without it when ``portless``."""
+    bases = [
+        f"{service.name}.{service.namespace}",
+        f"{service.name}.{service.namespace}.svc",
+        service_fqdn(service),
+        service_fqdn(service, CLUSTERSET_DOMAIN),
+    ]
+    if short:
+        bases.insert(0, service.name)
+    hosts = [f"{base}:{port.port}" for base in bases]
+    if portless:
+        hosts += bases
+    return hosts

@@ -1,0 +1,108 @@
+"""The proxy model: who is asking for configuration, read from the Envoy Node in its first request.
+
+`isthmus bootstrap` writes these fields into the Envoy bootstrap (node metadata
+under the ``isthmus`` key, and the node locality); the server parses them here
+into a frozen Proxy that generators use. Proxies with the same ``key`` receive
+identical configuration, so generation is shared between them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from isthmus.discovery.model import Locality
+
+METADATA_KEY = "isthmus"
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_INBOUND_PORT = 15006
+DEFAULT_GATEWAY_PORT = 15443
+
+
+class Role(enum.StrEnum):
+    SIDECAR = "sidecar"
+    GATEWAY = "gateway"
+
+
+class InvalidNode(ValueError):
+    """The Node in a request lacks what the server needs; the message says what."""
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """A connected Envoy: its role, workload identity and locality."""
+
+    node_id: str
+    role: Role
+    namespace: str
+    service: str
+    service_account: str
+    locality: Locality
+    listen_address: str = "0.0.0.0"
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    envoy_version: str = ""
+
+    @property
+    def cluster(self) -> str:
+        return self.locality.cluster
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Everything generation depends on; proxies with equal keys get identical resources."""
+        return (
+            self.role,
+            self.namespace,
+            self.service,
+            self.service_account,
+            self.locality,
+            self.listen_address,
+            self.outbound_port,
+            self.inbound_port,
+        )
+
+
+def _int(meta: dict[str, Any], key: str, default: int) -> int:
+    value = meta.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidNode(f"node metadata {METADATA_KEY}.{key}={value!r} is not an integer") from None
+    if not 0 < number < 65536:
+        raise InvalidNode(f"node metadata {METADATA_KEY}.{key}={number} is not a port number")
+    return number
+
+
+def proxy_from_node(node: Any) -> Proxy:
+    """Build a Proxy from an envoy.config.core.v3.Node message."""
+    from google.protobuf import json_format
+
+    if not node.id:
+        raise InvalidNode("the first request on a stream must carry a Node with an id")
+    metadata = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    meta = metadata.get(METADATA_KEY, {})
+    if not isinstance(meta, dict):
+        raise InvalidNode(f"node metadata {METADATA_KEY} must be a struct")
+    role_name = str(meta.get("role", Role.SIDECAR))
+    try:
+        role = Role(role_name)
+    except ValueError:
+        raise InvalidNode(f"node metadata {METADATA_KEY}.role={role_name!r} is not sidecar or gateway") from None
+    loc = node.locality
+    version = ""
+    if node.HasField("user_agent_build_version"):
+        v = node.user_agent_build_version.version
+        version = f"{v.major_number}.{v.minor_number}.{v.patch}"
+    return Proxy(
+        node_id=node.id,
+        role=role,
+        namespace=str(meta.get("namespace", "default")),
+        service=str(meta.get("service", node.cluster or "")),
+        service_account=str(meta.get("service_account", "default")),
+        locality=Locality(region=loc.region, zone=loc.zone, cluster=str(meta.get("cluster", loc.sub_zone))),
+        listen_address=str(meta.get("listen_address", "0.0.0.0")),
+        outbound_port=_int(meta, "outbound_port", DEFAULT_OUTBOUND_PORT),
+        inbound_port=_int(meta, "inbound_port", DEFAULT_INBOUND_PORT),
+        envoy_version=version,
+    )

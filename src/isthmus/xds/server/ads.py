@@ -1,0 +1,141 @@
+"""AdsServer: registers StreamAggregatedResources and DeltaAggregatedResources on a grpc.aio server.
+
+Responses are pre-encoded bytes (see xds.resources), so the handlers are
+registered with an identity response serializer. Requests are parsed by the
+generated protobuf classes; a request that fails to parse, or breaks a rule,
+ends that stream with a gRPC status and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from isthmus.xds.cache import ConfigCache
+from isthmus.xds.server.delta import DeltaStream
+from isthmus.xds.server.sotw import SotwStream
+from isthmus.xds.server.status import ProxyStatus
+from isthmus.xds.server.stream import Limits, Stream, StreamError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def _parse(kind: Any) -> Any:
+    def parse(data: bytes) -> Any:
+        return kind.FromString(data)
+
+    return parse
+
+
+class AdsServer:
+    """The gRPC ADS endpoint. Construct, then ``await start()``; ``await stop()`` to drain."""
+
+    def __init__(
+        self,
+        cache: ConfigCache,
+        address: str = "127.0.0.1:15010",
+        limits: Limits | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        self.cache = cache
+        self.address = address
+        self.limits = limits or Limits()
+        self.max_request_bytes = max_request_bytes
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._closing = asyncio.Event()
+        self.streams_opened = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> int:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.max_request_bytes),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._sotw, request_deserializer=_parse(discovery_pb2.DiscoveryRequest)
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._delta, request_deserializer=_parse(discovery_pb2.DeltaDiscoveryRequest)
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        port = server.add_insecure_port(self.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.address} for xDS")
+        await server.start()
+        self._server = server
+        self.port = port
+        log.info("xDS (ADS, SotW and Delta) listening on %s", self.address.rsplit(":", 1)[0] + f":{port}")
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Close every stream with UNAVAILABLE (Envoy reconnects on it), then stop the server."""
+        if self._server is None:
+            return
+        self._closing.set()
+        for stream in list(self._streams.values()):
+            stream._wakeup.set()
+        await self._server.stop(grace)
+        self._server = None
+
+    # ---- status --------------------------------------------------------------------------
+
+    def status(self) -> list[ProxyStatus]:
+        """A copy of every connected stream's status, by stream id."""
+        return [s.status.snapshot() for _, s in sorted(self._streams.items())]
+
+    def proxy_status(self, node_id: str) -> list[ProxyStatus]:
+        return [s for s in self.status() if s.node_id == node_id]
+
+    # ---- handlers ------------------------------------------------------------------------
+
+    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await self._serve(SotwStream, requests, context)
+
+    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await self._serve(DeltaStream, requests, context)
+
+    async def _serve(
+        self,
+        kind: type[Stream],
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        stream_id = next(self._ids)
+        self.streams_opened += 1
+        stream = kind(stream_id, self.cache, context, self.limits, self._closing)
+        self._streams[stream_id] = stream
+        try:
+            await stream.run(requests)
+        except StreamError as exc:
+            log.info("stream %d (%s) closed: %s %s", stream_id, stream.status.node_id or "?", exc.code.name,
+                     exc.details)
+            await context.abort(exc.code, exc.details)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("stream %d (%s) failed", stream_id, stream.status.node_id or "?")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            del self._streams[stream_id]

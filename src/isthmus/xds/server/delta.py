@@ -1,0 +1,87 @@
+"""Incremental (Delta) ADS: DeltaDiscoveryRequest in, DeltaDiscoveryResponse out.
+
+* Subscriptions change with every request, even one carrying a stale nonce.
+* The first request of a type may carry initial_resource_versions (a reconnect): only
+  resources whose version differs are resent, and those the server no longer has are
+  reported in removed_resources.
+* Wildcard: a first request with no names (legacy) or an explicit "*".
+* A name subscribed that does not exist is reported once in removed_resources, except for
+  EDS and RDS, which get an empty resource so that nothing stays warming.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from isthmus.xds import types
+from isthmus.xds.cache import ResourceSet
+from isthmus.xds.resources import delta_response, state_version
+from isthmus.xds.server.stream import Plan, Stream, TypeState
+
+
+class DeltaStream(Stream):
+    mode = "delta"
+
+    def handle_request(self, request: Any) -> None:
+        self._identify(request)
+        state = self._state(request.type_url)
+        subscribe = list(request.resource_names_subscribe)
+        unsubscribe = list(request.resource_names_unsubscribe)
+        self._check_names(len(subscribe) + len(unsubscribe) + len(request.initial_resource_versions))
+        nonce = request.response_nonce
+        if nonce and nonce == state.pending_nonce:
+            if request.HasField("error_detail"):
+                self._nack(state, nonce, request.error_detail)
+            else:
+                self._ack(state, state.status.last_sent_version, nonce)
+        if not state.started:
+            state.started = True
+            state.dirty = True
+            state.legacy_wildcard = not subscribe
+            state.wildcard = state.legacy_wildcard
+            self._check_names(len(state.known) + len(request.initial_resource_versions))
+            state.known.update(dict(request.initial_resource_versions))
+        for name in subscribe:
+            if name == "*":
+                state.wildcard = True
+            elif name not in state.names:
+                state.names.add(name)
+                state.dirty = True
+        for name in unsubscribe:
+            if name == "*":
+                state.wildcard = False
+                state.legacy_wildcard = False
+            state.names.discard(name)
+            state.missing_reported.discard(name)
+            if not state.wildcard:
+                state.known.pop(name, None)
+            state.dirty = True
+        if subscribe and "*" in subscribe:
+            state.dirty = True
+        if len(state.names) > self.limits.max_resource_names:
+            self._check_names(len(state.names))
+        self._sync_status(state)
+
+    def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        desired = self.desired(state, current)
+        updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
+        gone = [name for name in state.known if name not in desired]
+        missing = [
+            n for n in state.names if n not in desired and n not in state.known and n not in state.missing_reported
+        ]
+        if gone and not allow_removals:
+            state.deferred_removals = True
+            gone = []
+        removed = gone + missing
+        if not updated and not removed and (state.responded or not state.wildcard):
+            return None
+        for name in updated:
+            state.known[name] = desired[name].version
+            state.missing_reported.discard(name)
+        for name in gone:
+            del state.known[name]
+        state.missing_reported.update(missing)
+        return Plan([desired[n] for n in updated], removed, state_version(desired.values()), updated)
+
+    def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:
+        return delta_response(state.type_url, plan.version, nonce, plan.resources, plan.removed)

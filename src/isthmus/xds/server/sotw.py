@@ -1,0 +1,84 @@
+"""State-of-the-world ADS: DiscoveryRequest in, DiscoveryResponse out.
+
+* A request whose response_nonce is not the latest nonce sent for its type is stale and ignored.
+* A request with the latest nonce ACKs (or, with error_detail, NACKs) that response; if its
+  resource_names differ from the subscription, the new names are answered at once.
+* A bare ACK gets no response.
+* CDS and LDS responses carry the full state; EDS, RDS and SDS responses carry only the
+  requested resources that the client does not hold yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from isthmus.xds import types
+from isthmus.xds.cache import ResourceSet
+from isthmus.xds.resources import sotw_response, state_version
+from isthmus.xds.server.stream import Plan, Stream, TypeState
+
+
+class SotwStream(Stream):
+    mode = "sotw"
+
+    def handle_request(self, request: Any) -> None:
+        self._identify(request)
+        state = self._state(request.type_url)
+        names = list(request.resource_names)
+        self._check_names(len(names))
+        nonce = request.response_nonce
+        if state.started and nonce != state.last_nonce:
+            return  # stale (or never sent): ignored, as the protocol says
+        if nonce and state.pending_nonce == nonce:
+            if request.HasField("error_detail"):
+                self._nack(state, nonce, request.error_detail)
+            else:
+                self._ack(state, request.version_info, nonce)
+        self._subscribe(state, names)
+
+    def _subscribe(self, state: TypeState, names: list[str]) -> None:
+        if not state.started:
+            state.started = True
+            state.legacy_wildcard = not names
+            state.dirty = True
+        wildcard = "*" in names or (not names and state.legacy_wildcard)
+        new_names = {n for n in names if n != "*"}
+        if wildcard != state.wildcard or new_names != state.names:
+            state.wildcard = wildcard
+            state.names = new_names
+            if state.type_url not in types.FULL_STATE:
+                # The client dropped what it no longer asks for; forget it so a re-subscription resends.
+                for name in list(state.known):
+                    if name not in new_names and not wildcard:
+                        del state.known[name]
+            state.dirty = True
+        self._sync_status(state)
+
+    def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        desired = self.desired(state, current)
+        updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
+        if state.type_url in types.FULL_STATE:
+            removed = [name for name in state.known if name not in desired]
+            if not updated and not removed and state.responded:
+                return None
+            if removed and not allow_removals:
+                state.deferred_removals = True
+                if not updated and state.responded:
+                    return None
+                # Make-before-break: keep the resources being removed until additions are ACKed.
+                kept = {n: state.last_full[n] for n in removed if n in state.last_full}
+                sent = {**kept, **desired}
+            else:
+                sent = desired
+            state.last_full = sent
+            state.known = {name: r.version for name, r in sent.items()}
+            resources = list(sent.values())
+            return Plan(resources, [], state_version(resources), updated)
+        if not updated and (state.responded or not state.wildcard):
+            return None
+        for name in updated:
+            state.known[name] = desired[name].version
+        return Plan([desired[n] for n in updated], [], state_version(desired.values()), updated)
+
+    def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:
+        return sotw_response(state.type_url, plan.version, nonce, plan.resources)

@@ -1,0 +1,304 @@
+"""One ADS stream: subscriptions, nonces, ACK/NACK, ordering and flow control.
+
+The stream is a single coroutine woken by one Event, set either by the request
+reader (a bounded queue of requests) or by the cache (the mesh changed). On each
+wakeup it applies the queued requests, then pushes what changed, in ADS order:
+
+* at most one un-ACKed response per type; newer changes coalesce behind it;
+* additions and updates first, in PUSH_ORDER (CDS, EDS, LDS, RDS, SDS);
+  removals only once nothing is waiting for an ACK (make-before-break);
+* a changed Cluster makes its ClusterLoadAssignment be sent again, because
+  Envoy keeps a modified cluster warming until it receives one;
+* a NACKed version is never resent: the stream keeps it as "known" and pushes
+  again only when the desired resource changes.
+
+SotW and Delta differ only in how requests are read and responses framed
+(sotw.py and delta.py); everything else lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from isthmus.xds import types
+from isthmus.xds.cache import ConfigCache, ResourceSet
+from isthmus.xds.proxy import InvalidNode, Proxy, proxy_from_node
+from isthmus.xds.resources import Resource
+from isthmus.xds.server.status import Nack, ProxyStatus, TypeStatus
+
+log = logging.getLogger(__name__)
+
+_nonces = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep one bad or slow client from hurting the others."""
+
+    max_resource_names: int = 100_000
+    request_queue: int = 64
+    send_timeout: float = 30.0
+
+
+class StreamError(Exception):
+    """Ends the stream with a gRPC status; never the process."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass(slots=True)
+class TypeState:
+    """What one type looks like on one stream."""
+
+    type_url: str
+    status: TypeStatus
+    wildcard: bool = False
+    legacy_wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    # name -> version the client holds (or was last sent: a NACKed version stays here so it is
+    # never resent in a loop). For SotW full-state types, last_full keeps the Resources sent.
+    known: dict[str, str] = field(default_factory=dict)
+    last_full: dict[str, Resource] = field(default_factory=dict)
+    missing_reported: set[str] = field(default_factory=set)
+    pending_nonce: str | None = None
+    last_nonce: str = ""
+    last_set: ResourceSet | None = None
+    started: bool = False
+    responded: bool = False
+    dirty: bool = False
+    deferred_removals: bool = False
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to send for one type: resources to add or update, and names to remove."""
+
+    resources: list[Resource]
+    removed: list[str]
+    version: str
+    updated: list[str] = field(default_factory=list)  # names whose version changed for the client
+
+
+class Stream:
+    """Base class; subclasses implement ``handle_request`` and ``encode``."""
+
+    mode = ""
+
+    def __init__(
+        self,
+        stream_id: int,
+        cache: ConfigCache,
+        context: grpc.aio.ServicerContext[Any, Any],
+        limits: Limits,
+        closing: asyncio.Event,
+        on_proxy: Callable[[Stream], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.context = context
+        self.limits = limits
+        self.closing = closing
+        self.proxy: Proxy | None = None
+        self.status = ProxyStatus(stream_id=stream_id, mode=self.mode, peer=context.peer() or "")
+        self.states: dict[str, TypeState] = {}
+        self._wakeup = asyncio.Event()
+        self._requests: asyncio.Queue[Any] = asyncio.Queue(maxsize=limits.request_queue)
+        self._generation = -1
+        self._on_proxy = on_proxy
+        self._reader_done = False
+
+    # ---- protocol-specific -------------------------------------------------------------
+
+    def handle_request(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        raise NotImplementedError
+
+    def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:
+        raise NotImplementedError
+
+    # ---- shared request handling ---------------------------------------------------------
+
+    def _identify(self, request: Any) -> None:
+        if self.proxy is not None:
+            return
+        if not request.HasField("node"):
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a Node")
+        try:
+            self.proxy = proxy_from_node(request.node)
+        except InvalidNode as exc:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self.status.node_id = self.proxy.node_id
+        self.status.cluster = self.proxy.cluster
+        self.status.role = self.proxy.role.value
+        if self._on_proxy is not None:
+            self._on_proxy(self)
+        log.info("stream %d: %s proxy %s connected (%s)", self.status.stream_id, self.mode,
+                 self.proxy.node_id, self.status.peer)
+
+    def _state(self, type_url: str) -> TypeState:
+        if not type_url:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "type_url is required on an ADS stream")
+        if type_url not in self.cache.type_urls():
+            served = ", ".join(sorted(types.short(t) for t in self.cache.type_urls()))
+            raise StreamError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unsupported type_url {type_url!r} (this server serves {served})"
+            )
+        state = self.states.get(type_url)
+        if state is None:
+            state = self.states[type_url] = TypeState(type_url, self.status.type(type_url))
+        return state
+
+    def _check_names(self, count: int) -> None:
+        if count > self.limits.max_resource_names:
+            raise StreamError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{count} resource names in one request exceeds the limit of {self.limits.max_resource_names}",
+            )
+
+    def _ack(self, state: TypeState, version: str, nonce: str) -> None:
+        state.pending_nonce = None
+        state.status.last_acked_version = version
+        state.status.last_acked_nonce = nonce
+        state.status.last_acked_at = time.time()
+
+    def _nack(self, state: TypeState, nonce: str, error: Any) -> None:
+        state.pending_nonce = None
+        state.status.nacks += 1
+        state.status.last_nack = Nack(
+            version=state.status.last_sent_version, nonce=nonce, code=error.code, message=error.message, at=time.time()
+        )
+        log.warning(
+            "stream %d: %s NACKed %s version %s: %s", self.status.stream_id, self.status.node_id,
+            types.short(state.type_url), state.status.last_sent_version, error.message,
+        )
+
+    def _sync_status(self, state: TypeState) -> None:
+        state.status.wildcard = state.wildcard
+        state.status.subscribed = tuple(sorted(state.names))
+
+    # ---- desired state -------------------------------------------------------------------
+
+    def desired(self, state: TypeState, current: ResourceSet) -> dict[str, Resource]:
+        wanted: dict[str, Resource] = dict(current.by_name) if state.wildcard else {}
+        for name in state.names:
+            if name in wanted:
+                continue
+            resource = current.by_name.get(name)
+            if resource is None and state.type_url in types.PLACEHOLDER_ON_MISSING:
+                resource = self.cache.placeholder(state.type_url, name)
+            if resource is not None:
+                wanted[name] = resource
+        return wanted
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                await self._requests.put(request)
+                self._wakeup.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # client vanished, malformed frame: end this stream only
+            log.debug("stream %d: reader ended: %r", self.status.stream_id, exc)
+        finally:
+            self._reader_done = True
+            self._wakeup.set()
+
+    async def run(self, requests: AsyncIterator[Any]) -> None:
+        self.cache.watch(self._wakeup)
+        reader = asyncio.create_task(self._read(requests), name=f"ads-reader-{self.status.stream_id}")
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if self.closing.is_set():
+                    raise StreamError(grpc.StatusCode.UNAVAILABLE, "control plane shutting down; reconnect")
+                while not self._requests.empty():
+                    self.handle_request(self._requests.get_nowait())
+                if self._requests.empty() and self._reader_done:
+                    return
+                if self.proxy is not None:
+                    await self.push()
+        finally:
+            self.cache.unwatch(self._wakeup)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def push(self) -> None:
+        assert self.proxy is not None
+        generation = self.cache.generation
+        if generation != self._generation:
+            self._generation = generation
+            for state in self.states.values():
+                state.dirty = True
+        # Pass 1: additions and updates in ADS order.
+        for type_url in types.PUSH_ORDER:
+            state = self.states.get(type_url)
+            if state is None or not state.started or state.pending_nonce is not None:
+                continue
+            current = self.cache.resources(type_url, self.proxy)
+            if current is not state.last_set:
+                state.dirty = True
+            if not state.dirty:
+                continue
+            state.last_set = current
+            state.dirty = False
+            plan = self.plan(state, current, allow_removals=False)
+            if plan is not None:
+                await self.send(state, plan)
+        # Pass 2: removals, once every addition has been ACKed.
+        if any(s.pending_nonce is not None for s in self.states.values()):
+            return
+        for type_url in types.PUSH_ORDER:
+            state = self.states.get(type_url)
+            if state is None or not state.deferred_removals or state.last_set is None:
+                continue
+            state.deferred_removals = False
+            plan = self.plan(state, state.last_set, allow_removals=True)
+            if plan is not None:
+                await self.send(state, plan)
+
+    async def send(self, state: TypeState, plan: Plan) -> None:
+        nonce = f"{next(_nonces):x}"
+        data = self.encode(state, plan, nonce)
+        try:
+            await asyncio.wait_for(self.context.write(data), timeout=self.limits.send_timeout)
+        except TimeoutError:
+            raise StreamError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"client did not read a {types.short(state.type_url)} response within "
+                f"{self.limits.send_timeout:.0f}s; closing this stream",
+            ) from None
+        state.pending_nonce = nonce
+        state.last_nonce = nonce
+        state.responded = True
+        state.status.last_sent_version = plan.version
+        state.status.last_sent_nonce = nonce
+        state.status.last_sent_at = time.time()
+        state.status.responses += 1
+        if state.type_url == types.CLUSTER and plan.updated:
+            self._rewarm_endpoints(plan.updated)
+
+    def _rewarm_endpoints(self, clusters: list[str]) -> None:
+        """Envoy keeps a changed cluster warming until it gets its ClusterLoadAssignment: resend it."""
+        eds = self.states.get(types.ENDPOINT)
+        if eds is None:
+            return
+        for name in clusters:
+            eds.known.pop(name, None)
+        eds.dirty = True
