@@ -65,10 +65,14 @@ class Proxy:
 
 def _int(meta: dict[str, Any], key: str, default: int) -> int:
     value = meta.get(key, default)
+    # Struct numbers are doubles (15001 arrives as 15001.0) and YAML may turn them into strings.
     try:
-        number = int(value)
+        as_float = float(value)
     except (TypeError, ValueError):
-        raise InvalidNode(f"node metadata {METADATA_KEY}.{key}={value!r} is not an integer") from None
+        as_float = float("nan")
+    if isinstance(value, bool) or not as_float.is_integer():
+        raise InvalidNode(f"node metadata {METADATA_KEY}.{key}={value!r} is not an integer")
+    number = int(as_float)
     if not 0 < number < 65536:
         raise InvalidNode(f"node metadata {METADATA_KEY}.{key}={number} is not a port number")
     return number

@@ -99,8 +99,9 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 "service": opts.service,
                 "service_account": opts.service_account,
                 "listen_address": opts.listen_address,
-                "outbound_port": opts.outbound_port,
-                "inbound_port": opts.inbound_port,
+                # Strings: Struct numbers are doubles and would render as 15001.0.
+                "outbound_port": str(opts.outbound_port),
+                "inbound_port": str(opts.inbound_port),
             }
         }
     )

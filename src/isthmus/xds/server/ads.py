@@ -63,6 +63,7 @@ class AdsServer:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.max_request_bytes),
+                ("grpc.so_reuseport", 0),  # a second instance on the same port must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
