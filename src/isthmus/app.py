@@ -31,8 +31,12 @@ class ControlPlane:
         changed = self.cache.set_view(view)
         self.view_loaded = True
         if changed:
-            log.info("mesh version %s: %d services in %d clusters", view.version, len(view.services),
-                     len(view.clusters))
+            log.info(
+                "mesh version %s: %d services in %d clusters",
+                view.version,
+                len(view.services),
+                len(view.clusters),
+            )
 
     def readiness(self) -> Readiness:
         if not self.view_loaded:
@@ -65,7 +69,8 @@ class ControlPlane:
             async with asyncio.TaskGroup() as tasks:
                 if mesh is not None:
                     tasks.create_task(
-                        watch_mesh_file(mesh, self.apply_view, self.settings.mesh_poll_interval), name="mesh-file"
+                        watch_mesh_file(mesh, self.apply_view, self.settings.mesh_poll_interval),
+                        name="mesh-file",
                     )
                 await stop.wait()
                 raise _Stopped

@@ -27,15 +27,32 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the control plane (ADS server and admin endpoints)")
-    serve.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT",
-                       help="gRPC ADS listen address (default %(default)s)")
-    serve.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT",
-                       help="admin HTTP listen address: /healthz, /readyz (default %(default)s)")
-    serve.add_argument("--mesh", type=Path, metavar="PATH",
-                       help="YAML mesh file (file source, watched for changes); "
-                            "without any discovery flag the built-in example mesh is served")
-    serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="close a stream whose Envoy does not read a response within this time")
+    serve.add_argument(
+        "--xds-address",
+        default="127.0.0.1:15010",
+        metavar="HOST:PORT",
+        help="gRPC ADS listen address (default %(default)s)",
+    )
+    serve.add_argument(
+        "--admin-address",
+        default="127.0.0.1:15014",
+        metavar="HOST:PORT",
+        help="admin HTTP listen address: /healthz, /readyz (default %(default)s)",
+    )
+    serve.add_argument(
+        "--mesh",
+        type=Path,
+        metavar="PATH",
+        help="YAML mesh file (file source, watched for changes); "
+        "without any discovery flag the built-in example mesh is served",
+    )
+    serve.add_argument(
+        "--send-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a stream whose Envoy does not read a response within this time",
+    )
 
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
     boot.add_argument("--role", choices=[r.value for r in Role], required=True)
@@ -100,13 +117,17 @@ async def _serve(settings: ServeSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         if args.command == "bootstrap":
             return _bootstrap(args)
         settings = ServeSettings(
-            xds_address=args.xds_address, admin_address=args.admin_address, mesh=args.mesh,
+            xds_address=args.xds_address,
+            admin_address=args.admin_address,
+            mesh=args.mesh,
             send_timeout=args.send_timeout,
         )
         asyncio.run(_serve(settings))

@@ -15,7 +15,9 @@ class Readiness:
     reason: str
 
 
-def make_admin_app(readiness: Callable[[], Readiness], info: Callable[[], dict[str, object]]) -> web.Application:
+def make_admin_app(
+    readiness: Callable[[], Readiness], info: Callable[[], dict[str, object]]
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 

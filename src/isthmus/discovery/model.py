@@ -149,9 +149,7 @@ class MeshView:
     @classmethod
     def build(cls, services: Iterable[Service], clusters: Iterable[MemberCluster]) -> MeshView:
         svc = sorted(services, key=lambda s: s.key)
-        normalized = [
-            Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc
-        ]
+        normalized = [Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc]
         mcs = sorted(clusters, key=lambda c: c.name)
         digest = hashlib.sha256(repr((normalized, mcs)).encode()).hexdigest()[:16]
         return cls(

@@ -49,7 +49,9 @@ class ResourceSet(Mapping[str, Resource]):
 class ConfigCache:
     """Generates, serializes and shares resources; tells watchers when the mesh changed."""
 
-    def __init__(self, view: MeshView | None = None, generators: Mapping[str, Generator] | None = None) -> None:
+    def __init__(
+        self, view: MeshView | None = None, generators: Mapping[str, Generator] | None = None
+    ) -> None:
         self._generators = dict(generators if generators is not None else GENERATORS)
         self._view = view if view is not None else MeshView.build((), ())
         self._generation = 0

@@ -1,7 +1,7 @@
 """Names of generated resources: one documented scheme (docs/naming.md), used everywhere.
 
-    cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
-    outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
+cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
+outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
 """
 
 from __future__ import annotations

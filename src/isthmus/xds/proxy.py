@@ -92,7 +92,9 @@ def proxy_from_node(node: Any) -> Proxy:
     try:
         role = Role(role_name)
     except ValueError:
-        raise InvalidNode(f"node metadata {METADATA_KEY}.role={role_name!r} is not sidecar or gateway") from None
+        raise InvalidNode(
+            f"node metadata {METADATA_KEY}.role={role_name!r} is not sidecar or gateway"
+        ) from None
     loc = node.locality
     version = ""
     if node.HasField("user_agent_build_version"):

@@ -82,9 +82,9 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
             ],
         ),
     )
-    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
-        packed
-    )
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].CopyFrom(packed)
     return cluster
 
 
@@ -108,7 +108,9 @@ def bootstrap(opts: BootstrapOptions) -> Any:
     ads_source = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
-    api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if opts.delta else config_source_pb2.ApiConfigSource.GRPC
+    api_type = (
+        config_source_pb2.ApiConfigSource.DELTA_GRPC if opts.delta else config_source_pb2.ApiConfigSource.GRPC
+    )
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(
             id=opts.effective_node_id,
@@ -133,7 +135,9 @@ def bootstrap(opts: BootstrapOptions) -> Any:
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(opts)]),
         admin=bootstrap_pb2.Admin(
             address=address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(address=opts.admin_address, port_value=opts.admin_port)
+                socket_address=address_pb2.SocketAddress(
+                    address=opts.admin_address, port_value=opts.admin_port
+                )
             )
         ),
     )

@@ -36,7 +36,9 @@ def outbound_http_listener(proxy: Proxy) -> Any:
                 resource_api_version=config_source_pb2.V3,
             ),
         ),
-        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))],
+        http_filters=[
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))
+        ],
     )
     return listener_pb2.Listener(
         name=naming.outbound_http_listener(proxy.outbound_port),

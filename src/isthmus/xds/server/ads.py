@@ -128,8 +128,13 @@ class AdsServer:
         try:
             await stream.run(requests)
         except StreamError as exc:
-            log.info("stream %d (%s) closed: %s %s", stream_id, stream.status.node_id or "?", exc.code.name,
-                     exc.details)
+            log.info(
+                "stream %d (%s) closed: %s %s",
+                stream_id,
+                stream.status.node_id or "?",
+                exc.code.name,
+                exc.details,
+            )
             await context.abort(exc.code, exc.details)
         except asyncio.CancelledError:
             raise

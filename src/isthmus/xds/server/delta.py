@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from isthmus.xds import types
 from isthmus.xds.cache import ResourceSet
 from isthmus.xds.resources import delta_response, state_version
 from isthmus.xds.server.stream import Plan, Stream, TypeState
@@ -67,7 +66,9 @@ class DeltaStream(Stream):
         updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
         gone = [name for name in state.known if name not in desired]
         missing = [
-            n for n in state.names if n not in desired and n not in state.known and n not in state.missing_reported
+            n
+            for n in state.names
+            if n not in desired and n not in state.known and n not in state.missing_reported
         ]
         if gone and not allow_removals:
             state.deferred_removals = True

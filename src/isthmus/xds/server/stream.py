@@ -145,8 +145,13 @@ class Stream:
         self.status.role = self.proxy.role.value
         if self._on_proxy is not None:
             self._on_proxy(self)
-        log.info("stream %d: %s proxy %s connected (%s)", self.status.stream_id, self.mode,
-                 self.proxy.node_id, self.status.peer)
+        log.info(
+            "stream %d: %s proxy %s connected (%s)",
+            self.status.stream_id,
+            self.mode,
+            self.proxy.node_id,
+            self.status.peer,
+        )
 
     def _state(self, type_url: str) -> TypeState:
         if not type_url:
@@ -154,7 +159,8 @@ class Stream:
         if type_url not in self.cache.type_urls():
             served = ", ".join(sorted(types.short(t) for t in self.cache.type_urls()))
             raise StreamError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"unsupported type_url {type_url!r} (this server serves {served})"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unsupported type_url {type_url!r} (this server serves {served})",
             )
         state = self.states.get(type_url)
         if state is None:
@@ -165,7 +171,7 @@ class Stream:
         if count > self.limits.max_resource_names:
             raise StreamError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{count} resource names in one request exceeds the limit of {self.limits.max_resource_names}",
+                f"{count} resource names in one request exceed the limit ({self.limits.max_resource_names})",
             )
 
     def _ack(self, state: TypeState, version: str, nonce: str) -> None:
@@ -178,11 +184,19 @@ class Stream:
         state.pending_nonce = None
         state.status.nacks += 1
         state.status.last_nack = Nack(
-            version=state.status.last_sent_version, nonce=nonce, code=error.code, message=error.message, at=time.time()
+            version=state.status.last_sent_version,
+            nonce=nonce,
+            code=error.code,
+            message=error.message,
+            at=time.time(),
         )
         log.warning(
-            "stream %d: %s NACKed %s version %s: %s", self.status.stream_id, self.status.node_id,
-            types.short(state.type_url), state.status.last_sent_version, error.message,
+            "stream %d: %s NACKed %s version %s: %s",
+            self.status.stream_id,
+            self.status.node_id,
+            types.short(state.type_url),
+            state.status.last_sent_version,
+            error.message,
         )
 
     def _sync_status(self, state: TypeState) -> None:
@@ -248,9 +262,10 @@ class Stream:
                 state.dirty = True
         # Pass 1: additions and updates in ADS order.
         for type_url in types.PUSH_ORDER:
-            state = self.states.get(type_url)
-            if state is None or not state.started or state.pending_nonce is not None:
+            maybe = self.states.get(type_url)
+            if maybe is None or not maybe.started or maybe.pending_nonce is not None:
                 continue
+            state = maybe
             current = self.cache.resources(type_url, self.proxy)
             if current is not state.last_set:
                 state.dirty = True
@@ -265,13 +280,13 @@ class Stream:
         if any(s.pending_nonce is not None for s in self.states.values()):
             return
         for type_url in types.PUSH_ORDER:
-            state = self.states.get(type_url)
-            if state is None or not state.deferred_removals or state.last_set is None:
+            deferred = self.states.get(type_url)
+            if deferred is None or not deferred.deferred_removals or deferred.last_set is None:
                 continue
-            state.deferred_removals = False
-            plan = self.plan(state, state.last_set, allow_removals=True)
+            deferred.deferred_removals = False
+            plan = self.plan(deferred, deferred.last_set, allow_removals=True)
             if plan is not None:
-                await self.send(state, plan)
+                await self.send(deferred, plan)
 
     async def send(self, state: TypeState, plan: Plan) -> None:
         nonce = f"{next(_nonces):x}"

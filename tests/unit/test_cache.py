@@ -1,0 +1,73 @@
+"""The cache: memoized generation per proxy key, interning of identical bytes, change notification."""
+
+from __future__ import annotations
+
+import asyncio
+
+from isthmus.discovery.file import example_mesh_text, parse_mesh
+from isthmus.discovery.model import Locality
+from isthmus.xds import types
+from isthmus.xds.cache import ConfigCache
+from isthmus.xds.proxy import Proxy, Role
+
+
+def proxy(node_id: str, cluster: str = "east", region: str = "us-east1") -> Proxy:
+    return Proxy(node_id, Role.SIDECAR, "shop", "web", "web", Locality(region, "z", cluster))
+
+
+def test_same_key_shares_one_generation() -> None:
+    cache = ConfigCache(parse_mesh(example_mesh_text()))
+    first = cache.resources(types.CLUSTER, proxy("a"))
+    count = cache.serializations
+    second = cache.resources(types.CLUSTER, proxy("b"))  # different node, same key
+    assert second is first
+    assert cache.serializations == count
+
+
+def test_identical_resources_share_bytes_across_keys() -> None:
+    cache = ConfigCache(parse_mesh(example_mesh_text()))
+    east = cache.resources(types.CLUSTER, proxy("a", "east"))
+    west = cache.resources(types.CLUSTER, proxy("b", "west", "us-west1"))
+    assert east is not west
+    for name in east:
+        assert east[name] is west[name], "clusters do not depend on locality: one shared Resource"
+    # Endpoints do depend on locality (priorities), so they differ.
+    eds_east = cache.resources(types.ENDPOINT, proxy("a", "east"))
+    eds_west = cache.resources(types.ENDPOINT, proxy("b", "west", "us-west1"))
+    web = "outbound|80||web.shop.svc.cluster.local"
+    assert eds_east[web].version != eds_west[web].version
+
+
+async def test_set_view_wakes_only_on_effective_change() -> None:
+    view = parse_mesh(example_mesh_text())
+    cache = ConfigCache(view)
+    before = cache.resources(types.CLUSTER, proxy("a"))
+    event = cache.watch()
+    assert cache.set_view(parse_mesh(example_mesh_text())) is False
+    assert not event.is_set()
+    changed = parse_mesh(example_mesh_text().replace("127.10.0.11", "127.10.0.99"))
+    assert cache.set_view(changed) is True
+    await asyncio.wait_for(event.wait(), 1)
+    # Clusters did not change: the same ResourceSet object survives the new mesh version.
+    assert cache.resources(types.CLUSTER, proxy("a")) is before
+    cache.unwatch(event)
+
+
+def test_failing_generator_keeps_last_good_set() -> None:
+    calls = {"fail": False}
+    base = ConfigCache(parse_mesh(example_mesh_text()))
+
+    def clusters(view, p):  # type: ignore[no-untyped-def]
+        if calls["fail"]:
+            raise RuntimeError("boom")
+        from isthmus.xds.generate import clusters as real
+
+        return real.generate(view, p)
+
+    gens = {t: (clusters if t == types.CLUSTER else lambda v, p: {}) for t in types.PUSH_ORDER}
+    cache = ConfigCache(base.view, gens)
+    good = cache.resources(types.CLUSTER, proxy("a"))
+    assert len(good) == 3
+    calls["fail"] = True
+    cache.invalidate()
+    assert cache.resources(types.CLUSTER, proxy("a")) is good

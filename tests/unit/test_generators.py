@@ -1,0 +1,140 @@
+"""Generators: pure functions of (MeshView, Proxy). Whole outputs are pinned by golden files
+(tests/golden/*.json; regenerate with `make golden` and review the diff), rules by focused tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from isthmus.discovery.file import example_mesh_text, parse_mesh
+from isthmus.discovery.model import Locality
+from isthmus.xds import types
+from isthmus.xds.generate import GENERATORS
+from isthmus.xds.generate.endpoints import priority_class
+from isthmus.xds.proxy import Proxy, Role
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+TWO_NAMESPACES = """
+clusters:
+  - {name: a, region: r1, zone: z1}
+  - {name: b, region: r1, zone: z2}
+  - {name: c, region: r2, zone: z9}
+services:
+  - name: web
+    namespace: shop
+    ports: [{name: http, port: 80}, {name: admin, port: 8081}]
+    endpoints:
+      - {cluster: a, address: 127.0.1.1}
+      - {cluster: b, address: 127.0.2.1}
+      - {cluster: c, address: 127.0.3.1}
+      - {cluster: c, address: 127.0.3.2, health: draining}
+  - name: web
+    namespace: blog
+    ports: [{name: http, port: 80}]
+    endpoints: [{cluster: c, address: 127.0.3.9}]
+  - name: api
+    namespace: shop
+    ports: [{name: grpc, port: 9090, protocol: grpc}, {name: tcp, port: 5000, protocol: tcp}]
+"""
+
+
+def sidecar(cluster: str, region: str, zone: str, namespace: str = "shop") -> Proxy:
+    return Proxy(
+        node_id=f"sidecar-{cluster}",
+        role=Role.SIDECAR,
+        namespace=namespace,
+        service="client",
+        service_account="client",
+        locality=Locality(region, zone, cluster),
+        listen_address="127.0.0.1",
+        outbound_port=15001,
+    )
+
+
+CASES = {
+    "example-sidecar-east": (example_mesh_text(), sidecar("east", "us-east1", "us-east1-b")),
+    "example-gateway-west": (
+        example_mesh_text(),
+        Proxy("gw", Role.GATEWAY, "istio-system", "gw", "gw", Locality("us-west1", "us-west1-a", "west")),
+    ),
+    "two-namespaces-sidecar-a": (TWO_NAMESPACES, sidecar("a", "r1", "z1")),
+    "two-namespaces-sidecar-blog-c": (TWO_NAMESPACES, sidecar("c", "r2", "z9", namespace="blog")),
+}
+
+
+def render(mesh: str, proxy: Proxy) -> dict[str, dict[str, object]]:
+    view = parse_mesh(mesh)
+    out: dict[str, dict[str, object]] = {}
+    for type_url in types.PUSH_ORDER:
+        resources = GENERATORS[type_url](view, proxy)
+        out[types.short(type_url)] = {
+            name: json_format.MessageToDict(msg, preserving_proto_field_name=True)
+            for name, msg in sorted(resources.items())
+        }
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    mesh, proxy = CASES[case]
+    got = render(mesh, proxy)
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    assert path.exists(), f"missing golden file {path}; run `make golden`"
+    assert got == json.loads(path.read_text()), f"{case} differs from {path}; if intended, run `make golden`"
+
+
+def test_generators_are_deterministic_and_do_not_mutate() -> None:
+    view = parse_mesh(TWO_NAMESPACES)
+    proxy = sidecar("a", "r1", "z1")
+    before = view.version
+    for type_url, generate in GENERATORS.items():
+        first = {n: m.SerializeToString(deterministic=True) for n, m in generate(view, proxy).items()}
+        second = {n: m.SerializeToString(deterministic=True) for n, m in generate(view, proxy).items()}
+        assert first == second, types.short(type_url)
+    assert view.version == before
+
+
+@pytest.mark.parametrize(
+    ("proxy", "endpoint", "expected"),
+    [
+        (Locality("r1", "z1", "a"), Locality("r1", "z1", "a"), 0),
+        (Locality("r1", "z1", "a"), Locality("r1", "z2", "b"), 1),
+        (Locality("r1", "z1", "a"), Locality("r2", "z9", "c"), 2),
+        (Locality("", "", ""), Locality("r1", "z1", "a"), 2),
+    ],
+)
+def test_priority_class(proxy: Locality, endpoint: Locality, expected: int) -> None:
+    assert priority_class(proxy, endpoint) == expected
+
+
+def test_priorities_are_contiguous_and_weighted_by_healthy_endpoints() -> None:
+    view = parse_mesh(TWO_NAMESPACES)
+    # From c: own cluster c first; a and b are both "elsewhere" -> priority 1, no gap.
+    cla = GENERATORS[types.ENDPOINT](view, sidecar("c", "r2", "z9"))[
+        "outbound|80||web.shop.svc.cluster.local"
+    ]
+    by_cluster = {le.locality.sub_zone: le for le in cla.endpoints}
+    assert by_cluster["c"].priority == 0
+    assert by_cluster["a"].priority == by_cluster["b"].priority == 1
+    assert by_cluster["c"].load_balancing_weight.value == 1  # one healthy, one draining
+
+
+def test_short_host_names_only_in_own_namespace() -> None:
+    view = parse_mesh(TWO_NAMESPACES)
+    routes = GENERATORS[types.ROUTE](view, sidecar("a", "r1", "z1", namespace="blog"))["outbound_http"]
+    domains = {d: vh.name for vh in routes.virtual_hosts for d in vh.domains}
+    assert domains["web"].startswith("web.blog.")
+    assert domains["web.shop"].startswith("web.shop.")
+    assert domains["web.shop:8081"] == "web.shop.svc.cluster.local:8081"
+    assert "web.shop.svc.clusterset.local:80" in domains
+    all_domains = [d for vh in routes.virtual_hosts for d in vh.domains]
+    assert len(all_domains) == len(set(all_domains)), "Envoy rejects duplicate domains"
+    # TCP ports get no virtual host.
+    assert not any(d.endswith(":5000") for d in all_domains)
