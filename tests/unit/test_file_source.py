@@ -46,7 +46,7 @@ def test_version_is_content_addressed() -> None:
     assert parse_mesh(MESH).version != parse_mesh(MESH.replace("127.0.1.1", "127.0.1.2")).version
     # Endpoint order does not matter.
     lines = MESH.splitlines()
-    swapped = "\n".join(lines[:-2] + [lines[-1], lines[-2]])
+    swapped = "\n".join([*lines[:-2], lines[-1], lines[-2]])
     assert parse_mesh(swapped).version == parse_mesh(MESH).version
 
 
