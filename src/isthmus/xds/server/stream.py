@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from isthmus.xds import types
 from isthmus.xds.cache import ConfigCache, ResourceSet
@@ -117,6 +118,7 @@ class Stream:
         self._generation = -1
         self._on_proxy = on_proxy
         self._reader_done = False
+        self._reader_error: Exception | None = None
 
     # ---- protocol-specific -------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class Stream:
             raise
         except Exception as exc:  # client vanished, malformed frame: end this stream only
             log.debug("stream %d: reader ended: %r", self.status.stream_id, exc)
+            self._reader_error = exc
         finally:
             self._reader_done = True
             self._wakeup.set()
@@ -244,6 +247,9 @@ class Stream:
                 while not self._requests.empty():
                     self.handle_request(self._requests.get_nowait())
                 if self._requests.empty() and self._reader_done:
+                    if isinstance(self._reader_error, DecodeError):
+                        detail = f"malformed request: {self._reader_error}"
+                        raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, detail)
                     return
                 if self.proxy is not None:
                     await self.push()
