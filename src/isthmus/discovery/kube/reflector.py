@@ -1,0 +1,172 @@
+"""List-then-watch of one resource kind on one API server, kept in a local store.
+
+Watch semantics, done by hand on the raw responses of kubernetes_asyncio's API
+methods (``_preload_content=False``) rather than through its ``Watch`` helper,
+whose silent 410 retry could go back in time:
+
+* LIST, remember the list's resourceVersion, then WATCH from it with bookmarks;
+* every event and BOOKMARK advances the resourceVersion; a watch that ends
+  (server timeout) resumes from it;
+* an ERROR event with code 410 (Expired/Gone), or a 410 status, means the
+  history is gone: RELIST, replace the store, and report the keys that vanished
+  during the gap as deletions, never going back to an older resourceVersion;
+* a watch that delivers nothing (not even a bookmark) for ``idle_timeout`` is
+  treated as hung and restarted;
+* any other failure retries with jittered exponential backoff; the reflector
+  reports each failure and each recovery to its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+ListFn = Callable[..., Awaitable[Any]]
+
+
+class Gone(Exception):
+    """The resourceVersion is too old: relist."""
+
+
+class WatchError(Exception):
+    """The API server sent an ERROR event other than 410."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    watch_timeout: int = 300  # seconds; the server ends each watch after this
+    idle_timeout: float = 120.0  # no event nor bookmark for this long: the watch is hung
+    request_timeout: float = 30.0  # LIST and connection timeout
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+def object_key(obj: Obj) -> str:
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta.get('name')}" if namespace else str(meta.get("name"))
+
+
+class Reflector:
+    """Keeps ``store`` equal to the server's objects of one kind; calls ``on_change`` after each change."""
+
+    def __init__(
+        self,
+        kind: str,
+        list_fn: ListFn,
+        on_change: Callable[[], None],
+        on_error: Callable[[str, BaseException], None] | None = None,
+        on_ok: Callable[[str], None] | None = None,
+        timing: Timing | None = None,
+    ) -> None:
+        self.kind = kind
+        self._list_fn = list_fn
+        self._on_change = on_change
+        self._on_error = on_error
+        self._on_ok = on_ok
+        self.timing = timing or Timing()
+        self.store: dict[str, Obj] = {}
+        self.resource_version = ""
+        self.synced = asyncio.Event()
+        self.relists = 0
+        self.events = 0
+
+    async def run(self) -> None:
+        delay = self.timing.backoff_initial
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                await self._watch()
+                delay = self.timing.backoff_initial
+            except asyncio.CancelledError:
+                raise
+            except Gone:
+                log.info("%s: resourceVersion %s expired; relisting", self.kind, self.resource_version)
+                need_list = True
+            except Exception as exc:
+                if getattr(exc, "status", None) == 410:  # ApiException for a 410 response
+                    need_list = True
+                    continue
+                if self._on_error is not None:
+                    self._on_error(self.kind, exc)
+                log.debug("%s: %r; retrying in %.1fs", self.kind, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.timing.backoff_max)
+                # A failure of unknown kind may hide a gap: the next attempt resumes the watch from
+                # the last resourceVersion, and a 410 from there relists.
+                need_list = need_list or not self.resource_version
+
+    async def _list(self) -> None:
+        response = await self._list_fn(_preload_content=False, _request_timeout=self.timing.request_timeout)
+        try:
+            body = await asyncio.wait_for(response.json(), self.timing.request_timeout)
+        finally:
+            response.release()
+        items = body.get("items") or []
+        fresh = {object_key(obj): obj for obj in items}
+        changed = fresh != self.store
+        self.store = fresh  # objects missing from the list were deleted during the gap
+        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        self.relists += 1
+        self.synced.set()
+        if self._on_ok is not None:
+            self._on_ok(self.kind)
+        if changed:
+            self._on_change()
+
+    async def _watch(self) -> None:
+        response = await self._list_fn(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.timing.watch_timeout,
+            _preload_content=False,
+            _request_timeout=(self.timing.request_timeout, self.timing.idle_timeout),  # (connect, read)
+        )
+        try:
+            if self._on_ok is not None:
+                self._on_ok(self.kind)
+            while True:
+                try:
+                    line = await asyncio.wait_for(response.content.readline(), self.timing.idle_timeout)
+                except TimeoutError:
+                    raise WatchError(f"no event or bookmark for {self.timing.idle_timeout:.0f}s") from None
+                if not line:
+                    return  # the server ended the watch (timeoutSeconds): resume from resource_version
+                if line.strip():
+                    self._apply(json.loads(line))
+        finally:
+            response.release()
+
+    def _apply(self, event: Obj) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(obj.get("message", "expired"))
+            raise WatchError(f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+        version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+        if version:
+            self.resource_version = version
+        if kind == "BOOKMARK":
+            return
+        self.events += 1
+        key = object_key(obj)
+        if kind == "DELETED":
+            self.store.pop(key, None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.store[key] = obj
+        else:
+            return
+        self._on_change()
