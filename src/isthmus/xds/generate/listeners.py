@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -47,7 +47,7 @@ def outbound_http_listener(proxy: Proxy) -> Any:
                 address=proxy.listen_address, port_value=proxy.outbound_port
             )
         ),
-        traffic_direction=1,  # OUTBOUND
+        traffic_direction=base_pb2.OUTBOUND,
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[
