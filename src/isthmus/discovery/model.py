@@ -120,6 +120,16 @@ class Gateway:
     port: int = 15443
 
 
+class ClusterState(enum.StrEnum):
+    """Health of a member cluster's API server connection (not of its workloads)."""
+
+    SYNCING = "syncing"  # first list not complete yet
+    SYNCED = "synced"
+    UNREACHABLE = "unreachable"  # last known endpoints kept, reported
+    STALE = "stale"  # unreachable past the maximum staleness: endpoints demoted to the last priority
+    STATIC = "static"  # from the file source: always current
+
+
 @dataclass(frozen=True, slots=True)
 class MemberCluster:
     """A member cluster of the mesh, as the control plane sees it."""
@@ -128,6 +138,8 @@ class MemberCluster:
     region: str = ""
     zone: str = ""
     gateway: Gateway | None = None
+    state: ClusterState = ClusterState.STATIC
+    detail: str = ""
 
 
 def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
