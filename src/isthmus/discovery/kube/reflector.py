@@ -40,6 +40,29 @@ class WatchError(Exception):
     """The API server sent an ERROR event other than 410."""
 
 
+class HttpStatusError(Exception):
+    """A non-2xx answer to a LIST or WATCH (401, 403, 404, 500, ...); ``status`` as in ApiException."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+async def _check(response: Any) -> None:
+    status = int(getattr(response, "status", 200))
+    if status < 300:
+        return
+    try:
+        text = await response.text()
+        reason = str(json.loads(text).get("message", text))[:300]
+    except Exception:
+        reason = getattr(response, "reason", "") or "error"
+    finally:
+        response.release()
+    raise HttpStatusError(status, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Timing:
     watch_timeout: int = 300  # seconds; the server ends each watch after this
@@ -109,6 +132,7 @@ class Reflector:
 
     async def _list(self) -> None:
         response = await self._list_fn(_preload_content=False, _request_timeout=self.timing.request_timeout)
+        await _check(response)
         try:
             body = await asyncio.wait_for(response.json(), self.timing.request_timeout)
         finally:
@@ -134,6 +158,7 @@ class Reflector:
             _preload_content=False,
             _request_timeout=(self.timing.request_timeout, self.timing.idle_timeout),  # (connect, read)
         )
+        await _check(response)
         try:
             if self._on_ok is not None:
                 self._on_ok(self.kind)

@@ -1,0 +1,147 @@
+"""Membership: which member clusters are watched, with which credentials, added and removed live.
+
+Sources of kubeconfigs: ``--cluster NAME=PATH`` (repeatable) and ``--kubeconfig-dir DIR`` (one
+file per cluster, file name = cluster name, extension dropped). Both are polled: a new file adds
+a cluster, a removed file removes it (its shard is dropped), a changed file rotates its
+credentials without a gap: a new watcher is started beside the old one, and only once it has
+synced does it take over the shard and the old one stop. A refused or unreadable kubeconfig is
+reported in the log and in ``status`` and never affects the other clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from isthmus.discovery.aggregate import Aggregator
+from isthmus.discovery.kube.cluster import SOURCE, ClusterPolicy, ClusterWatcher
+from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
+from isthmus.discovery.kube.reflector import Timing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Member:
+    watcher: ClusterWatcher
+    task: asyncio.Task[None]
+
+
+class Members:
+    """Runs one ClusterWatcher per member cluster and keeps the set in line with the kubeconfigs."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        static: Mapping[str, Path] | None = None,
+        directory: Path | None = None,
+        policy: Callable[[str], ClusterPolicy] | None = None,
+        timing: Timing | None = None,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self.aggregator = aggregator
+        self.static = dict(static or {})
+        self.directory = directory
+        self._policy = policy or (lambda name: ClusterPolicy())
+        self.timing = timing
+        self.poll_interval = poll_interval
+        self.members: dict[str, _Member] = {}
+        self._warming: dict[str, _Member] = {}
+        self.errors: dict[str, str] = {}
+
+    # ---- reading kubeconfigs ------------------------------------------------------------
+
+    def _sources(self) -> dict[str, Path]:
+        found = dict(self.static)
+        if self.directory is not None and self.directory.is_dir():
+            for path in sorted(self.directory.iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    found.setdefault(path.stem, path)
+        return found
+
+    def read(self) -> dict[str, Credentials]:
+        wanted: dict[str, Credentials] = {}
+        errors: dict[str, str] = {}
+        for name, path in self._sources().items():
+            try:
+                wanted[name] = Credentials.parse(name, path.read_text(), str(path))
+            except (OSError, KubeconfigError) as exc:
+                errors[name] = str(exc)
+                if self.errors.get(name) != str(exc):
+                    log.error("cluster %s refused: %s", name, exc)
+        self.errors = errors
+        return wanted
+
+    # ---- reconciling ---------------------------------------------------------------------
+
+    def _start(self, credentials: Credentials, publish: bool) -> _Member:
+        watcher = ClusterWatcher(credentials, self.aggregator, self._policy(credentials.cluster), self.timing)
+        watcher.publish = publish
+        task = asyncio.create_task(watcher.run(), name=f"cluster-{credentials.cluster}")
+        task.add_done_callback(lambda t: self._ended(credentials.cluster, t))
+        return _Member(watcher, task)
+
+    def _ended(self, name: str, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster %s watcher failed: %r", name, task.exception())
+
+    async def reconcile(self) -> None:
+        wanted = self.read()
+        for name in [n for n in self.members if n not in wanted and n not in self.errors]:
+            log.info("cluster %s removed from the mesh", name)
+            await _stop(self.members.pop(name))
+            warming = self._warming.pop(name, None)
+            if warming is not None:
+                await _stop(warming)
+            self.aggregator.remove_shard(SOURCE, name)
+        for name, credentials in wanted.items():
+            current = self.members.get(name)
+            if current is None:
+                log.info("cluster %s added to the mesh", name)
+                self.members[name] = self._start(credentials, publish=True)
+            elif current.watcher.credentials.digest != credentials.digest:
+                warming = self._warming.get(name)
+                if warming is None or warming.watcher.credentials.digest != credentials.digest:
+                    if warming is not None:
+                        await _stop(warming)
+                    log.info("cluster %s: credentials changed; warming a new watcher", name)
+                    self._warming[name] = self._start(credentials, publish=False)
+        for name, warming in list(self._warming.items()):
+            if warming.watcher.synced.is_set():
+                old = self.members[name]
+                self.members[name] = warming
+                del self._warming[name]
+                warming.watcher.publish_now()
+                await _stop(old)
+                log.info("cluster %s: switched to the new credentials", name)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.reconcile()
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            for member in [*self.members.values(), *self._warming.values()]:
+                await _stop(member)
+
+    def all_synced(self) -> bool:
+        return all(m.watcher.synced.is_set() for m in self.members.values())
+
+    def status(self) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for name, member in sorted(self.members.items()):
+            w = member.watcher
+            out[name] = {"state": w.state.value, "detail": w.detail, "rotating": name in self._warming}
+        for name, error in self.errors.items():
+            out.setdefault(name, {"state": "refused", "detail": error, "rotating": False})
+        return out
+
+
+async def _stop(member: _Member) -> None:
+    member.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await member.task
