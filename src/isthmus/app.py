@@ -8,7 +8,11 @@ import logging
 from pathlib import Path
 
 from isthmus.admin.app import Readiness, make_admin_app, start_admin
+from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import example_mesh_text, load_mesh_file, parse_mesh, watch_mesh_file
+from isthmus.discovery.kube.cluster import ClusterPolicy
+from isthmus.discovery.kube.convert import ExportPolicy
+from isthmus.discovery.kube.members import Members
 from isthmus.discovery.model import MeshView
 from isthmus.settings import ServeSettings, parse_hostport
 from isthmus.xds.cache import ConfigCache
@@ -26,6 +30,19 @@ class ControlPlane:
         self.ads = AdsServer(self.cache, settings.xds_address, Limits(send_timeout=settings.send_timeout))
         self.view_loaded = False
         self.started = asyncio.Event()
+        self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)
+        policy = ClusterPolicy(
+            export=ExportPolicy(settings.export_policy),
+            require_namespace_label=settings.require_namespace_label,
+            demote_after=settings.max_staleness,
+            withdraw_after=settings.withdraw_after,
+        )
+        self.members: Members | None = None
+        if settings.kubernetes:
+            self.members = Members(
+                self.aggregator, dict(settings.clusters), settings.kubeconfig_dir, policy=lambda name: policy
+            )
+        self._ready_deadline: float | None = None
 
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
@@ -38,11 +55,20 @@ class ControlPlane:
                 len(view.clusters),
             )
 
+    def load_file(self, view: MeshView) -> None:
+        self.aggregator.set_source("file", shards_of_view(view))
+
     def readiness(self) -> Readiness:
-        if not self.view_loaded:
-            return Readiness(False, "no mesh view loaded yet")
         if self.ads.port is None:
             return Readiness(False, "xDS server not listening")
+        if self.members is not None and not self.members.all_synced():
+            loop = asyncio.get_running_loop()
+            if self._ready_deadline is not None and loop.time() < self._ready_deadline:
+                return Readiness(False, "member clusters still syncing")
+            if self.view_loaded:
+                return Readiness(True, "serving; some member clusters are not synced (see member_clusters)")
+        if not self.view_loaded:
+            return Readiness(False, "no mesh view loaded yet")
         return Readiness(True, "serving")
 
     def info(self) -> dict[str, object]:
@@ -51,15 +77,20 @@ class ControlPlane:
             "services": len(self.cache.view.services),
             "clusters": sorted(self.cache.view.clusters),
             "proxies": len(self.ads.status()),
+            "member_clusters": self.members.status() if self.members is not None else {},
         }
 
     async def run(self, stop: asyncio.Event) -> None:
         mesh: Path | None = self.settings.mesh
-        if mesh is None:
-            log.info("no discovery configured: serving the built-in example mesh (see --mesh)")
-            self.apply_view(parse_mesh(example_mesh_text(), "<built-in example mesh>"))
-        else:
-            self.apply_view(await asyncio.to_thread(load_mesh_file, mesh))
+        if mesh is None and self.members is None:
+            log.info("no discovery configured: serving the built-in example mesh (see --mesh, --cluster)")
+            self.load_file(parse_mesh(example_mesh_text(), "<built-in example mesh>"))
+            self.aggregator.flush()
+        elif mesh is not None:
+            self.load_file(await asyncio.to_thread(load_mesh_file, mesh))
+            if self.members is None:
+                self.aggregator.flush()
+        self._ready_deadline = asyncio.get_running_loop().time() + self.settings.ready_timeout
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         runner = await start_admin(make_admin_app(self.readiness, self.info), host, port)

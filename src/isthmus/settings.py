@@ -10,6 +10,13 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
 
 
+def parse_cluster(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise SettingsError(f"--cluster: expected NAME=KUBECONFIG_PATH, got {value!r}")
+    return name, Path(path)
+
+
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -25,8 +32,27 @@ class ServeSettings:
     mesh_poll_interval: float = 1.0
     send_timeout: float = 30.0
     shutdown_grace: float = 5.0
+    clusters: tuple[tuple[str, Path], ...] = ()  # --cluster NAME=KUBECONFIG
+    kubeconfig_dir: Path | None = None
+    ready_timeout: float = 30.0
+    export_policy: str = "all"
+    require_namespace_label: bool = False
+    max_staleness: float = 300.0
+    withdraw_after: float | None = None
+    debounce_quiet: float = 0.1
+    debounce_max: float = 1.0
+
+    @property
+    def kubernetes(self) -> bool:
+        return bool(self.clusters) or self.kubeconfig_dir is not None
 
     def __post_init__(self) -> None:
+        if self.export_policy not in ("all", "serviceexport"):
+            raise SettingsError(f"--export-policy: {self.export_policy!r} is not all or serviceexport")
+        if self.withdraw_after is not None and self.withdraw_after < self.max_staleness:
+            raise SettingsError("--withdraw-after must not be shorter than --max-staleness")
+        if self.kubeconfig_dir is not None and not self.kubeconfig_dir.is_dir():
+            raise SettingsError(f"--kubeconfig-dir: {self.kubeconfig_dir} is not a directory")
         parse_hostport(self.xds_address, "--xds-address")
         parse_hostport(self.admin_address, "--admin-address")
         if self.mesh is not None and not self.mesh.is_file():

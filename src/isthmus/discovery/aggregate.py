@@ -54,7 +54,25 @@ def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ())
     services = [
         Service(key, service_ports, tuple(endpoints.get(key, ()))) for key, service_ports in ports.items()
     ]
-    return MeshView.build(services, clusters.values())
+    return MeshView.build(services, [c for c in clusters.values() if c.name])
+
+
+def shards_of_view(view: MeshView) -> list[Shard]:
+    """Split a whole MeshView (the file source's) into one shard per member cluster.
+
+    A service is declared in every shard (its ports), its endpoints only in their own cluster's;
+    with no cluster declared, everything goes to one shard of an unnamed cluster.
+    """
+    members = list(view.clusters.values()) or [MemberCluster("")]
+    out = []
+    for member in members:
+        ports = {key: s.ports for key, s in view.services.items()}
+        eps = {
+            key: tuple(e for e in s.endpoints if e.locality.cluster == member.name or len(members) == 1)
+            for key, s in view.services.items()
+        }
+        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}))
+    return out
 
 
 class Aggregator:
@@ -96,6 +114,16 @@ class Aggregator:
     def remove_shard(self, source: str, cluster: str) -> None:
         if self._shards.pop((source, cluster), None) is not None:
             self._changed()
+
+    def set_source(self, source: str, shards: Iterable[Shard]) -> None:
+        """Replace every shard of ``source`` (the file source reloads as a whole)."""
+        fresh = {(source, shard.cluster.name): shard for shard in shards}
+        for key in [k for k in self._shards if k[0] == source and k not in fresh]:
+            del self._shards[key]
+        for key, shard in fresh.items():
+            if self._shards.get(key) != shard:
+                self._shards[key] = shard
+        self._changed()
 
     def remove_source(self, source: str) -> None:
         for key in [k for k in self._shards if k[0] == source]:
