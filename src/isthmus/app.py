@@ -98,11 +98,14 @@ class ControlPlane:
         self.started.set()
         try:
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.aggregator.run(), name="aggregate")
                 if mesh is not None:
                     tasks.create_task(
-                        watch_mesh_file(mesh, self.apply_view, self.settings.mesh_poll_interval),
+                        watch_mesh_file(mesh, self.load_file, self.settings.mesh_poll_interval),
                         name="mesh-file",
                     )
+                if self.members is not None:
+                    tasks.create_task(self.members.run(), name="member-clusters")
                 await stop.wait()
                 raise _Stopped
         except* _Stopped:

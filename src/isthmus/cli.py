@@ -15,7 +15,7 @@ import yaml
 from isthmus import __version__
 from isthmus.app import ControlPlane
 from isthmus.discovery.file import MeshFileError
-from isthmus.settings import ServeSettings, SettingsError, parse_hostport
+from isthmus.settings import ServeSettings, SettingsError, parse_cluster, parse_hostport
 from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, Role
 
@@ -52,6 +52,66 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="close a stream whose Envoy does not read a response within this time",
+    )
+    kube = serve.add_argument_group("Kubernetes member clusters (docs/discovery.md)")
+    kube.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAME=KUBECONFIG",
+        help="watch this member cluster (repeatable; the file is re-read when it changes)",
+    )
+    kube.add_argument(
+        "--kubeconfig-dir",
+        type=Path,
+        metavar="DIR",
+        help="watch a directory of kubeconfigs, one per member cluster (file name = cluster)",
+    )
+    kube.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="become ready after this long even if some clusters have not synced",
+    )
+    kube.add_argument(
+        "--export-policy",
+        choices=["all", "serviceexport"],
+        default="all",
+        help="export every Service, or only those with an MCS ServiceExport",
+    )
+    kube.add_argument(
+        "--require-namespace-label",
+        action="store_true",
+        help="only namespaces labelled isthmus.io/mesh=enabled are in the mesh",
+    )
+    kube.add_argument(
+        "--max-staleness",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="an unreachable cluster's endpoints are demoted to the last priority after this",
+    )
+    kube.add_argument(
+        "--withdraw-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="... and withdrawn after this (default: never)",
+    )
+    kube.add_argument(
+        "--debounce",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="quiet period before a change is pushed",
+    )
+    kube.add_argument(
+        "--debounce-max",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="maximum delay of a change while changes keep coming",
     )
 
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
@@ -129,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
             admin_address=args.admin_address,
             mesh=args.mesh,
             send_timeout=args.send_timeout,
+            clusters=tuple(parse_cluster(c) for c in args.cluster),
+            kubeconfig_dir=args.kubeconfig_dir,
+            ready_timeout=args.ready_timeout,
+            export_policy=args.export_policy,
+            require_namespace_label=args.require_namespace_label,
+            max_staleness=args.max_staleness,
+            withdraw_after=args.withdraw_after,
+            debounce_quiet=args.debounce,
+            debounce_max=args.debounce_max,
         )
         asyncio.run(_serve(settings))
         return 0

@@ -4,7 +4,9 @@
 * The first request of a type may carry initial_resource_versions (a reconnect): only
   resources whose version differs are resent, and those the server no longer has are
   reported in removed_resources.
-* Wildcard: a first request with no names (legacy) or an explicit "*".
+* Wildcard: a first request with no names (legacy) or an explicit "*". Unsubscribing a name
+  that the wildcard still covers resends it (or reports it removed): the client cannot tell
+  whether the wildcard includes it and waits for the server to say.
 * A name subscribed that does not exist is reported once in removed_resources, except for
   EDS and RDS, which get an empty resource so that nothing stays warming.
 """
@@ -50,10 +52,12 @@ class DeltaStream(Stream):
             if name == "*":
                 state.wildcard = False
                 state.legacy_wildcard = False
+            elif state.wildcard and name in state.names and name in state.known:
+                state.known[name] = ""  # not a version: resent if the wildcard has it, else removed
+            elif not state.wildcard:
+                state.known.pop(name, None)
             state.names.discard(name)
             state.missing_reported.discard(name)
-            if not state.wildcard:
-                state.known.pop(name, None)
             state.dirty = True
         if subscribe and "*" in subscribe:
             state.dirty = True

@@ -6,6 +6,8 @@
 * A bare ACK gets no response.
 * CDS and LDS responses carry the full state; EDS, RDS and SDS responses carry only the
   requested resources that the client does not hold yet.
+* Wildcard: a first request with no names (legacy) or an explicit "*". Legacy wildcard ends
+  with the first request that names resources; an empty list after that means no resources.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class SotwStream(Stream):
             state.started = True
             state.legacy_wildcard = not names
             state.dirty = True
+        elif names:
+            state.legacy_wildcard = False  # once resources are named, an empty list means none
         wildcard = "*" in names or (not names and state.legacy_wildcard)
         new_names = {n for n in names if n != "*"}
         if wildcard != state.wildcard or new_names != state.names:
