@@ -71,6 +71,13 @@ def addresses(view: MeshView, key: ServiceKey = WEB) -> set[tuple[str, str]]:
     return {(e.locality.cluster, e.address) for e in service.endpoints} if service else set()
 
 
+def seed(api: FakeKubeApi, directory: Path, name: str, *addresses: str) -> None:
+    """Give cluster ``name`` the web service with one slice, and a kubeconfig in ``directory``."""
+    api.create(service())
+    api.create(endpoint_slice(f"web-{name}", list(addresses)))
+    write_kubeconfig(directory / f"{name}.yaml", api.url, api.token, name)
+
+
 @pytest.fixture
 async def clusters(tmp_path: Path) -> AsyncIterator[dict[str, FakeKubeApi]]:
     apis = {name: FakeKubeApi(bookmark_interval=0.5) for name in ("a", "b", "c")}
@@ -101,9 +108,7 @@ async def test_three_clusters_one_graph_and_live_membership(
 ) -> None:
     graph, aggregator, directory = mesh
     for i, (name, api) in enumerate(clusters.items()):
-        api.create(service())
-        api.create(endpoint_slice(f"web-{name}", [f"127.0.{i + 1}.1", f"127.0.{i + 1}.2"]))
-        write_kubeconfig(directory / f"{name}.yaml", api.url, api.token, name)
+        seed(api, directory, name, f"127.0.{i + 1}.1", f"127.0.{i + 1}.2")
     members = Members(
         aggregator,
         directory=directory,
@@ -163,9 +168,7 @@ async def test_unreachable_cluster_does_not_block_others_and_exec_is_refused(
 ) -> None:
     graph, aggregator, directory = mesh
     good = clusters["a"]
-    good.create(service())
-    good.create(endpoint_slice("web-a", ["127.0.1.1"]))
-    write_kubeconfig(directory / "a.yaml", good.url, good.token, "a")
+    seed(good, directory, "a", "127.0.1.1")
     down = clusters["b"]
     await down.stop()
     write_kubeconfig(directory / "b.yaml", down.url, down.token, "b")
@@ -192,9 +195,7 @@ async def test_credentials_rotate_without_a_gap(
 ) -> None:
     graph, aggregator, directory = mesh
     api = clusters["a"]
-    api.create(service())
-    api.create(endpoint_slice("web-a", ["127.0.1.1"]))
-    write_kubeconfig(directory / "a.yaml", api.url, api.token, "a")
+    seed(api, directory, "a", "127.0.1.1")
     members = Members(aggregator, directory=directory, timing=FAST, poll_interval=0.1)
     task = await run_members(members)
     seen: list[int] = []
@@ -229,9 +230,7 @@ async def test_staleness_policy_demotes_then_withdraws(
 ) -> None:
     graph, aggregator, directory = mesh
     api = clusters["a"]
-    api.create(service())
-    api.create(endpoint_slice("web-a", ["127.0.1.1"]))
-    write_kubeconfig(directory / "a.yaml", api.url, api.token, "a")
+    seed(api, directory, "a", "127.0.1.1")
     policy = ClusterPolicy(demote_after=1.0, withdraw_after=2.5)
     task = await run_members(
         Members(aggregator, directory=directory, timing=FAST, poll_interval=0.1, policy=lambda n: policy)
