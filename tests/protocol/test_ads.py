@@ -262,6 +262,10 @@ async def test_unrelated_change_sends_nothing(mesh: Mesh, mode: str) -> None:
     mesh.put(listener("http", 8081), endpoints("a", 1234))
     mesh.publish()
     await client.quiet()
+    status = mesh.status(client.node.id)
+    assert status is not None
+    assert status.types[CDS].responses == 1, "an unsubscribed type's change must not push CDS again"
+    assert set(status.types) == {CDS}
 
 
 async def test_reconnect_gets_full_state_again(mesh: Mesh, mode: str) -> None:

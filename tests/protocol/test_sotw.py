@@ -100,6 +100,10 @@ async def test_request_with_a_nonce_never_sent_is_ignored(mesh: Mesh) -> None:
     await client.recv_ack()
     await client.request(RDS, ["r1", "r2"], nonce="not-a-nonce")
     await barrier(client)
+    status = mesh.status(client.node.id)
+    assert status is not None
+    assert status.types[RDS].subscribed == ("r1",), "the names of an ignored request are not applied"
+    assert status.types[RDS].responses == 1
 
 
 NAME_CHANGES = [
