@@ -13,6 +13,7 @@ from isthmus.discovery.file import example_mesh_text, load_mesh_file, parse_mesh
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
+from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import MeshView
 from isthmus.settings import ServeSettings, parse_hostport
 from isthmus.xds.cache import ConfigCache
@@ -39,8 +40,15 @@ class ControlPlane:
         )
         self.members: Members | None = None
         if settings.kubernetes:
+            secrets = None
+            if settings.cluster_secrets_namespace:
+                secrets = SecretMembers(settings.cluster_secrets_namespace, settings.home_kubeconfig)
             self.members = Members(
-                self.aggregator, dict(settings.clusters), settings.kubeconfig_dir, policy=lambda name: policy
+                self.aggregator,
+                dict(settings.clusters),
+                settings.kubeconfig_dir,
+                policy=lambda name: policy,
+                secrets=secrets,
             )
         self._ready_deadline: float | None = None
 
@@ -78,6 +86,7 @@ class ControlPlane:
             "clusters": sorted(self.cache.view.clusters),
             "proxies": len(self.ads.status()),
             "member_clusters": self.members.status() if self.members is not None else {},
+            "membership": self.members.membership_status() if self.members is not None else {},
         }
 
     async def run(self, stop: asyncio.Event) -> None:

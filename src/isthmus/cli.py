@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
         help="watch a directory of kubeconfigs, one per member cluster (file name = cluster)",
     )
     kube.add_argument(
+        "--cluster-secrets-namespace",
+        metavar="NAMESPACE",
+        help="watch Secrets labelled isthmus.io/member-cluster=true in this namespace of the control "
+        "plane's own cluster; each data key is a cluster name, its value a kubeconfig",
+    )
+    kube.add_argument(
+        "--home-kubeconfig",
+        metavar="PATH",
+        help="kubeconfig of the control plane's own cluster (default: in-cluster service account)",
+    )
+    kube.add_argument(
         "--ready-timeout",
         type=float,
         default=30.0,
@@ -191,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             send_timeout=args.send_timeout,
             clusters=tuple(parse_cluster(c) for c in args.cluster),
             kubeconfig_dir=args.kubeconfig_dir,
+            cluster_secrets_namespace=args.cluster_secrets_namespace,
+            home_kubeconfig=args.home_kubeconfig,
             ready_timeout=args.ready_timeout,
             export_policy=args.export_policy,
             require_namespace_label=args.require_namespace_label,

@@ -34,6 +34,8 @@ class ServeSettings:
     shutdown_grace: float = 5.0
     clusters: tuple[tuple[str, Path], ...] = ()  # --cluster NAME=KUBECONFIG
     kubeconfig_dir: Path | None = None
+    cluster_secrets_namespace: str | None = None  # watch labelled Secrets there (own cluster)
+    home_kubeconfig: str | None = None  # own cluster's kubeconfig; None = in-cluster
     ready_timeout: float = 30.0
     export_policy: str = "all"
     require_namespace_label: bool = False
@@ -44,13 +46,15 @@ class ServeSettings:
 
     @property
     def kubernetes(self) -> bool:
-        return bool(self.clusters) or self.kubeconfig_dir is not None
+        return bool(self.clusters) or self.kubeconfig_dir is not None or bool(self.cluster_secrets_namespace)
 
     def __post_init__(self) -> None:
         if self.export_policy not in ("all", "serviceexport"):
             raise SettingsError(f"--export-policy: {self.export_policy!r} is not all or serviceexport")
         if self.withdraw_after is not None and self.withdraw_after < self.max_staleness:
             raise SettingsError("--withdraw-after must not be shorter than --max-staleness")
+        if self.home_kubeconfig is not None and not self.cluster_secrets_namespace:
+            raise SettingsError("--home-kubeconfig is only used with --cluster-secrets-namespace")
         if self.kubeconfig_dir is not None and not self.kubeconfig_dir.is_dir():
             raise SettingsError(f"--kubeconfig-dir: {self.kubeconfig_dir} is not a directory")
         parse_hostport(self.xds_address, "--xds-address")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
 
 from isthmus.discovery.file import example_mesh_text, parse_mesh
-from isthmus.discovery.model import Locality
+from isthmus.discovery.model import ClusterState, Locality, MeshView
 from isthmus.xds import types
 from isthmus.xds.generate import GENERATORS
 from isthmus.xds.generate.endpoints import priority_class
@@ -138,3 +139,20 @@ def test_short_host_names_only_in_own_namespace() -> None:
     assert len(all_domains) == len(set(all_domains)), "Envoy rejects duplicate domains"
     # TCP ports get no virtual host.
     assert not any(d.endswith(":5000") for d in all_domains)
+
+
+def test_stale_member_cluster_is_demoted_below_every_fresh_one() -> None:
+    view = parse_mesh(TWO_NAMESPACES)
+    stale_a = MeshView.build(
+        view.services.values(),
+        [replace(c, state=ClusterState.STALE) if c.name == "a" else c for c in view.clusters.values()],
+    )
+    name = "outbound|80||web.shop.svc.cluster.local"
+    proxy = sidecar("a", "r1", "z1")
+    fresh = {
+        le.locality.sub_zone: le.priority for le in GENERATORS[types.ENDPOINT](view, proxy)[name].endpoints
+    }
+    assert fresh == {"a": 0, "b": 1, "c": 2}
+    demoted = GENERATORS[types.ENDPOINT](stale_a, proxy)[name].endpoints
+    # Even the proxy's own cluster goes last once its API server is stale; priorities stay contiguous.
+    assert {le.locality.sub_zone: le.priority for le in demoted} == {"b": 0, "c": 1, "a": 2}

@@ -1,11 +1,13 @@
 """Membership: which member clusters are watched, with which credentials, added and removed live.
 
-Sources of kubeconfigs: ``--cluster NAME=PATH`` (repeatable) and ``--kubeconfig-dir DIR`` (one
-file per cluster, file name = cluster name, extension dropped). Both are polled: a new file adds
-a cluster, a removed file removes it (its shard is dropped), a changed file rotates its
-credentials without a gap: a new watcher is started beside the old one, and only once it has
-synced does it take over the shard and the old one stop. A refused or unreadable kubeconfig is
-reported in the log and in ``status`` and never affects the other clusters.
+Sources of kubeconfigs: ``--cluster NAME=PATH`` (repeatable), ``--kubeconfig-dir DIR`` (one
+file per cluster, file name = cluster name, extension dropped), and labelled Secrets in the
+control plane's own cluster (``secrets.py``). Files are polled, Secrets watched; when a name is
+declared twice, a file wins over a Secret. A new declaration adds a cluster, a removed one
+removes it (its shard is dropped), a changed kubeconfig rotates its credentials without a gap: a
+new watcher is started beside the old one, and only once it has synced does it take over the
+shard and the old one stop. A refused or unreadable kubeconfig is reported in the log and in
+``status`` and never affects the other clusters.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.cluster import SOURCE, ClusterPolicy, ClusterWatcher
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.discovery.kube.reflector import Timing
+from isthmus.discovery.kube.secrets import SecretMembers
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +45,22 @@ class Members:
         policy: Callable[[str], ClusterPolicy] | None = None,
         timing: Timing | None = None,
         poll_interval: float = 2.0,
+        secrets: SecretMembers | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.static = dict(static or {})
         self.directory = directory
+        self.secrets = secrets
+        self._wake = asyncio.Event()
+        if secrets is not None:
+            secrets.on_change = self._wake.set
         self._policy = policy or (lambda name: ClusterPolicy())
         self.timing = timing
         self.poll_interval = poll_interval
         self.members: dict[str, _Member] = {}
         self._warming: dict[str, _Member] = {}
         self.errors: dict[str, str] = {}
+        self.origins: dict[str, str] = {}
 
     # ---- reading kubeconfigs ------------------------------------------------------------
 
@@ -66,14 +75,29 @@ class Members:
     def read(self) -> dict[str, Credentials]:
         wanted: dict[str, Credentials] = {}
         errors: dict[str, str] = {}
+        origins: dict[str, str] = {}
         for name, path in self._sources().items():
+            origins[name] = f"file {path}"
             try:
                 wanted[name] = Credentials.parse(name, path.read_text(), str(path))
             except (OSError, KubeconfigError) as exc:
                 errors[name] = str(exc)
                 if self.errors.get(name) != str(exc):
                     log.error("cluster %s refused: %s", name, exc)
+        if self.secrets is not None:
+            found = self.secrets.found
+            for name, origin in found.origins.items():
+                if name in origins:
+                    if self.origins.get(name) != origins[name]:
+                        log.warning("cluster %s: %s ignored; %s declares it", name, origin, origins[name])
+                    continue
+                origins[name] = origin
+                if name in found.credentials:
+                    wanted[name] = found.credentials[name]
+                else:
+                    errors[name] = found.errors[name]
         self.errors = errors
+        self.origins = origins
         return wanted
 
     # ---- reconciling ---------------------------------------------------------------------
@@ -121,23 +145,62 @@ class Members:
 
     async def run(self) -> None:
         try:
-            while True:
-                await self.reconcile()
-                await asyncio.sleep(self.poll_interval)
+            async with asyncio.TaskGroup() as tasks:
+                if self.secrets is not None:
+                    tasks.create_task(self.secrets.run(), name="member-secrets")
+                tasks.create_task(self._reconcile_loop(), name="member-reconcile")
         finally:
             for member in [*self.members.values(), *self._warming.values()]:
                 await _stop(member)
 
+    async def _reconcile_loop(self) -> None:
+        """Reconcile every ``poll_interval`` (files), at once when the Secrets change, and while a
+        rotated watcher warms up (so it takes over as soon as it has synced)."""
+        while True:
+            self._wake.clear()
+            await self.reconcile()
+            interval = min(self.poll_interval, 0.1) if self._warming else self.poll_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
     def all_synced(self) -> bool:
-        return all(m.watcher.synced.is_set() for m in self.members.values())
+        secrets_synced = self.secrets is None or self.secrets.synced.is_set()
+        return secrets_synced and all(m.watcher.synced.is_set() for m in self.members.values())
 
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}
         for name, member in sorted(self.members.items()):
             w = member.watcher
-            out[name] = {"state": w.state.value, "detail": w.detail, "rotating": name in self._warming}
+            out[name] = {
+                "state": w.state.value,
+                "detail": w.detail,
+                "rotating": name in self._warming,
+                "source": self.origins.get(name, ""),
+            }
         for name, error in self.errors.items():
-            out.setdefault(name, {"state": "refused", "detail": error, "rotating": False})
+            out.setdefault(
+                name,
+                {
+                    "state": "refused",
+                    "detail": error,
+                    "rotating": False,
+                    "source": self.origins.get(name, ""),
+                },
+            )
+        return out
+
+    def membership_status(self) -> dict[str, object]:
+        """Where member clusters come from, and whether the Secrets source is in touch."""
+        out: dict[str, object] = {
+            "files": sorted(str(p) for p in self.static.values()),
+            "kubeconfig_dir": str(self.directory) if self.directory is not None else None,
+        }
+        if self.secrets is not None:
+            out["secrets"] = {
+                "source": self.secrets.source,
+                "synced": self.secrets.synced.is_set(),
+                "detail": self.secrets.detail,
+            }
         return out
 
 
