@@ -4,6 +4,7 @@ as one task group until stopped. Constructors do no I/O; ``run`` does it all."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import MeshView
 from isthmus.settings import ServeSettings, parse_hostport
+from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.server import AdsServer, Limits
 
@@ -100,6 +102,8 @@ class ControlPlane:
             if self.members is None:
                 self.aggregator.flush()
         self._ready_deadline = asyncio.get_running_loop().time() + self.settings.ready_timeout
+        if self.settings.mtls:
+            self.cache.use_ca(await asyncio.to_thread(load_ca, self.settings))
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         runner = await start_admin(make_admin_app(self.readiness, self.info), host, port)
@@ -115,6 +119,8 @@ class ControlPlane:
                     )
                 if self.members is not None:
                     tasks.create_task(self.members.run(), name="member-clusters")
+                if self.cache.ca is not None:
+                    tasks.create_task(self._rotate_certificates(), name="certificates")
                 await stop.wait()
                 raise _Stopped
         except* _Stopped:
@@ -123,6 +129,25 @@ class ControlPlane:
             log.info("shutting down: closing xDS streams (Envoy reconnects), then the admin server")
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
+
+    async def _rotate_certificates(self) -> None:
+        """Renew workload certificates when due (at half their lifetime), checked at least every 30 s."""
+        ca = self.cache.ca
+        assert ca is not None
+        while True:
+            due = ca.next_rotation()
+            wait = 30.0 if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.5), 30.0))
+            self.cache.rotate_certificates()
+
+
+def load_ca(settings: ServeSettings) -> MeshCA:
+    ttl = datetime.timedelta(seconds=settings.cert_ttl)
+    if settings.ca_cert is not None and settings.ca_key is not None:
+        return MeshCA.from_files(
+            settings.ca_cert, settings.ca_key, trust_domain=settings.trust_domain, ttl=ttl
+        )
+    return MeshCA.development(settings.ca_dir, settings.trust_domain, ttl=ttl)
 
 
 class _Stopped(Exception):

@@ -15,7 +15,14 @@ import yaml
 from isthmus import __version__
 from isthmus.app import ControlPlane
 from isthmus.discovery.file import MeshFileError
-from isthmus.settings import ServeSettings, SettingsError, parse_cluster, parse_hostport
+from isthmus.settings import (
+    INSECURE_KEYS_FLAG,
+    ServeSettings,
+    SettingsError,
+    parse_cluster,
+    parse_xds_address,
+)
+from isthmus.xds.ca import CAError
 from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, Role
 
@@ -31,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         "--xds-address",
         default="127.0.0.1:15010",
         metavar="HOST:PORT",
-        help="gRPC ADS listen address (default %(default)s)",
+        help="gRPC ADS listen address, or unix:/PATH (default %(default)s)",
     )
     serve.add_argument(
         "--admin-address",
@@ -52,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="close a stream whose Envoy does not read a response within this time",
+    )
+    ident = serve.add_argument_group("mTLS and the mesh CA (docs/security.md)")
+    ident.add_argument("--no-mtls", action="store_true", help="no certificates, plain text everywhere")
+    ident.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
+    ident.add_argument("--ca-cert", type=Path, metavar="PEM", help="mesh root certificate (with --ca-key)")
+    ident.add_argument("--ca-key", type=Path, metavar="PEM", help="mesh root private key (EC)")
+    ident.add_argument(
+        "--ca-dir",
+        type=Path,
+        metavar="DIR",
+        help="development only: keep a generated root in DIR (made on first start)",
+    )
+    ident.add_argument(
+        "--cert-ttl", type=float, default=24 * 3600.0, metavar="SECONDS", help="workload certificate lifetime"
+    )
+    ident.add_argument(
+        INSECURE_KEYS_FLAG,
+        dest="insecure_keys_on_network",
+        action="store_true",
+        help="serve private keys on a non-loopback xDS address although proxies are not authenticated",
     )
     kube = serve.add_argument_group("Kubernetes member clusters (docs/discovery.md)")
     kube.add_argument(
@@ -134,9 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--node-id", default="", help="unique node id (default ROLE~SERVICE.NAMESPACE~CLUSTER)")
     boot.add_argument("--region", default="")
     boot.add_argument("--zone", default="")
-    boot.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT")
+    boot.add_argument(
+        "--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT", help="or unix:/PATH (a socket file)"
+    )
     boot.add_argument("--admin-port", type=int, default=15000)
     boot.add_argument("--listen-address", default="0.0.0.0", help="address the proxy's listeners bind")
+    boot.add_argument(
+        "--app-address", default="127.0.0.1", help="address of the local application behind the sidecar"
+    )
     boot.add_argument("--outbound-port", type=int, default=DEFAULT_OUTBOUND_PORT)
     boot.add_argument("--inbound-port", type=int, default=DEFAULT_INBOUND_PORT)
     boot.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
@@ -146,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    host, port = parse_hostport(args.xds_address, "--xds-address")
+    xds = parse_xds_address(args.xds_address, "--xds-address")
     for flag in ("admin_port", "outbound_port", "inbound_port"):
         if not 0 < getattr(args, flag) < 65536:
             raise SettingsError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} is not a port number")
@@ -159,11 +191,13 @@ def _bootstrap(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         region=args.region,
         zone=args.zone,
-        xds_host=host,
-        xds_port=port,
+        xds_host=xds[0] if isinstance(xds, tuple) else "",
+        xds_port=xds[1] if isinstance(xds, tuple) else 0,
+        xds_socket=xds if isinstance(xds, str) else "",
         admin_port=args.admin_port,
         delta=args.delta,
         listen_address=args.listen_address,
+        app_address=args.app_address,
         outbound_port=args.outbound_port,
         inbound_port=args.inbound_port,
     )
@@ -200,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             admin_address=args.admin_address,
             mesh=args.mesh,
             send_timeout=args.send_timeout,
+            mtls=not args.no_mtls,
+            trust_domain=args.trust_domain,
+            ca_cert=args.ca_cert,
+            ca_key=args.ca_key,
+            ca_dir=args.ca_dir,
+            cert_ttl=args.cert_ttl,
+            insecure_keys_on_network=args.insecure_keys_on_network,
             clusters=tuple(parse_cluster(c) for c in args.cluster),
             kubeconfig_dir=args.kubeconfig_dir,
             cluster_secrets_namespace=args.cluster_secrets_namespace,
@@ -214,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         asyncio.run(_serve(settings))
         return 0
-    except (SettingsError, MeshFileError) as exc:
+    except (SettingsError, MeshFileError, CAError) as exc:
         print(f"isthmus: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+
+INSECURE_KEYS_FLAG = "--insecure-serve-private-keys-to-unauthenticated-proxies"
 
 
 class SettingsError(ValueError):
@@ -15,6 +18,32 @@ def parse_cluster(value: str) -> tuple[str, Path]:
     if not sep or not name or not path:
         raise SettingsError(f"--cluster: expected NAME=KUBECONFIG_PATH, got {value!r}")
     return name, Path(path)
+
+
+UNIX_PREFIX = "unix:"
+
+
+def parse_xds_address(value: str, what: str) -> tuple[str, int] | str:
+    """HOST:PORT, or ``unix:PATH`` for a Unix domain socket (a path, reachable across network namespaces)."""
+    if value.startswith(UNIX_PREFIX):
+        path = value[len(UNIX_PREFIX) :].removeprefix("//")
+        if not path.startswith("/"):
+            raise SettingsError(f"{what}: expected unix:/ABSOLUTE/PATH, got {value!r}")
+        return path
+    return parse_hostport(value, what)
+
+
+def is_local(xds: tuple[str, int] | str) -> bool:
+    """A Unix socket or a loopback address: only processes on this host can connect."""
+    if isinstance(xds, str):
+        return True
+    host = xds[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -43,6 +72,13 @@ class ServeSettings:
     withdraw_after: float | None = None
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
+    mtls: bool = True
+    trust_domain: str = "cluster.local"
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    ca_dir: Path | None = None  # development root, generated there once
+    cert_ttl: float = 24 * 3600.0
+    insecure_keys_on_network: bool = False
 
     @property
     def kubernetes(self) -> bool:
@@ -57,7 +93,18 @@ class ServeSettings:
             raise SettingsError("--home-kubeconfig is only used with --cluster-secrets-namespace")
         if self.kubeconfig_dir is not None and not self.kubeconfig_dir.is_dir():
             raise SettingsError(f"--kubeconfig-dir: {self.kubeconfig_dir} is not a directory")
-        parse_hostport(self.xds_address, "--xds-address")
+        xds = parse_xds_address(self.xds_address, "--xds-address")
+        if (self.ca_cert is None) != (self.ca_key is None):
+            raise SettingsError("--ca-cert and --ca-key go together")
+        if self.cert_ttl < 60:
+            raise SettingsError("--cert-ttl must be at least 60 seconds")
+        if self.mtls and not is_local(xds) and not self.insecure_keys_on_network:
+            raise SettingsError(
+                f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies do "
+                "not authenticate to isthmus yet: anyone who can connect could ask for any workload's "
+                f"private key. Serve on loopback or unix:/PATH, pass --no-mtls, or accept the risk with "
+                f"{INSECURE_KEYS_FLAG}."
+            )
         parse_hostport(self.admin_address, "--admin-address")
         if self.mesh is not None and not self.mesh.is_file():
             raise SettingsError(f"--mesh: {self.mesh} is not a readable file")

@@ -108,26 +108,32 @@ async def test_envoy_applies_pushed_config(delta, procs, mesh, upstreams, eventu
     assert info["proxies"] == 1, info
 
 
-async def test_gateway_gets_clusters_and_no_listeners(delta, procs, mesh, upstreams, eventually) -> None:
-    """A gateway receives every cluster with its endpoints but (until its SNI listener exists) no
-    listener and no routes; empty LDS must still complete Envoy's initialization."""
-    web1 = await upstreams.start("web-1")
-    mesh.write(mesh.service("web", web1), mesh.service("db", DB, port=5432, protocol="tcp"))
+async def test_gateway_gets_sni_passthrough_for_its_own_sidecars(delta, procs, mesh, eventually) -> None:
+    """A gateway receives one SNI-named cluster per service port with sidecars in its own cluster
+    (their inbound mTLS port), the east-west listener, no routes and no secrets; a service without
+    sidecars is not exported through it."""
+    web = {**mesh.endpoint(("127.0.0.2", 8080)), "sidecar_port": 15006}
+    mesh.write(mesh.service("web", web), mesh.service("db", DB, port=5432, protocol="tcp"))
     cp = await procs.control_plane(mesh.path)
     gateway = await procs.envoy(
         procs.bootstrap(xds_port=cp.xds_port, delta=delta, role="gateway", service="gw")
     )
-    expected = {mesh.cluster("web"): {web1.address}, mesh.cluster("db", 5432): {"127.0.0.3:5432"}}
+    sni = "outbound_.80_._.web.shop.svc.cluster.local"
 
     async def applied() -> None:
         hosts = await gateway.admin.cluster_hosts()
-        assert {name: set(h) for name, h in hosts.items()} == expected
+        assert {name: set(h) for name, h in hosts.items()} == {sni: {"127.0.0.2:15006"}}
         info = await gateway.admin.json("/server_info")
         assert info["state"] == "LIVE", info["state"]
 
-    await eventually(applied, what="the gateway has every cluster and is LIVE")
-    assert await gateway.admin.listeners() == {}
+    await eventually(applied, what="the gateway has its passthrough cluster and is LIVE")
+    listeners = await gateway.admin.listeners()
+    assert set(listeners) == {"eastwest_15443"}
+    chains = listeners["eastwest_15443"]["active_state"]["listener"]["filter_chains"]
+    assert [c["filter_chain_match"]["server_names"] for c in chains] == [[sni]]
+    assert "transport_socket" not in chains[0], "the gateway never terminates TLS"
     assert await gateway.admin.route_configs() == {}
+    assert await gateway.admin.config_dump("dynamic_active_secrets") == [], "a gateway holds no secrets"
 
 
 async def test_outbound_listener_is_marked_outbound(procs, mesh, upstreams, eventually) -> None:

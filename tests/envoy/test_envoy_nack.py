@@ -36,8 +36,8 @@ class Injection:
     valid: bool = False
     port: int = 1
 
-    def clusters(self, view, proxy) -> dict:
-        out = dict(GENERATORS[types.CLUSTER](view, proxy))
+    def clusters(self, view, proxy, identity) -> dict:
+        out = dict(GENERATORS[types.CLUSTER](view, proxy, identity))
         if self.enabled:
             out[EXTRA] = cluster_pb2.Cluster(
                 name=EXTRA,

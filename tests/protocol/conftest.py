@@ -62,7 +62,7 @@ class Mesh:
         self._nodes = 0
 
     def _generator(self, type_url: str) -> Callable[[Any, Any], dict[str, Any]]:
-        return lambda view, proxy: dict(self.state[type_url])
+        return lambda view, proxy, identity: dict(self.state[type_url])
 
     # ---- the mesh ------------------------------------------------------------------------
 

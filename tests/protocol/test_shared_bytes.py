@@ -18,7 +18,7 @@ CDS = types.CLUSTER
 
 
 def clusters_cache(state: dict[str, Any]) -> ConfigCache:
-    return ConfigCache(generators={CDS: lambda view, proxy: dict(state)})
+    return ConfigCache(generators={CDS: lambda view, proxy, identity: dict(state)})
 
 
 def test_same_key_shares_one_resource_set_and_one_serialization() -> None:

@@ -31,7 +31,7 @@ class Mesh:
     def __init__(self) -> None:
         self.round = 0
 
-    def clusters(self, view: MeshView, proxy: Proxy) -> Mapping[str, Any]:
+    def clusters(self, view: MeshView, proxy: Proxy, identity: object) -> Mapping[str, Any]:
         out = {}
         for i in range(CLUSTERS):
             c = cluster_pb2.Cluster(name=f"c{i}", alt_stat_name=f"{self.round}-{PADDING}")
@@ -42,7 +42,7 @@ class Mesh:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[AdsServer, Mesh]]:
     mesh = Mesh()
-    gens = {t: (lambda v, p: {}) for t in types.PUSH_ORDER}
+    gens = {t: (lambda v, p, i: {}) for t in types.PUSH_ORDER}
     gens[types.CLUSTER] = mesh.clusters
     cache = ConfigCache(None, gens)
     ads = AdsServer(cache, "127.0.0.1:0", Limits(send_timeout=1.0))

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from isthmus.discovery.aggregate import Aggregator, Shard, merge
-from isthmus.discovery.model import Endpoint, Locality, MemberCluster, MeshView, ServiceKey, ServicePort
+from isthmus.discovery.model import (
+    ClusterState,
+    Endpoint,
+    Locality,
+    MemberCluster,
+    MeshView,
+    ServiceKey,
+    ServicePort,
+)
 
 WEB = ServiceKey("shop", "web")
 HTTP = (ServicePort("http", 80, 8080),)
@@ -85,3 +94,13 @@ async def test_max_delay_bounds_a_steady_stream_of_changes() -> None:
     finally:
         task.cancel()
     assert len(views) >= 2, "max_delay forces views out while changes keep coming"
+
+
+def test_error_text_alone_makes_no_new_version() -> None:
+    base = MemberCluster("b", state=ClusterState.UNREACHABLE, detail="pods: 500 Internal Server Error")
+    other = replace(base, detail="nodes: ClientConnectorError connection refused")
+    assert MeshView.build((), [base]).version == MeshView.build((), [other]).version
+    assert (
+        MeshView.build((), [base]).version
+        != MeshView.build((), [replace(base, state=ClusterState.STALE)]).version
+    )

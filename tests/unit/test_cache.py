@@ -57,14 +57,14 @@ def test_failing_generator_keeps_last_good_set() -> None:
     calls = {"fail": False}
     base = ConfigCache(parse_mesh(example_mesh_text()))
 
-    def clusters(view, p):  # type: ignore[no-untyped-def]
+    def clusters(view, p, identity):  # type: ignore[no-untyped-def]
         if calls["fail"]:
             raise RuntimeError("boom")
         from isthmus.xds.generate import clusters as real
 
-        return real.generate(view, p)
+        return real.generate(view, p, identity)
 
-    gens = {t: (clusters if t == types.CLUSTER else lambda v, p: {}) for t in types.PUSH_ORDER}
+    gens = {t: (clusters if t == types.CLUSTER else lambda v, p, i: {}) for t in types.PUSH_ORDER}
     cache = ConfigCache(base.view, gens)
     good = cache.resources(types.CLUSTER, proxy("a"))
     assert len(good) == 3

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from dataclasses import replace
@@ -16,6 +17,7 @@ from isthmus.discovery.model import ClusterState, Locality, MeshView
 from isthmus.xds import types
 from isthmus.xds.generate import GENERATORS
 from isthmus.xds.generate.endpoints import priority_class
+from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity, WorkloadCert
 from isthmus.xds.proxy import Proxy, Role
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -44,6 +46,35 @@ services:
 """
 
 
+EASTWEST = """
+clusters:
+  - {name: a, region: r1, zone: z1, gateway: {address: 10.250.0.1}}
+  - {name: b, region: r1, zone: z2, gateway: {address: 10.250.0.2, port: 15443}}
+  - {name: c, region: r2, zone: z9}
+services:
+  - name: web
+    namespace: shop
+    ports: [{name: http, port: 80, target_port: 8080}]
+    endpoints:
+      - {cluster: a, address: 10.1.0.1, sidecar_port: 15006, service_account: web}
+      - {cluster: b, address: 10.2.0.1, sidecar_port: 15006, service_account: web}
+      - {cluster: b, address: 10.2.0.2, sidecar_port: 15006, service_account: web}
+      - {cluster: b, address: 10.2.0.3, sidecar_port: 15006, service_account: web, health: unhealthy}
+      - {cluster: c, address: 10.3.0.1, sidecar_port: 15006, service_account: web}
+  - name: db
+    namespace: shop
+    ports: [{name: tcp, port: 5432, protocol: tcp}]
+    endpoints:
+      - {cluster: b, address: 10.2.0.9, sidecar_port: 15006, service_account: db}
+      - {cluster: b, address: 10.2.0.10}
+  - name: client
+    namespace: shop
+    ports: [{name: http, port: 80, target_port: 9090}]
+    endpoints:
+      - {cluster: a, address: 10.1.0.7, sidecar_port: 15006, service_account: client}
+"""
+
+
 def sidecar(cluster: str, region: str, zone: str, namespace: str = "shop") -> Proxy:
     return Proxy(
         node_id=f"sidecar-{cluster}",
@@ -65,14 +96,32 @@ CASES = {
     ),
     "two-namespaces-sidecar-a": (TWO_NAMESPACES, sidecar("a", "r1", "z1")),
     "two-namespaces-sidecar-blog-c": (TWO_NAMESPACES, sidecar("c", "r2", "z9", namespace="blog")),
+    "eastwest-mtls-sidecar-a": (EASTWEST, sidecar("a", "r1", "z1", namespace="shop")),
+    "eastwest-mtls-gateway-b": (
+        EASTWEST,
+        Proxy("gw-b", Role.GATEWAY, "isthmus-system", "eastwest", "eastwest", Locality("r1", "z2", "b")),
+    ),
 }
+MTLS_CASES = {"eastwest-mtls-sidecar-a", "eastwest-mtls-gateway-b"}
+# Fixed strings stand in for PEM: generators only place them, so golden files stay stable.
+TEST_IDENTITY = MeshIdentity(
+    "mesh.test",
+    "ROOT-PEM",
+    WorkloadCert(
+        "spiffe://mesh.test/ns/shop/sa/client",
+        "CHAIN-PEM",
+        "KEY-PEM",
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC),
+    ),
+)
 
 
-def render(mesh: str, proxy: Proxy) -> dict[str, dict[str, object]]:
+def render(mesh: str, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, dict[str, object]]:
     view = parse_mesh(mesh)
     out: dict[str, dict[str, object]] = {}
     for type_url in types.PUSH_ORDER:
-        resources = GENERATORS[type_url](view, proxy)
+        resources = GENERATORS[type_url](view, proxy, identity)
         out[types.short(type_url)] = {
             name: json_format.MessageToDict(msg, preserving_proto_field_name=True)
             for name, msg in sorted(resources.items())
@@ -83,7 +132,7 @@ def render(mesh: str, proxy: Proxy) -> dict[str, dict[str, object]]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
     mesh, proxy = CASES[case]
-    got = render(mesh, proxy)
+    got = render(mesh, proxy, TEST_IDENTITY if case in MTLS_CASES else PLAINTEXT)
     path = GOLDEN / f"{case}.json"
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")

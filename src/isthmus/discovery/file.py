@@ -143,6 +143,9 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
                     health=_parse_enum(Health, e.get("health", "healthy"), f"{ew}.health"),
                     service_account=str(e.get("service_account", "default")),
                     workload=str(e.get("workload", "")),
+                    sidecar_port=_port_number(e["sidecar_port"], f"{ew}.sidecar_port")
+                    if "sidecar_port" in e
+                    else 0,
                 )
             )
         services[key] = Service(key=key, ports=tuple(ports), endpoints=tuple(endpoints))

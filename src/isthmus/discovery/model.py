@@ -75,6 +75,8 @@ class Endpoint:
     """One workload instance backing a service.
 
     ``ports`` maps a service port name to the port this endpoint listens on for it.
+    ``sidecar_port`` is the port of the endpoint's sidecar inbound listener (mTLS, any service
+    port, told apart by SNI); 0 means no sidecar: clients connect to ``ports`` in plain text.
     """
 
     address: str
@@ -83,6 +85,7 @@ class Endpoint:
     health: Health = Health.HEALTHY
     service_account: str = "default"
     workload: str = ""
+    sidecar_port: int = 0
 
     def port_for(self, service_port: ServicePort) -> int:
         for name, number in self.ports:
@@ -163,7 +166,10 @@ class MeshView:
         svc = sorted(services, key=lambda s: s.key)
         normalized = [Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc]
         mcs = sorted(clusters, key=lambda c: c.name)
-        digest = hashlib.sha256(repr((normalized, mcs)).encode()).hexdigest()[:16]
+        # A cluster's ``detail`` (the last error text) is for status pages; it changes with every
+        # retry while a cluster is down and must not make a new version.
+        effective = [(c.name, c.region, c.zone, c.gateway, c.state) for c in mcs]
+        digest = hashlib.sha256(repr((normalized, effective)).encode()).hexdigest()[:16]
         return cls(
             services=_frozen_map((s.key, s) for s in normalized),
             clusters=_frozen_map((c.name, c) for c in mcs),

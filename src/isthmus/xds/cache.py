@@ -6,6 +6,10 @@ resource once, and interns the result by content hash so that identical
 resources generated for different proxy keys share one Resource (one set of
 bytes). A ResourceSet whose contents did not change keeps its identity across
 mesh versions, which lets a stream skip an unchanged type with one ``is`` test.
+
+With a mesh CA, generators also get the trust domain and bundle, and SDS the
+proxy's own certificate (issued on first use); ``rotate_certificates`` renews
+those that are due and regenerates SDS only.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from isthmus.discovery.model import MeshView
+from isthmus.xds import types
+from isthmus.xds.ca import MeshCA
 from isthmus.xds.generate import GENERATORS, Generator, placeholder
-from isthmus.xds.proxy import Proxy
+from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
+from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.resources import Resource, state_version
 
 log = logging.getLogger(__name__)
@@ -50,9 +57,14 @@ class ConfigCache:
     """Generates, serializes and shares resources; tells watchers when the mesh changed."""
 
     def __init__(
-        self, view: MeshView | None = None, generators: Mapping[str, Generator] | None = None
+        self,
+        view: MeshView | None = None,
+        generators: Mapping[str, Generator] | None = None,
+        ca: MeshCA | None = None,
     ) -> None:
         self._generators = dict(generators if generators is not None else GENERATORS)
+        self.ca = ca
+        self._identity = ca.identity() if ca is not None else PLAINTEXT
         self._view = view if view is not None else MeshView.build((), ())
         self._generation = 0
         self._memo: dict[tuple[str, tuple[object, ...]], ResourceSet] = {}
@@ -87,12 +99,37 @@ class ConfigCache:
         """Regenerate everything (used when generators' inputs change outside the view)."""
         self._bump()
 
-    def _bump(self) -> None:
+    def _bump(self, only: str | None = None) -> None:
+        """Forget generated sets (of type ``only``, or all) and wake the streams."""
         self._generation += 1
-        self._previous = self._memo
-        self._memo = {}
+        if only is None:
+            self._previous = self._memo
+            self._memo = {}
+        else:
+            for key in [k for k in self._memo if k[0] == only]:
+                self._previous[key] = self._memo.pop(key)
         for event in self._watchers:
             event.set()
+
+    def use_ca(self, ca: MeshCA) -> None:
+        """Turn mTLS on with this CA (at startup): every type is regenerated."""
+        self.ca = ca
+        self._identity = ca.identity()
+        self._bump()
+
+    def rotate_certificates(self) -> int:
+        """Renew the workload certificates that are due; push SDS to the proxies that hold them."""
+        if self.ca is None:
+            return 0
+        rotated = self.ca.rotate_due()
+        if rotated:
+            self._bump(only=types.SECRET)
+        return len(rotated)
+
+    def _identity_for(self, type_url: str, proxy: Proxy) -> MeshIdentity:
+        if self.ca is not None and type_url == types.SECRET and proxy.role is Role.SIDECAR:
+            return self.ca.identity(self.ca.certificate(proxy.namespace, proxy.service_account))
+        return self._identity
 
     def watch(self, event: asyncio.Event | None = None) -> asyncio.Event:
         """Register an Event set on every change; the caller clears it and must ``unwatch`` it."""
@@ -120,7 +157,7 @@ class ConfigCache:
             return cached
         previous = self._previous.get(key)
         try:
-            messages = self._generators[type_url](self._view, proxy)
+            messages = self._generators[type_url](self._view, proxy, self._identity_for(type_url, proxy))
             by_name: dict[str, Resource] = {}
             for name, message in messages.items():
                 self.serializations += 1

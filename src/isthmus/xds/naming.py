@@ -1,7 +1,11 @@
 """Names of generated resources: one documented scheme (docs/naming.md), used everywhere.
 
-cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
+sidecar cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
 outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
+mTLS SNI of a service port, and the gateway's cluster for it:  outbound_.PORT_._.NAME.NS.svc.cluster.local
+sidecar inbound listener / cluster:  inbound_PORT (listener), inbound|PORT|| (cluster to the app)
+east-west gateway listener:  eastwest_PORT
+SDS secrets:  default (the proxy's own certificate), ROOTCA (the trust bundle)
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from isthmus.discovery.model import Service, ServicePort
 CLUSTER_DOMAIN = "cluster.local"
 CLUSTERSET_DOMAIN = "clusterset.local"
 OUTBOUND_HTTP_ROUTE = "outbound_http"
+WORKLOAD_SECRET = "default"
+ROOT_SECRET = "ROOTCA"
 
 
 def service_fqdn(service: Service, domain: str = CLUSTER_DOMAIN) -> str:
@@ -19,6 +25,23 @@ def service_fqdn(service: Service, domain: str = CLUSTER_DOMAIN) -> str:
 
 def outbound_cluster(service: Service, port: ServicePort) -> str:
     return f"outbound|{port.port}||{service_fqdn(service)}"
+
+
+def sni(service: Service, port: ServicePort) -> str:
+    """The TLS server name a client sends for a service port; gateways route on it."""
+    return f"outbound_.{port.port}_._.{service_fqdn(service)}"
+
+
+def inbound_listener(port: int) -> str:
+    return f"inbound_{port}"
+
+
+def inbound_cluster(port: ServicePort) -> str:
+    return f"inbound|{port.port}||"
+
+
+def gateway_listener(port: int) -> str:
+    return f"eastwest_{port}"
 
 
 def outbound_http_listener(port: int) -> str:

@@ -40,6 +40,7 @@ class Proxy:
     service_account: str
     locality: Locality
     listen_address: str = "0.0.0.0"
+    app_address: str = "127.0.0.1"  # where the sidecar's inbound listener forwards to the application
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
     envoy_version: str = ""
@@ -58,6 +59,7 @@ class Proxy:
             self.service_account,
             self.locality,
             self.listen_address,
+            self.app_address,
             self.outbound_port,
             self.inbound_port,
         )
@@ -108,6 +110,7 @@ def proxy_from_node(node: Any) -> Proxy:
         service_account=str(meta.get("service_account", "default")),
         locality=Locality(region=loc.region, zone=loc.zone, cluster=str(meta.get("cluster", loc.sub_zone))),
         listen_address=str(meta.get("listen_address", "0.0.0.0")),
+        app_address=str(meta.get("app_address", "127.0.0.1")),
         outbound_port=_int(meta, "outbound_port", DEFAULT_OUTBOUND_PORT),
         inbound_port=_int(meta, "inbound_port", DEFAULT_INBOUND_PORT),
         envoy_version=version,

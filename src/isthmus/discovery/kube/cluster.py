@@ -84,7 +84,7 @@ class ClusterWatcher:
         self._failing.add(kind)
         reason = getattr(exc, "reason", None) or type(exc).__name__
         status = getattr(exc, "status", None)
-        self.detail = f"{kind}: {status or ''} {reason} {exc if not status else ''}".strip()
+        self.detail = f"{kind}: {status} {reason}" if status else f"{kind}: {reason} {exc}".rstrip()
         if self.unreachable_since is None:
             self.unreachable_since = self._clock()
             log.warning(

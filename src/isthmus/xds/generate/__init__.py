@@ -1,4 +1,5 @@
-"""Generators: pure functions ``(MeshView, Proxy) -> {name: message}``, one module per type URL.
+"""Generators: pure functions ``(MeshView, Proxy, MeshIdentity) -> {name: message}``, one module
+per type URL. MeshIdentity carries the trust domain and bundle, and for SDS the proxy's certificate.
 
 They import neither gRPC nor the Kubernetes client (import-linter checks it) and
 never mutate their inputs; the cache memoizes them per (view version, proxy key).
@@ -12,9 +13,10 @@ from typing import Any
 from isthmus.discovery.model import MeshView
 from isthmus.xds import types
 from isthmus.xds.generate import clusters, endpoints, listeners, routes, secrets
+from isthmus.xds.generate.identity import MeshIdentity
 from isthmus.xds.proxy import Proxy
 
-Generator = Callable[[MeshView, Proxy], Mapping[str, Any]]
+Generator = Callable[[MeshView, Proxy, MeshIdentity], Mapping[str, Any]]
 
 GENERATORS: Mapping[str, Generator] = {
     types.CLUSTER: clusters.generate,

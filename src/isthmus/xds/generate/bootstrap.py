@@ -35,10 +35,12 @@ class BootstrapOptions:
     zone: str = ""
     xds_host: str = "127.0.0.1"
     xds_port: int = 15010
+    xds_socket: str = ""  # a Unix domain socket path instead of host and port
     admin_address: str = "127.0.0.1"
     admin_port: int = 15000
     delta: bool = False
     listen_address: str = "0.0.0.0"
+    app_address: str = "127.0.0.1"
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
 
@@ -59,9 +61,15 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
     )
     packed = any_pb2.Any()
     packed.Pack(http2)
+    if opts.xds_socket:
+        address = address_pb2.Address(pipe=address_pb2.Pipe(path=opts.xds_socket))
+    else:
+        address = address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=opts.xds_host, port_value=opts.xds_port)
+        )
     cluster = cluster_pb2.Cluster(
         name=XDS_CLUSTER,
-        type=cluster_pb2.Cluster.STRICT_DNS,
+        type=cluster_pb2.Cluster.STATIC if opts.xds_socket else cluster_pb2.Cluster.STRICT_DNS,
         connect_timeout=duration_pb2.Duration(seconds=1),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=XDS_CLUSTER,
@@ -69,13 +77,7 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
                 endpoint_components_pb2.LocalityLbEndpoints(
                     lb_endpoints=[
                         endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    socket_address=address_pb2.SocketAddress(
-                                        address=opts.xds_host, port_value=opts.xds_port
-                                    )
-                                )
-                            )
+                            endpoint=endpoint_components_pb2.Endpoint(address=address)
                         )
                     ]
                 )
@@ -99,6 +101,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 "service": opts.service,
                 "service_account": opts.service_account,
                 "listen_address": opts.listen_address,
+                "app_address": opts.app_address,
                 # Strings: Struct numbers are doubles and would render as 15001.0.
                 "outbound_port": str(opts.outbound_port),
                 "inbound_port": str(opts.inbound_port),

@@ -1,18 +1,22 @@
 """CDS: one EDS-backed Envoy cluster per service port, locality-weighted, with outlier detection
-and circuit-breaker defaults."""
+and circuit-breaker defaults; upstream mTLS to sidecars and gateways; a sidecar's inbound clusters
+to its own application; a gateway's SNI-named passthrough clusters."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Protocol, Service, ServicePort
 from isthmus.xds import naming
-from isthmus.xds.proxy import Proxy
+from isthmus.xds.generate import tls
+from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
+from isthmus.xds.proxy import Proxy, Role
 
 CONNECT_TIMEOUT_S = 2
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -36,8 +40,7 @@ def _http2_options() -> Any:
     return packed
 
 
-def cluster_for(service: Service, port: ServicePort) -> Any:
-    name = naming.outbound_cluster(service, port)
+def _eds_cluster(name: str, port: ServicePort) -> Any:
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -65,16 +68,96 @@ def cluster_for(service: Service, port: ServicePort) -> Any:
             ]
         ),
     )
+    return cluster
+
+
+def cluster_for(service: Service, port: ServicePort, identity: MeshIdentity = PLAINTEXT) -> Any:
+    """A sidecar's outbound cluster. With mTLS, endpoints marked ``tlsMode: isthmus`` (sidecars,
+    gateways) get mesh mTLS with the service port's SNI; the others plain text."""
+    cluster = _eds_cluster(naming.outbound_cluster(service, port), port)
+    if port.protocol in (Protocol.HTTP2, Protocol.GRPC):
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http2_options())
+    if identity.mtls:
+        peers = [
+            identity.spiffe_id(service.namespace, e.service_account)
+            for e in service.endpoints
+            if e.sidecar_port
+        ]
+        match = struct_pb2.Struct()
+        match.update({tls.TLS_MODE_KEY: tls.TLS_MODE_MTLS})
+        cluster.transport_socket_matches.append(
+            cluster_pb2.Cluster.TransportSocketMatch(
+                name="mtls",
+                match=match,
+                transport_socket=tls.upstream_socket(identity, naming.sni(service, port), peers),
+            )
+        )
+    return cluster
+
+
+def gateway_cluster(service: Service, port: ServicePort) -> Any:
+    """A gateway's cluster for one service port, named by its SNI: raw TCP to the local sidecars
+    (the TLS session passes through untouched; the gateway holds no key)."""
+    return _eds_cluster(naming.sni(service, port), port)
+
+
+def inbound_cluster(port: ServicePort, proxy: Proxy) -> Any:
+    """A sidecar's cluster to its own application, on ``app_address:target_port``."""
+    name = naming.inbound_cluster(port)
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=proxy.app_address, port_value=port.target_port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
     if port.protocol in (Protocol.HTTP2, Protocol.GRPC):
         cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http2_options())
     return cluster
 
 
-def generate(view: MeshView, proxy: Proxy) -> dict[str, Any]:
-    """Every service port in the mesh, for sidecars and gateways alike."""
+def gateway_services(view: MeshView, proxy: Proxy) -> list[tuple[Service, ServicePort]]:
+    """Service ports a gateway forwards: those with sidecar endpoints in the gateway's own cluster."""
+    out: list[tuple[Service, ServicePort]] = []
+    for service in view.services.values():
+        if any(e.sidecar_port and e.locality.cluster == proxy.cluster for e in service.endpoints):
+            out.extend((service, port) for port in service.ports)
+    return out
+
+
+def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    """Sidecars: every service port of the mesh, plus inbound clusters to their own application.
+    Gateways: one passthrough cluster per exported service port (needs mTLS: SNI routing)."""
     out: dict[str, Any] = {}
+    if proxy.role is Role.GATEWAY:
+        if identity.mtls:
+            for service, port in gateway_services(view, proxy):
+                c = gateway_cluster(service, port)
+                out[c.name] = c
+        return out
     for service in view.services.values():
         for port in service.ports:
-            c = cluster_for(service, port)
+            c = cluster_for(service, port, identity)
+            out[c.name] = c
+    own = view.service(proxy.namespace, proxy.service)
+    if identity.mtls and own is not None:
+        for port in own.ports:
+            c = inbound_cluster(port, proxy)
             out[c.name] = c
     return out

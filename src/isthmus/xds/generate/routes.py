@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Service, ServicePort
 from isthmus.xds import naming
+from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.proxy import Proxy, Role
 
 REQUEST_TIMEOUT_S = 15
@@ -69,7 +70,7 @@ def outbound_routes(view: MeshView, proxy: Proxy) -> Any:
     return config
 
 
-def generate(view: MeshView, proxy: Proxy) -> dict[str, Any]:
+def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
     if proxy.role is not Role.SIDECAR:
         return {}
     config = outbound_routes(view, proxy)

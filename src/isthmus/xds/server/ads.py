@@ -85,7 +85,10 @@ class AdsServer:
         await server.start()
         self._server = server
         self.port = port
-        log.info("xDS (ADS, SotW and Delta) listening on %s", self.address.rsplit(":", 1)[0] + f":{port}")
+        where = (
+            self.address if self.address.startswith("unix:") else self.address.rsplit(":", 1)[0] + f":{port}"
+        )
+        log.info("xDS (ADS, SotW and Delta) listening on %s", where)
         return port
 
     async def stop(self, grace: float = 5.0) -> None:
