@@ -50,8 +50,9 @@ async def test_envoy_applies_pushed_config(delta, procs, mesh, upstreams, eventu
 
     async def listener_active() -> dict:
         listeners = await envoy.admin.listeners()
-        assert set(listeners) == {listener_name}, listeners
-        assert "active_state" in listeners[listener_name], listeners[listener_name]
+        # The TCP service gets its own listener on its port (no Host header to route by).
+        assert set(listeners) == {listener_name, "outbound_tcp|5432||db.shop.svc.cluster.local"}, listeners
+        assert all("active_state" in entry for entry in listeners.values()), listeners
         return listeners[listener_name]["active_state"]["listener"]
 
     listener = await eventually(listener_active, what=f"listener {listener_name} is active")

@@ -1,5 +1,5 @@
-"""LDS: the sidecar's outbound HTTP listener (routes come from RDS by Host) and its inbound mTLS
-listener; the east-west gateway's SNI passthrough listener.
+"""LDS: the sidecar's outbound HTTP listener (routes come from RDS by Host), one outbound listener
+per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI passthrough listener.
 
 * Inbound (sidecar, mTLS on, its service known): ``listen_address:inbound_port``, one filter chain
   per port of the proxy's own service, matched by the SNI clients send for it. TLS is terminated
@@ -80,6 +80,39 @@ def outbound_http_listener(proxy: Proxy) -> Any:
             )
         ],
     )
+
+
+def outbound_tcp_listeners(view: MeshView, proxy: Proxy) -> list[Any]:
+    """One listener per TCP service port, on ``listen_address:PORT``, straight to its cluster.
+
+    Without traffic interception a TCP client has no Host header to route by, so the port alone
+    names the service: when two TCP services share a port number, the first by namespace/name
+    gets it (and a port equal to the proxy's own outbound or inbound port is skipped)."""
+    taken = {proxy.outbound_port, proxy.inbound_port}
+    out = []
+    for key in sorted(view.services):
+        service = view.services[key]
+        for port in service.ports:
+            if port.protocol.is_http or port.port in taken:
+                continue
+            taken.add(port.port)
+            out.append(
+                listener_pb2.Listener(
+                    name=naming.outbound_tcp_listener(service, port),
+                    address=_address(proxy.listen_address, port.port),
+                    traffic_direction=base_pb2.OUTBOUND,
+                    filter_chains=[
+                        listener_components_pb2.FilterChain(
+                            filters=[
+                                _tcp_proxy(
+                                    f"outbound_tcp_{port.port}", naming.outbound_cluster(service, port)
+                                )
+                            ]
+                        )
+                    ],
+                )
+            )
+    return out
 
 
 def _inbound_http(port: ServicePort) -> Any:
@@ -169,6 +202,8 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
     out = {}
     listener = outbound_http_listener(proxy)
     out[listener.name] = listener
+    for tcp in outbound_tcp_listeners(view, proxy):
+        out[tcp.name] = tcp
     own = view.service(proxy.namespace, proxy.service)
     if identity.mtls and own is not None and own.ports:
         inbound = inbound_listener(own, proxy, identity)
