@@ -155,9 +155,12 @@ def test_generators_are_deterministic_and_do_not_mutate() -> None:
     ("proxy", "endpoint", "expected"),
     [
         (Locality("r1", "z1", "a"), Locality("r1", "z1", "a"), 0),
-        (Locality("r1", "z1", "a"), Locality("r1", "z2", "b"), 1),
-        (Locality("r1", "z1", "a"), Locality("r2", "z9", "c"), 2),
-        (Locality("", "", ""), Locality("r1", "z1", "a"), 2),
+        (Locality("r1", "", "a"), Locality("r1", "z2", "a"), 0),  # the proxy's zone is unknown
+        (Locality("r1", "z1", "a"), Locality("r1", "z2", "a"), 1),
+        (Locality("r1", "z1", "a"), Locality("r1", "z1", "b"), 2),
+        (Locality("r1", "z1", "a"), Locality("r1", "z2", "b"), 2),
+        (Locality("r1", "z1", "a"), Locality("r2", "z9", "c"), 3),
+        (Locality("", "", ""), Locality("r1", "z1", "a"), 3),
     ],
 )
 def test_priority_class(proxy: Locality, endpoint: Locality, expected: int) -> None:

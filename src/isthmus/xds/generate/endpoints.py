@@ -1,7 +1,8 @@
 """EDS: one ClusterLoadAssignment per service port, endpoints grouped by locality.
 
 Localities are (region, zone, member cluster). Priority 0 is the proxy's own
-member cluster, then the rest of its region, then everything else, and last the
+member cluster and zone, then the rest of its member cluster, then the rest of
+its region, then everything else, and last the
 endpoints of member clusters whose API server has been unreachable for longer
 than the maximum staleness (state STALE), whatever their locality: they are
 used only when nothing fresher is left. Priorities are renumbered to stay
@@ -55,18 +56,19 @@ def empty(name: str) -> Any:
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
 
 
-STALE_CLASS = 3
+STALE_CLASS = 4
 
 
 def priority_class(proxy: Locality, endpoint: Locality, stale: frozenset[str] = frozenset()) -> int:
-    """0: same member cluster; 1: same region; 2: elsewhere; 3: a stale member cluster."""
+    """0: own member cluster and zone; 1: own member cluster, another zone; 2: same region;
+    3: elsewhere; 4: a stale member cluster (see the module docstring)."""
     if endpoint.cluster in stale:
         return STALE_CLASS
     if proxy.cluster and endpoint.cluster == proxy.cluster:
-        return 0
+        return 0 if not proxy.zone or endpoint.zone == proxy.zone else 1
     if proxy.region and endpoint.region == proxy.region:
-        return 1
-    return 2
+        return 2
+    return 3
 
 
 def stale_clusters(view: MeshView) -> frozenset[str]:
