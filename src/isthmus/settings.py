@@ -96,8 +96,8 @@ class ServeSettings:
         xds = parse_xds_address(self.xds_address, "--xds-address")
         if (self.ca_cert is None) != (self.ca_key is None):
             raise SettingsError("--ca-cert and --ca-key go together")
-        if self.cert_ttl < 60:
-            raise SettingsError("--cert-ttl must be at least 60 seconds")
+        if self.cert_ttl < 10:
+            raise SettingsError("--cert-ttl must be at least 10 seconds")
         if self.mtls and not is_local(xds) and not self.insecure_keys_on_network:
             raise SettingsError(
                 f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies do "
