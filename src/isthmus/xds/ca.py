@@ -214,9 +214,12 @@ class MeshCA:
             not_after,
         )
 
+    def _renew_at(self, cert: WorkloadCert) -> datetime.datetime:
+        # From the issuing time (not from not_before, which is backdated for clock skew).
+        return cert.not_after - self.ttl * (1 - self.rotate_at)
+
     def _due(self, cert: WorkloadCert) -> bool:
-        lifetime = cert.not_after - cert.not_before
-        return self._clock() >= cert.not_before + lifetime * self.rotate_at
+        return self._clock() >= self._renew_at(cert)
 
     def certificate(self, namespace: str, service_account: str) -> WorkloadCert:
         """The current certificate of a service account, issued on first use or when due."""
@@ -241,6 +244,4 @@ class MeshCA:
     def next_rotation(self) -> datetime.datetime | None:
         if not self._issued:
             return None
-        return min(
-            c.not_before + (c.not_after - c.not_before) * self.rotate_at for c in self._issued.values()
-        )
+        return min(self._renew_at(c) for c in self._issued.values())

@@ -12,7 +12,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
-from isthmus.discovery.model import MeshView, Protocol, Service, ServicePort
+from isthmus.discovery.model import Endpoint, MeshView, Protocol, Service, ServicePort
 from isthmus.xds import naming
 from isthmus.xds.generate import tls
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
@@ -101,9 +101,17 @@ def gateway_cluster(service: Service, port: ServicePort) -> Any:
     return _eds_cluster(naming.sni(service, port), port)
 
 
-def inbound_cluster(port: ServicePort, proxy: Proxy) -> Any:
-    """A sidecar's cluster to its own application, on ``app_address:target_port``."""
+def own_endpoint(service: Service, proxy: Proxy) -> Endpoint | None:
+    """The proxy's own endpoint of its service, found by address (its workload's or its own)."""
+    addresses = {proxy.app_address, proxy.listen_address}
+    return next((e for e in service.endpoints if e.address in addresses), None)
+
+
+def inbound_cluster(port: ServicePort, proxy: Proxy, own: Endpoint | None = None) -> Any:
+    """A sidecar's cluster to its own application: ``app_address`` and the port its endpoint
+    declares for this service port (else the service's target port)."""
     name = naming.inbound_cluster(port)
+    app_port = own.port_for(port) if own is not None else port.target_port
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
@@ -117,7 +125,7 @@ def inbound_cluster(port: ServicePort, proxy: Proxy) -> Any:
                             endpoint=endpoint_components_pb2.Endpoint(
                                 address=address_pb2.Address(
                                     socket_address=address_pb2.SocketAddress(
-                                        address=proxy.app_address, port_value=port.target_port
+                                        address=proxy.app_address, port_value=app_port
                                     )
                                 )
                             )
@@ -157,7 +165,8 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
             out[c.name] = c
     own = view.service(proxy.namespace, proxy.service)
     if identity.mtls and own is not None:
+        mine = own_endpoint(own, proxy)
         for port in own.ports:
-            c = inbound_cluster(port, proxy)
+            c = inbound_cluster(port, proxy, mine)
             out[c.name] = c
     return out
