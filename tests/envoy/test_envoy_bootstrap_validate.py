@@ -4,6 +4,8 @@ JSON and YAML, SotW and Delta; and rejects a broken one (so the check has teeth)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -36,3 +38,20 @@ def test_envoy_validate_rejects_a_broken_bootstrap(procs) -> None:
     broken.write_text(json.dumps(doc))
     result = procs.validate(broken)
     assert result.returncode != 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("role", ["sidecar", "gateway"])
+def test_envoy_validates_unix_socket_bootstrap(procs, tmp_path, role) -> None:
+    """xDS over a Unix socket (a pipe address) with an application address: still valid."""
+    path = tmp_path / f"unix-{role}.yaml"
+    argv = [sys.executable, "-m", "isthmus.cli", "bootstrap", "--role", role, "--cluster", "east"]
+    argv += ["--namespace", "shop", "--service", "web", "--xds-address", f"unix:{tmp_path}/xds.sock"]
+    argv += ["--listen-address", "10.1.0.10", "--app-address", "10.1.0.10", "-o", str(path)]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    doc = yaml.safe_load(path.read_text())
+    [cluster] = doc["static_resources"]["clusters"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address == {"pipe": {"path": f"{tmp_path}/xds.sock"}}
+    assert doc["node"]["metadata"]["isthmus"]["app_address"] == "10.1.0.10"
+    result = procs.validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
