@@ -47,6 +47,7 @@ test: lint typecheck layers unit ## everything CI runs: quality gates, then the 
 
 bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asserted)
 	$(BIN)/python -m bench.serialize
+	$(BIN)/python -m bench.discovery
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info

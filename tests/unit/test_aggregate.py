@@ -1,17 +1,23 @@
-"""The aggregate: shards per (source, cluster), namespace sameness, and debouncing into MeshViews."""
+"""The aggregate: shards per (source, cluster), namespace sameness, debouncing into MeshViews, and the
+incremental merge (equal to merge() after random sequences of changes)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import replace
+
+import pytest
 
 from isthmus.discovery.aggregate import Aggregator, Shard, merge
 from isthmus.discovery.model import (
     ClusterState,
     Endpoint,
+    Health,
     Locality,
     MemberCluster,
     MeshView,
+    Protocol,
     ServiceKey,
     ServicePort,
 )
@@ -104,3 +110,80 @@ def test_error_text_alone_makes_no_new_version() -> None:
         MeshView.build((), [base]).version
         != MeshView.build((), [replace(base, state=ClusterState.STALE)]).version
     )
+
+
+# ---- incremental merge == merge() ----------------------------------------------------------------
+
+KEYS = [ServiceKey(ns, name) for ns in ("shop", "bank") for name in ("web", "api", "db")]
+PORTS = [HTTP, (ServicePort("http", 8080, 8080),), (ServicePort("grpc", 9090, 9090, Protocol.GRPC),)]
+
+
+def random_shard(rng: random.Random, cluster: str, previous: Shard | None) -> Shard:
+    """A shard of ``cluster``: mostly the previous one with a few services changed (tuples reused)."""
+    member = MemberCluster(cluster, region=rng.choice(["r1", "r2"]), state=rng.choice(list(ClusterState)))
+    services = dict(previous.services) if previous else {}
+    endpoints = dict(previous.endpoints) if previous else {}
+    for key in rng.sample(KEYS, rng.randint(0, 3)):
+        services.pop(key, None)
+        endpoints.pop(key, None)
+        if rng.random() < 0.8:
+            services[key] = rng.choice(PORTS)
+        if rng.random() < 0.8:
+            addresses = rng.sample(range(1, 6), rng.randint(0, 3))
+            health = rng.choice(list(Health))
+            endpoints[key] = tuple(
+                Endpoint(f"10.0.0.{a}", Locality("r", "z", cluster), health=health) for a in addresses
+            )
+    return Shard(member, services, endpoints)
+
+
+def assert_same_view(view: MeshView, reference: MeshView) -> None:
+    assert list(view.services.items()) == list(reference.services.items())
+    assert list(view.clusters.items()) == list(reference.clusters.items())
+    assert view.version == reference.version
+    for service in view.services.values():
+        assert list(service.endpoints) == sorted(service.endpoints)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_merge_equals_merge(seed: int) -> None:
+    rng = random.Random(seed)
+    agg = Aggregator(lambda view: None)
+    for _ in range(200):
+        source, cluster = rng.choice(["kube", "file"]), rng.choice(["a", "b", "c", ""])
+        op = rng.random()
+        if op < 0.5:
+            agg.set_shard(source, random_shard(rng, cluster, agg.shards.get((source, cluster))))
+        elif op < 0.65:
+            state = rng.choice(list(ClusterState))
+            agg.update_cluster(source, MemberCluster(cluster, state=state, detail=str(rng.random())))
+        elif op < 0.75:
+            agg.remove_shard(source, cluster)
+        elif op < 0.85:
+            clusters = rng.sample(["a", "b", "c"], rng.randint(0, 3))
+            agg.set_source(source, [random_shard(rng, c, agg.shards.get((source, c))) for c in clusters])
+        elif op < 0.9:
+            agg.remove_source(source)
+        else:
+            assert_same_view(agg.flush(), merge(agg.shards.values()))
+    assert_same_view(agg.flush(), merge(agg.shards.values()))
+
+
+def test_flush_reuses_unchanged_services() -> None:
+    api = ServiceKey("shop", "api")
+    first = Shard(MemberCluster("a"), {WEB: HTTP, api: HTTP}, {WEB: (), api: ()})
+    agg = Aggregator(lambda view: None)
+    agg.set_shard("kube", first)
+    before = agg.flush()
+    eps = (Endpoint("127.0.1.1", Locality("r", "z", "a")),)
+    agg.set_shard("kube", replace(first, endpoints={**first.endpoints, WEB: eps}))
+    after = agg.flush()
+    assert after.services[api] is before.services[api]
+    assert after.services[WEB].endpoints == eps
+    assert after.version != before.version
+
+
+def test_build_and_incremental_versions_agree() -> None:
+    view = merge([shard("b", "127.0.2.1"), shard("a", "127.0.1.2", "127.0.1.1")])
+    shuffled = [replace(s, endpoints=tuple(reversed(s.endpoints))) for s in view.services.values()]
+    assert MeshView.build(shuffled, view.clusters.values()).version == view.version

@@ -1,8 +1,10 @@
 """Kubernetes objects -> Shard: ports and protocols, slice conditions, locality, identity, mesh and
-export policies."""
+export policies; per-service recomputation (update_shard) and the slice index. The incremental path
+is checked against shard_of on random event sequences in test_kube_incremental.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,9 +12,11 @@ import pytest
 from isthmus.discovery.kube.convert import (
     ClusterObjects,
     ExportPolicy,
+    SliceIndex,
     endpoint_health,
     port_protocol,
     shard_of,
+    update_shard,
 )
 from isthmus.discovery.model import Health, MemberCluster, Protocol, ServiceKey
 
@@ -155,3 +159,39 @@ def test_external_name_and_udp_only_services_are_skipped() -> None:
         "shop/dns": service("dns", ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
     }
     assert shard_of(CLUSTER, objects(services=svcs)).services == {}
+
+
+def test_update_shard_recomputes_dirty_services_and_reuses_the_others() -> None:
+    api = ServiceKey("shop", "api")
+    objs = objects(
+        services={"shop/web": service(), "shop/api": service("api")},
+        endpoint_slices={
+            "shop/web-abc": eps_slice("web-abc", [ep("127.0.1.1")]),
+            "shop/api-abc": eps_slice("api-abc", [ep("127.0.2.1")], svc="api"),
+        },
+    )
+    index = SliceIndex.of(objs.endpoint_slices)
+    before = shard_of(CLUSTER, objs, index=index)
+    slices = {**objs.endpoint_slices, "shop/web-abc": eps_slice("web-abc", [ep("127.0.1.1", ready=False)])}
+    changed = replace(objs, endpoint_slices=slices)
+    dirty = index.update("shop/web-abc", slices["shop/web-abc"])
+    assert dirty == {WEB}
+    after = update_shard(before, changed, index, dirty)
+    assert after.endpoints[WEB][0].health is Health.UNHEALTHY
+    assert after.endpoints[api] is before.endpoints[api]
+    full = shard_of(CLUSTER, changed)
+    assert (after.services, after.endpoints) == (full.services, full.endpoints)
+
+
+def test_slice_index_follows_relabels_and_deletions() -> None:
+    api = ServiceKey("shop", "api")
+    index = SliceIndex.of({"shop/s": eps_slice("s", [ep("127.0.1.1", pod="web-1")])})
+    assert index.slices(WEB) == ["shop/s"]
+    assert index.services_of_pod("shop/web-1") == {WEB}
+    assert index.update("shop/s", eps_slice("s", [ep("127.0.1.1", pod="api-1")], svc="api")) == {WEB, api}
+    assert (index.slices(WEB), index.slices(api)) == ([], ["shop/s"])
+    assert (index.services_of_pod("shop/web-1"), index.services_of_pod("shop/api-1")) == (set(), {api})
+    unlabelled = {**eps_slice("s", []), "metadata": {"name": "s", "namespace": "shop"}}
+    assert index.update("shop/s", unlabelled) == {api}
+    assert index.update("shop/s", None) == set()
+    assert index.slices(api) == []

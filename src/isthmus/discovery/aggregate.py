@@ -9,6 +9,12 @@ no new version, because MeshView versions are content hashes.
 Services merge by namespace/name across shards ("namespace sameness"): the port
 list of the alphabetically first cluster that defines the service wins, and the
 endpoints of every shard are concatenated, each keeping its own locality.
+
+``merge`` does this for a whole set of shards (the reference). The Aggregator does
+it incrementally: replacing a shard notes the services whose ports or endpoints
+differ from the old shard's (by identity first, then equality: sources reuse the
+tuples of unchanged services), and a flush re-merges only those, keeping the other
+Service objects (and their digests) of the previous view.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from isthmus.discovery.model import Endpoint, MemberCluster, MeshView, Service, ServiceKey, ServicePort
 
 log = logging.getLogger(__name__)
 
 ShardKey = tuple[str, str]  # (source, member cluster)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,40 @@ def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ())
     return MeshView.build(services, [c for c in clusters.values() if c.name])
 
 
+def merge_service(key: ServiceKey, shards: Iterable[Shard]) -> Service | None:
+    """Merge one service across shards given in merge order (by cluster name); None if none defines it."""
+    ports: tuple[ServicePort, ...] | None = None
+    endpoints: list[Endpoint] = []
+    for shard in shards:
+        shard_ports = shard.services.get(key)
+        if ports is None:
+            ports = shard_ports
+        elif shard_ports is not None and shard_ports != ports:
+            log.debug("service %s: ports differ in cluster %s; keeping the first", key, shard.cluster.name)
+        endpoints.extend(shard.endpoints.get(key, ()))
+    return None if ports is None else Service(key, ports, tuple(sorted(endpoints)))
+
+
+def changed_keys(old: Mapping[K, V], new: Mapping[K, V]) -> Iterator[K]:
+    """Keys whose values differ between two mappings (identity checked first: it is the common case)."""
+    if old is new:
+        return
+    for key, value in new.items():
+        before = old.get(key)
+        if before is not value and before != value:
+            yield key
+    for key in old:
+        if key not in new:
+            yield key
+
+
+def shard_changes(old: Shard | None, new: Shard | None) -> set[ServiceKey]:
+    """The services whose merge may differ after replacing ``old`` by ``new`` (either may be absent)."""
+    empty = Shard(MemberCluster(""))
+    old, new = old if old is not None else empty, new if new is not None else empty
+    return {*changed_keys(old.services, new.services), *changed_keys(old.endpoints, new.endpoints)}
+
+
 def shards_of_view(view: MeshView) -> list[Shard]:
     """Split a whole MeshView (the file source's) into one shard per member cluster.
 
@@ -76,7 +119,7 @@ def shards_of_view(view: MeshView) -> list[Shard]:
 
 
 class Aggregator:
-    """Holds the shards and publishes debounced MeshViews to ``on_view``."""
+    """Holds the shards and publishes debounced MeshViews to ``on_view``, merging incrementally."""
 
     def __init__(
         self,
@@ -90,6 +133,8 @@ class Aggregator:
         self.max_delay = max_delay
         self._clock = clock
         self._shards: dict[ShardKey, Shard] = {}
+        self._services: dict[ServiceKey, Service] = {}  # merged, in key order
+        self._stale: set[ServiceKey] = set()  # to re-merge at the next flush
         self._dirty = asyncio.Event()
         self._first_change: float | None = None
         self._last_change = 0.0
@@ -100,34 +145,41 @@ class Aggregator:
     def shards(self) -> Mapping[ShardKey, Shard]:
         return dict(self._shards)
 
+    def _put(self, key: ShardKey, shard: Shard | None) -> None:
+        """Replace (or with None remove) one shard, noting the services it changes."""
+        old = self._shards.pop(key, None) if shard is None else self._shards.get(key)
+        if shard is not None:
+            self._shards[key] = shard
+        self._stale |= shard_changes(old, shard)
+
     def set_shard(self, source: str, shard: Shard) -> None:
-        self._shards[(source, shard.cluster.name)] = shard
+        self._put((source, shard.cluster.name), shard)
         self._changed()
 
     def update_cluster(self, source: str, cluster: MemberCluster) -> None:
         """Replace a shard's cluster record (its health, gateway) and keep its endpoints."""
         key = (source, cluster.name)
         old = self._shards.get(key)
-        self._shards[key] = replace(old, cluster=cluster) if old is not None else Shard(cluster)
+        self._put(key, replace(old, cluster=cluster) if old is not None else Shard(cluster))
         self._changed()
 
     def remove_shard(self, source: str, cluster: str) -> None:
-        if self._shards.pop((source, cluster), None) is not None:
+        if (source, cluster) in self._shards:
+            self._put((source, cluster), None)
             self._changed()
 
     def set_source(self, source: str, shards: Iterable[Shard]) -> None:
         """Replace every shard of ``source`` (the file source reloads as a whole)."""
         fresh = {(source, shard.cluster.name): shard for shard in shards}
         for key in [k for k in self._shards if k[0] == source and k not in fresh]:
-            del self._shards[key]
+            self._put(key, None)
         for key, shard in fresh.items():
-            if self._shards.get(key) != shard:
-                self._shards[key] = shard
+            self._put(key, shard)
         self._changed()
 
     def remove_source(self, source: str) -> None:
         for key in [k for k in self._shards if k[0] == source]:
-            del self._shards[key]
+            self._put(key, None)
             self._changed()
 
     def _changed(self) -> None:
@@ -137,11 +189,34 @@ class Aggregator:
         self._last_change = now
         self._dirty.set()
 
+    def _remerge(self) -> None:
+        """Re-merge the stale services; keep ``_services`` in key order."""
+        order = sorted(self._shards.values(), key=lambda s: s.cluster.name)
+        added = False
+        for key in self._stale:
+            service = merge_service(key, order)
+            if service is None:
+                self._services.pop(key, None)
+            else:
+                added = added or key not in self._services
+                self._services[key] = service
+        self._stale.clear()
+        if added:
+            self._services = {key: self._services[key] for key in sorted(self._services)}
+
+    def _clusters(self) -> list[MemberCluster]:
+        """One record per named cluster: the first shard's in merge order, as ``merge`` does."""
+        clusters: dict[str, MemberCluster] = {}
+        for shard in sorted(self._shards.values(), key=lambda s: s.cluster.name):
+            clusters.setdefault(shard.cluster.name, shard.cluster)
+        return [c for c in clusters.values() if c.name]
+
     def flush(self) -> MeshView:
         """Build and publish a view now (also used by tests and at startup)."""
         self._first_change = None
         self._dirty.clear()
-        view = merge(self._shards.values())
+        self._remerge()
+        view = MeshView.of(self._services, self._clusters())
         self.flushes += 1
         if view.version != self.version:
             self.version = view.version

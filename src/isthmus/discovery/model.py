@@ -4,6 +4,10 @@ Nothing here knows about Kubernetes or Envoy. Sources (discovery.file,
 discovery.kube) build these objects; xds.generate turns them into Envoy
 resources. All collections are tuples or read-only mappings so that a
 MeshView can be shared between tasks without copying or locking.
+
+A MeshView's version is a content hash built from per-service digests, each
+computed once per Service object: a view that reuses the Service objects of the
+previous one (the aggregator's incremental merge) hashes only what changed.
 """
 
 from __future__ import annotations
@@ -96,11 +100,20 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A service merged across member clusters, with all its endpoints."""
+    """A service merged across member clusters, with all its endpoints (sorted, in a MeshView)."""
 
     key: ServiceKey
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...] = ()
+    _digest: bytes = field(default=b"", init=False, repr=False, compare=False)
+
+    @property
+    def digest(self) -> bytes:
+        """Content hash of key, ports and endpoints; computed on first use, then kept (immutable)."""
+        if not self._digest:
+            text = repr((self.key, self.ports, self.endpoints))
+            object.__setattr__(self, "_digest", hashlib.sha256(text.encode()).digest())
+        return self._digest
 
     @property
     def name(self) -> str:
@@ -149,12 +162,25 @@ def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
     return MappingProxyType(dict(items))
 
 
+def _version(services: Iterable[Service], clusters: Iterable[MemberCluster]) -> str:
+    """Content hash of services (in key order) and clusters (in name order).
+
+    A cluster's ``detail`` (the last error text) is for status pages; it changes with every
+    retry while a cluster is down and must not make a new version.
+    """
+    effective = [(c.name, c.region, c.zone, c.gateway, c.state) for c in clusters]
+    h = hashlib.sha256(b"".join(s.digest for s in services))
+    h.update(repr(effective).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class MeshView:
     """An immutable snapshot of the whole mesh: what the generators read.
 
     ``version`` is a content hash: two views with the same services and clusters
-    have the same version, so a reload that changes nothing pushes nothing.
+    have the same version, whichever path built them (``build`` or ``of``), so a
+    reload that changes nothing pushes nothing.
     """
 
     services: Mapping[ServiceKey, Service] = field(default_factory=lambda: MappingProxyType({}))
@@ -163,17 +189,19 @@ class MeshView:
 
     @classmethod
     def build(cls, services: Iterable[Service], clusters: Iterable[MemberCluster]) -> MeshView:
+        """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
-        normalized = [Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc]
+        normalized = {s.key: Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc}
+        return cls.of(normalized, clusters)
+
+    @classmethod
+    def of(cls, services: Mapping[ServiceKey, Service], clusters: Iterable[MemberCluster]) -> MeshView:
+        """A view of services already in key order with sorted endpoints (not checked); copies the mapping."""
         mcs = sorted(clusters, key=lambda c: c.name)
-        # A cluster's ``detail`` (the last error text) is for status pages; it changes with every
-        # retry while a cluster is down and must not make a new version.
-        effective = [(c.name, c.region, c.zone, c.gateway, c.state) for c in mcs]
-        digest = hashlib.sha256(repr((normalized, effective)).encode()).hexdigest()[:16]
         return cls(
-            services=_frozen_map((s.key, s) for s in normalized),
+            services=MappingProxyType(dict(services)),
             clusters=_frozen_map((c.name, c) for c in mcs),
-            version=digest,
+            version=_version(services.values(), mcs),
         )
 
     def service(self, namespace: str, name: str) -> Service | None:

@@ -7,29 +7,50 @@ Health policy (docs/discovery.md):
 * Unreachable for longer than ``demote_after``: STALE, endpoints demoted to the last priority.
 * Unreachable for longer than ``withdraw_after`` (if set): its endpoints are withdrawn.
 * Back in touch: the reflectors resume (or relist after a 410) and the cluster is SYNCED again.
+
+The shard is kept up to date incrementally: each watch event marks the services it may affect
+stale (a Service or ServiceExport its own service; an EndpointSlice the services it belonged to
+before and after, through a SliceIndex; a Pod the services whose slices reference it), and the
+next publish recomputes only those (convert.update_shard). A relist, a change of a Node's
+locality labels or of a Namespace's mesh label, and a policy change rebuild the whole shard
+(convert.shard_of). The health state only changes the shard's cluster record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
 from kubernetes_asyncio import client
 
 from isthmus.discovery.aggregate import Aggregator, Shard
-from isthmus.discovery.kube.convert import ClusterObjects, ExportPolicy, shard_of
+from isthmus.discovery.kube.convert import (
+    ClusterObjects,
+    ExportPolicy,
+    SliceIndex,
+    key_of,
+    mesh_label,
+    node_locality,
+    shard_of,
+    update_shard,
+)
 from isthmus.discovery.kube.kubeconfig import Credentials
-from isthmus.discovery.kube.reflector import ListFn, Reflector, Timing
-from isthmus.discovery.model import ClusterState, MemberCluster
+from isthmus.discovery.kube.reflector import ListFn, Obj, Reflector, Timing
+from isthmus.discovery.model import ClusterState, MemberCluster, ServiceKey
 
 log = logging.getLogger(__name__)
 
 SOURCE = "kube"
 MCS_GROUP, MCS_VERSION, MCS_PLURAL = "multicluster.x-k8s.io", "v1alpha1", "serviceexports"
+
+# Kinds whose objects affect every service in some way, by the part of them that matters: a change
+# of that part rebuilds the whole shard, any other change (a Node's status) nothing.
+_SUMMARIES: dict[str, Callable[[Obj | None], object]] = {"nodes": node_locality, "namespaces": mesh_label}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +90,13 @@ class ClusterWatcher:
         self._reflectors: dict[str, Reflector] = {}
         self._mcs_installed = True
         self._published_withdrawn = False
+        # Incremental shard: the content last built (None: rebuild it whole), with the policy it was
+        # built with, the services to recompute, and what the change tracking needs.
+        self._shard: Shard | None = None
+        self._built_with = self.policy
+        self._stale: set[ServiceKey] = set()
+        self._index = SliceIndex()
+        self._summaries: dict[str, dict[str, object]] = {}
 
     # ---- health ---------------------------------------------------------------------------
 
@@ -120,28 +148,84 @@ class ClusterWatcher:
 
     # ---- shard ----------------------------------------------------------------------------
 
-    def build_shard(self) -> Shard:
-        member = MemberCluster(
+    def _on_change(self, kind: str, keys: Collection[str] | None) -> None:
+        """A reflector's store changed: note the services to recompute (or drop the shard: rebuild)."""
+        if self._shard is not None:
+            touched = self._services_touched(kind, keys) if keys is not None else None
+            if touched is None:
+                self._shard = None
+            else:
+                self._stale |= touched
+        self._dirty.set()
+
+    def _services_touched(self, kind: str, keys: Collection[str]) -> set[ServiceKey] | None:
+        """The services whose entries the changed objects may change; None: possibly every one."""
+        store = self._store(kind)
+        if kind in ("services", MCS_PLURAL):
+            return {key_of(key) for key in keys}
+        if kind == "endpointslices":
+            return set().union(*(self._index.update(key, store.get(key)) for key in keys))
+        if kind == "pods":
+            return set().union(*(self._index.services_of_pod(key) for key in keys))
+        summary, known = _SUMMARIES.get(kind), self._summaries.get(kind)
+        if summary is None or known is None:
+            return None
+        changed = False
+        for key in keys:
+            now = summary(store.get(key))
+            changed = changed or known.get(key, summary(None)) != now
+            known[key] = now
+        return None if changed else set()
+
+    def _store(self, kind: str) -> dict[str, Obj]:
+        reflector = self._reflectors.get(kind)
+        return reflector.store if reflector is not None else {}
+
+    def _objects(self) -> ClusterObjects:
+        return ClusterObjects(
+            services=self._store("services"),
+            endpoint_slices=self._store("endpointslices"),
+            nodes=self._store("nodes"),
+            pods=self._store("pods"),
+            namespaces=self._store("namespaces"),
+            service_exports=self._store(MCS_PLURAL),
+        )
+
+    def _member(self) -> MemberCluster:
+        return MemberCluster(
             self.name, region=self.policy.region, zone=self.policy.zone, state=self.state, detail=self.detail
         )
+
+    def build_shard(self) -> Shard:
+        """The whole shard converted from scratch (what the incremental shard must equal)."""
+        member, policy = self._member(), self.policy
         if self.withdrawn():
             return Shard(member)
-        store = {kind: r.store for kind, r in self._reflectors.items()}
-        objects = ClusterObjects(
-            services=store.get("services", {}),
-            endpoint_slices=store.get("endpointslices", {}),
-            nodes=store.get("nodes", {}),
-            pods=store.get("pods", {}),
-            namespaces=store.get("namespaces", {}),
-            service_exports=store.get(MCS_PLURAL, {}),
-        )
-        return shard_of(member, objects, self.policy.export, self.policy.require_namespace_label)
+        return shard_of(member, self._objects(), policy.export, policy.require_namespace_label)
+
+    def _content(self) -> Shard:
+        """The shard's services and endpoints, recomputing only the stale services if it can."""
+        policy, objects = self.policy, self._objects()
+        rules = (policy.export, policy.require_namespace_label)
+        if self._shard is None or policy != self._built_with:
+            self._index = SliceIndex.of(objects.endpoint_slices)
+            self._summaries = {
+                kind: {key: summary(obj) for key, obj in self._store(kind).items()}
+                for kind, summary in _SUMMARIES.items()
+            }
+            member = MemberCluster(self.name, region=policy.region, zone=policy.zone)
+            self._shard = shard_of(member, objects, *rules, index=self._index)
+            self._built_with = policy
+        elif self._stale:
+            self._shard = update_shard(self._shard, objects, self._index, self._stale, *rules)
+        self._stale = set()
+        return self._shard
 
     def _publish(self) -> None:
         self.state = self._current_state()
-        shard = self.build_shard()
-        shard = replace(shard, cluster=replace(shard.cluster, state=self.state, detail=self.detail))
+        content, member = self._content(), self._member()
         self._published_withdrawn = self.withdrawn()
+        shard = Shard(member) if self._published_withdrawn else replace(content, cluster=member)
         if self.publish:
             self.aggregator.set_shard(SOURCE, shard)
 
@@ -153,7 +237,8 @@ class ClusterWatcher:
     # ---- run ------------------------------------------------------------------------------
 
     def _reflector(self, kind: str, list_fn: ListFn) -> Reflector:
-        reflector = Reflector(kind, list_fn, self._dirty.set, self._on_error, self._on_ok, self.timing)
+        on_change = functools.partial(self._on_change, kind)
+        reflector = Reflector(kind, list_fn, on_change, self._on_error, self._on_ok, self.timing)
         self._reflectors[kind] = reflector
         return reflector
 

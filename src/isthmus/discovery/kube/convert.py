@@ -1,6 +1,12 @@
 """Conversion of one member cluster's Kubernetes objects (raw JSON dicts) into a Shard.
 
-Pure functions. Rules (documented in docs/discovery.md):
+A service's entry (its ports and endpoints) depends only on its Service, its EndpointSlices
+(found through a SliceIndex), the Pods and Nodes those reference, its Namespace and its
+ServiceExport. ``shard_of`` converts a whole cluster; ``update_shard`` recomputes only some
+services of a previous shard and reuses the others' tuples; both use the same per-service code,
+so they agree. Pure functions, apart from the SliceIndex its owner keeps up to date.
+
+Rules (documented in docs/discovery.md):
 * a namespace is in the mesh unless labelled ``isthmus.io/mesh=disabled`` (or, with
   ``require_namespace_label``, only when labelled ``isthmus.io/mesh=enabled``);
 * export policy ``all`` exports every Service; ``serviceexport`` only those with an MCS ServiceExport;
@@ -8,7 +14,8 @@ Pure functions. Rules (documented in docs/discovery.md):
 * a port's protocol comes from ``appProtocol``, else its name prefix (``http``, ``http2``, ``grpc``,
   ``tcp``), else TCP;
 * endpoint health from EndpointSlice conditions: ready -> healthy; serving and terminating ->
-  draining; otherwise unhealthy; an address in several slices counts once (the healthiest);
+  draining; otherwise unhealthy; an address in several slices counts once (the healthiest; between
+  equals, the one in the slice whose name sorts first);
 * locality: region from the node's ``topology.kubernetes.io/region``, zone from the endpoint's zone
   (else the node's), the member cluster as sub-zone; identity from the Pod's service account.
 """
@@ -16,7 +23,7 @@ Pure functions. Rules (documented in docs/discovery.md):
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +108,19 @@ def service_ports(service: Obj) -> tuple[ServicePort, ...]:
     return tuple(ports)
 
 
+def mesh_label(namespace: Obj | None) -> str:
+    """The part of a Namespace that conversion reads."""
+    return _labels(namespace).get(MESH_LABEL, "") if namespace is not None else ""
+
+
+def node_locality(node: Obj | None) -> tuple[str | None, str | None]:
+    """The part of a Node that conversion reads: its region and zone labels."""
+    labels = _labels(node) if node is not None else {}
+    return labels.get(REGION_LABEL), labels.get(ZONE_LABEL)
+
+
 def in_mesh(namespace: Obj | None, require_label: bool) -> bool:
-    value = _labels(namespace).get(MESH_LABEL, "") if namespace is not None else ""
+    value = mesh_label(namespace)
     if require_label:
         return value == "enabled"
     return value != "disabled"
@@ -120,72 +138,219 @@ def endpoint_health(conditions: Obj) -> Health:
 
 _RANK = {Health.HEALTHY: 0, Health.DRAINING: 1, Health.UNHEALTHY: 2}
 
+ServiceEntry = tuple[tuple[ServicePort, ...], tuple[Endpoint, ...]]  # (ports, sorted endpoints)
+
+
+def service_key(service: Obj) -> ServiceKey:
+    meta = _meta(service)
+    return ServiceKey(str(meta.get("namespace", "default")), str(meta.get("name", "")))
+
+
+def key_of(store_key: str) -> ServiceKey:
+    """The ServiceKey of a namespaced object's store key (``namespace/name``)."""
+    namespace, _, name = store_key.rpartition("/")
+    return ServiceKey(namespace or "default", name)
+
+
+def slice_service(endpoint_slice: Obj) -> ServiceKey | None:
+    """The service an EndpointSlice belongs to (its ``kubernetes.io/service-name`` label), if any."""
+    name = _labels(endpoint_slice).get(SERVICE_NAME_LABEL, "")
+    return ServiceKey(str(_meta(endpoint_slice).get("namespace", "default")), name) if name else None
+
+
+def _pod_key(ref: Obj, namespace: str) -> str:
+    return f"{ref.get('namespace', namespace)}/{ref.get('name')}"
+
+
+def slice_pods(endpoint_slice: Obj, namespace: str) -> frozenset[str]:
+    """Store keys of the Pods an EndpointSlice's endpoints reference."""
+    refs = (item.get("targetRef") for item in endpoint_slice.get("endpoints") or [])
+    return frozenset(_pod_key(ref, namespace) for ref in refs if ref)
+
+
+class SliceIndex:
+    """Which EndpointSlices belong to which service, and which services' slices reference which Pod.
+
+    Built whole by ``of``, or kept current one slice at a time by ``update``.
+    """
+
+    def __init__(self) -> None:
+        self._service: dict[str, ServiceKey] = {}  # slice key -> service key
+        self._slices: dict[ServiceKey, set[str]] = {}  # service key -> slice keys
+        self._pods: dict[str, frozenset[str]] = {}  # slice key -> pod keys
+        self._pod_slices: dict[str, set[str]] = {}  # pod key -> slice keys
+
+    @classmethod
+    def of(cls, endpoint_slices: Mapping[str, Obj]) -> SliceIndex:
+        index = cls()
+        for key, obj in endpoint_slices.items():
+            index.update(key, obj)
+        return index
+
+    def slices(self, service: ServiceKey) -> list[str]:
+        """The service's slice keys, sorted (the order decides between equally healthy duplicates)."""
+        return sorted(self._slices.get(service, ()))
+
+    def services_of_pod(self, pod: str) -> set[ServiceKey]:
+        return {self._service[key] for key in self._pod_slices.get(pod, ())}
+
+    def update(self, key: str, endpoint_slice: Obj | None) -> set[ServiceKey]:
+        """Re-index one slice (None: deleted); return the services it belonged to before and after."""
+        before = self._forget(key)
+        after = self._add(key, endpoint_slice) if endpoint_slice is not None else None
+        return {service for service in (before, after) if service is not None}
+
+    def _forget(self, key: str) -> ServiceKey | None:
+        for pod in self._pods.pop(key, ()):
+            _discard(self._pod_slices, pod, key)
+        service = self._service.pop(key, None)
+        if service is not None:
+            _discard(self._slices, service, key)
+        return service
+
+    def _add(self, key: str, endpoint_slice: Obj) -> ServiceKey | None:
+        service = slice_service(endpoint_slice)
+        if service is None:
+            return None
+        self._service[key] = service
+        self._slices.setdefault(service, set()).add(key)
+        self._pods[key] = slice_pods(endpoint_slice, service.namespace)
+        for pod in self._pods[key]:
+            self._pod_slices.setdefault(pod, set()).add(key)
+        return service
+
+
+def _discard(index: dict[Any, set[str]], at: Any, key: str) -> None:
+    keys = index[at]
+    keys.discard(key)
+    if not keys:
+        del index[at]
+
 
 def shard_of(
     cluster: MemberCluster,
     objs: ClusterObjects,
     export: ExportPolicy = ExportPolicy.ALL,
     require_namespace_label: bool = False,
+    index: SliceIndex | None = None,
 ) -> Shard:
+    """Convert a whole cluster (``index``, if given, must be current: SliceIndex.of(endpoint_slices))."""
+    index = index if index is not None else SliceIndex.of(objs.endpoint_slices)
     services: dict[ServiceKey, tuple[ServicePort, ...]] = {}
+    endpoints: dict[ServiceKey, tuple[Endpoint, ...]] = {}
     for svc in objs.services.values():
-        meta = _meta(svc)
-        key = ServiceKey(str(meta.get("namespace", "default")), str(meta.get("name", "")))
-        if (svc.get("spec") or {}).get("type") == "ExternalName":
-            continue
-        if not in_mesh(objs.namespaces.get(key.namespace), require_namespace_label):
-            continue
-        if (
-            export is ExportPolicy.SERVICE_EXPORT
-            and f"{key.namespace}/{key.name}" not in objs.service_exports
-        ):
-            continue
-        ports = service_ports(svc)
-        if ports:
-            services[key] = ports
-
-    best: dict[ServiceKey, dict[str, Endpoint]] = {key: {} for key in services}
-    for eps in objs.endpoint_slices.values():
-        if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-            continue
-        key = ServiceKey(
-            str(_meta(eps).get("namespace", "default")), _labels(eps).get(SERVICE_NAME_LABEL, "")
-        )
-        if key not in services:
-            continue
-        slice_ports = tuple(
-            sorted(
-                (str(p.get("name") or ""), int(p["port"]))
-                for p in eps.get("ports") or []
-                if p.get("port") is not None
-            )
-        )
-        named = _named_ports(services[key], slice_ports)
-        for item in eps.get("endpoints") or []:
-            addresses = item.get("addresses") or []
-            if not addresses:
-                continue
-            node = objs.nodes.get(str(item.get("nodeName") or ""))
-            node_labels = _labels(node) if node is not None else {}
-            ref = item.get("targetRef") or {}
-            pod = objs.pods.get(f"{ref.get('namespace', key.namespace)}/{ref.get('name')}") if ref else None
-            endpoint = Endpoint(
-                address=str(addresses[0]),
-                locality=Locality(
-                    region=node_labels.get(REGION_LABEL, cluster.region),
-                    zone=str(item.get("zone") or node_labels.get(ZONE_LABEL, cluster.zone)),
-                    cluster=cluster.name,
-                ),
-                ports=named,
-                health=endpoint_health(item.get("conditions") or {}),
-                service_account=str(((pod or {}).get("spec") or {}).get("serviceAccountName") or "default"),
-                workload=str(ref.get("name") or ""),
-            )
-            known = best[key].get(endpoint.address)
-            if known is None or _RANK[endpoint.health] < _RANK[known.health]:
-                best[key][endpoint.address] = endpoint
-    endpoints = {key: tuple(sorted(eps.values())) for key, eps in best.items()}
+        key = service_key(svc)
+        entry = service_entry(cluster, objs, index, key, svc, export, require_namespace_label)
+        if entry is not None:
+            services[key], endpoints[key] = entry
     return Shard(cluster, services, endpoints)
+
+
+def update_shard(
+    shard: Shard,
+    objs: ClusterObjects,
+    index: SliceIndex,
+    dirty: Iterable[ServiceKey],
+    export: ExportPolicy = ExportPolicy.ALL,
+    require_namespace_label: bool = False,
+) -> Shard:
+    """``shard`` with the ``dirty`` services recomputed from ``objs`` and the others' tuples reused."""
+    services = dict(shard.services)
+    endpoints = dict(shard.endpoints)
+    for key in dirty:
+        svc = objs.services.get(str(key))
+        entry = None
+        if svc is not None:
+            entry = service_entry(shard.cluster, objs, index, key, svc, export, require_namespace_label)
+        if entry is None:
+            services.pop(key, None)
+            endpoints.pop(key, None)
+        else:
+            services[key], endpoints[key] = entry
+    return Shard(shard.cluster, services, endpoints)
+
+
+def service_entry(
+    cluster: MemberCluster,
+    objs: ClusterObjects,
+    index: SliceIndex,
+    key: ServiceKey,
+    service: Obj,
+    export: ExportPolicy = ExportPolicy.ALL,
+    require_namespace_label: bool = False,
+) -> ServiceEntry | None:
+    """One service's ports and endpoints, or None if it is not in the mesh (or has no TCP port)."""
+    if (service.get("spec") or {}).get("type") == "ExternalName":
+        return None
+    if not in_mesh(objs.namespaces.get(key.namespace), require_namespace_label):
+        return None
+    if export is ExportPolicy.SERVICE_EXPORT and str(key) not in objs.service_exports:
+        return None
+    ports = service_ports(service)
+    if not ports:
+        return None
+    return ports, _endpoints(cluster, objs, key, ports, index.slices(key))
+
+
+def _endpoints(
+    cluster: MemberCluster,
+    objs: ClusterObjects,
+    key: ServiceKey,
+    ports: tuple[ServicePort, ...],
+    slice_keys: Iterable[str],
+) -> tuple[Endpoint, ...]:
+    best: dict[str, Endpoint] = {}
+    for slice_key in slice_keys:
+        eps = objs.endpoint_slices.get(slice_key)
+        if eps is None or eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            continue
+        named = _named_ports(ports, _slice_ports(eps))
+        for item in eps.get("endpoints") or []:
+            endpoint = _endpoint(cluster, objs, key.namespace, item, named)
+            if endpoint is None:
+                continue
+            known = best.get(endpoint.address)
+            if known is None or _RANK[endpoint.health] < _RANK[known.health]:
+                best[endpoint.address] = endpoint
+    return tuple(sorted(best.values()))
+
+
+def _endpoint(
+    cluster: MemberCluster,
+    objs: ClusterObjects,
+    namespace: str,
+    item: Obj,
+    named: tuple[tuple[str, int], ...],
+) -> Endpoint | None:
+    addresses = item.get("addresses") or []
+    if not addresses:
+        return None
+    node = objs.nodes.get(str(item.get("nodeName") or ""))
+    node_labels = _labels(node) if node is not None else {}
+    ref = item.get("targetRef") or {}
+    pod = objs.pods.get(_pod_key(ref, namespace)) if ref else None
+    return Endpoint(
+        address=str(addresses[0]),
+        locality=Locality(
+            region=node_labels.get(REGION_LABEL, cluster.region),
+            zone=str(item.get("zone") or node_labels.get(ZONE_LABEL, cluster.zone)),
+            cluster=cluster.name,
+        ),
+        ports=named,
+        health=endpoint_health(item.get("conditions") or {}),
+        service_account=str(((pod or {}).get("spec") or {}).get("serviceAccountName") or "default"),
+        workload=str(ref.get("name") or ""),
+    )
+
+
+def _slice_ports(endpoint_slice: Obj) -> tuple[tuple[str, int], ...]:
+    return tuple(
+        sorted(
+            (str(p.get("name") or ""), int(p["port"]))
+            for p in endpoint_slice.get("ports") or []
+            if p.get("port") is not None
+        )
+    )
 
 
 def _named_ports(

@@ -160,8 +160,10 @@ class Members:
             self._wake.clear()
             await self.reconcile()
             interval = min(self.poll_interval, 0.1) if self._warming else self.poll_interval
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
 
     def all_synced(self) -> bool:
         secrets_synced = self.secrets is None or self.secrets.synced.is_set()

@@ -7,13 +7,20 @@ whose silent 410 retry could go back in time:
 * LIST, remember the list's resourceVersion, then WATCH from it with bookmarks;
 * every event and BOOKMARK advances the resourceVersion; a watch that ends
   (server timeout) resumes from it;
+* the owner's ``on_change`` hears the store key of the object each event
+  added, modified or deleted, and ``None`` ("anything may have changed") after
+  a list that changed the store;
 * an ERROR event with code 410 (Expired/Gone), or a 410 status, means the
-  history is gone: RELIST, replace the store, and report the keys that vanished
-  during the gap as deletions, never going back to an older resourceVersion;
+  history is gone: RELIST, replace the store (the keys that vanished during the
+  gap are deletions, reported with everything else as ``None``), never going
+  back to an older resourceVersion;
 * a watch that delivers nothing (not even a bookmark) for ``idle_timeout`` is
   treated as hung and restarted;
 * any other failure retries with jittered exponential backoff; the reflector
-  reports each failure and each recovery to its owner.
+  reports each failure and each recovery to its owner;
+* timeouts use ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11,
+  wait_for swallows a cancellation that arrives when the awaited line is already
+  there (a bookmark), and the reflector would outlive its cancelled watcher.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 ListFn = Callable[..., Awaitable[Any]]
+OnChange = Callable[[Collection[str] | None], None]  # the changed store keys; None: all of them
 
 
 class Gone(Exception):
@@ -85,7 +93,7 @@ class Reflector:
         self,
         kind: str,
         list_fn: ListFn,
-        on_change: Callable[[], None],
+        on_change: OnChange,
         on_error: Callable[[str, BaseException], None] | None = None,
         on_ok: Callable[[str], None] | None = None,
         timing: Timing | None = None,
@@ -134,7 +142,8 @@ class Reflector:
         response = await self._list_fn(_preload_content=False, _request_timeout=self.timing.request_timeout)
         await _check(response)
         try:
-            body = await asyncio.wait_for(response.json(), self.timing.request_timeout)
+            async with asyncio.timeout(self.timing.request_timeout):
+                body = await response.json()
         finally:
             response.release()
         items = body.get("items") or []
@@ -147,7 +156,7 @@ class Reflector:
         if self._on_ok is not None:
             self._on_ok(self.kind)
         if changed:
-            self._on_change()
+            self._on_change(None)
 
     async def _watch(self) -> None:
         response = await self._list_fn(
@@ -164,7 +173,8 @@ class Reflector:
                 self._on_ok(self.kind)
             while True:
                 try:
-                    line = await asyncio.wait_for(response.content.readline(), self.timing.idle_timeout)
+                    async with asyncio.timeout(self.timing.idle_timeout):
+                        line = await response.content.readline()
                 except TimeoutError:
                     raise WatchError(f"no event or bookmark for {self.timing.idle_timeout:.0f}s") from None
                 if not line:
@@ -194,4 +204,4 @@ class Reflector:
             self.store[key] = obj
         else:
             return
-        self._on_change()
+        self._on_change((key,))

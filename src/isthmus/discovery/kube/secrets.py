@@ -17,7 +17,7 @@ import binascii
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from kubernetes_asyncio import client, config
@@ -101,7 +101,8 @@ class SecretMembers:
     def source(self) -> str:
         return f"secrets in namespace {self.namespace} labelled {MEMBER_LABEL}=true"
 
-    def _changed(self) -> None:
+    def _changed(self, keys: Collection[str] | None = None) -> None:
+        """Re-read every Secret (there are few, so which ``keys`` changed does not matter)."""
         assert self._reflector is not None
         found = credentials_of(self._reflector.store)
         for cluster, error in found.errors.items():
