@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from isthmus.admin.app import Readiness, make_admin_app, start_admin
@@ -15,7 +16,7 @@ from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
-from isthmus.discovery.model import MeshView
+from isthmus.discovery.model import Gateway, MeshView
 from isthmus.settings import ServeSettings, parse_hostport
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
@@ -34,6 +35,7 @@ class ControlPlane:
         self.view_loaded = False
         self.started = asyncio.Event()
         self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)
+        gateways = {name: Gateway(host, port) for name, host, port in settings.cluster_gateways}
         policy = ClusterPolicy(
             export=ExportPolicy(settings.export_policy),
             require_namespace_label=settings.require_namespace_label,
@@ -49,7 +51,7 @@ class ControlPlane:
                 self.aggregator,
                 dict(settings.clusters),
                 settings.kubeconfig_dir,
-                policy=lambda name: policy,
+                policy=lambda name: replace(policy, gateway=gateways.get(name)),
                 secrets=secrets,
             )
         self._ready_deadline: float | None = None

@@ -20,6 +20,7 @@ from isthmus.settings import (
     ServeSettings,
     SettingsError,
     parse_cluster,
+    parse_cluster_gateway,
     parse_xds_address,
 )
 from isthmus.xds.ca import CAError
@@ -93,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="watch a directory of kubeconfigs, one per member cluster (file name = cluster)",
+    )
+    kube.add_argument(
+        "--cluster-gateway",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="east-west gateway address of a member cluster (default: its Service labelled "
+        "isthmus.io/gateway=eastwest)",
     )
     kube.add_argument(
         "--cluster-secrets-namespace",
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             insecure_keys_on_network=args.insecure_keys_on_network,
             clusters=tuple(parse_cluster(c) for c in args.cluster),
             kubeconfig_dir=args.kubeconfig_dir,
+            cluster_gateways=tuple(parse_cluster_gateway(g) for g in args.cluster_gateway),
             cluster_secrets_namespace=args.cluster_secrets_namespace,
             home_kubeconfig=args.home_kubeconfig,
             ready_timeout=args.ready_timeout,

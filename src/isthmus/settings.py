@@ -46,6 +46,14 @@ def is_local(xds: tuple[str, int] | str) -> bool:
         return False
 
 
+def parse_cluster_gateway(value: str) -> tuple[str, str, int]:
+    name, sep, address = value.partition("=")
+    if not sep or not name:
+        raise SettingsError(f"--cluster-gateway: expected NAME=HOST:PORT, got {value!r}")
+    host, port = parse_hostport(address, "--cluster-gateway")
+    return name, host, port
+
+
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -63,6 +71,7 @@ class ServeSettings:
     shutdown_grace: float = 5.0
     clusters: tuple[tuple[str, Path], ...] = ()  # --cluster NAME=KUBECONFIG
     kubeconfig_dir: Path | None = None
+    cluster_gateways: tuple[tuple[str, str, int], ...] = ()  # --cluster-gateway NAME=HOST:PORT
     cluster_secrets_namespace: str | None = None  # watch labelled Secrets there (own cluster)
     home_kubeconfig: str | None = None  # own cluster's kubeconfig; None = in-cluster
     ready_timeout: float = 30.0

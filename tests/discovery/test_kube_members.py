@@ -14,7 +14,7 @@ from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reflector import Timing
-from isthmus.discovery.model import ClusterState, MeshView, ServiceKey
+from isthmus.discovery.model import ClusterState, Gateway, MeshView, ServiceKey
 from kubeapi.kubeconfig import write_kubeconfig
 from kubeapi.server import FakeKubeApi
 
@@ -244,5 +244,67 @@ async def test_staleness_policy_demotes_then_withdraws(
         await graph.until(lambda v: not addresses(v))
         api.hang(False)
         await graph.until(lambda v: len(addresses(v)) == 1 and v.clusters["a"].state is ClusterState.SYNCED)
+    finally:
+        task.cancel()
+
+
+async def test_gateways_and_sidecars_are_discovered(
+    clusters: dict[str, FakeKubeApi], mesh: tuple[Graph, Aggregator, Path]
+) -> None:
+    """a's gateway comes from its labelled LoadBalancer Service (which is not a mesh service); b's
+    from the configured address, which wins; pods annotated with a sidecar port carry it."""
+    graph, aggregator, directory = mesh
+    a, b = clusters["a"], clusters["b"]
+    seed(a, directory, "a", "127.0.1.1")
+    seed(b, directory, "b", "127.0.2.1")
+    a.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    for api in (a, b):
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "eastwest",
+                    "namespace": "shop",
+                    "labels": {"isthmus.io/gateway": "eastwest"},
+                },
+                "spec": {"type": "LoadBalancer", "ports": [{"name": "tls", "port": 15443}]},
+            }
+        )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web-1",
+            "namespace": "shop",
+            "annotations": {"isthmus.io/inbound-port": "15006"},
+        },
+        "spec": {"serviceAccountName": "web"},
+    }
+    a.create(pod)
+    ref = endpoint_slice("web-a", ["127.0.1.1"])
+    ref["endpoints"][0]["targetRef"] = {"kind": "Pod", "namespace": "shop", "name": "web-1"}
+    a.update(ref)
+    policy = {"b": ClusterPolicy(gateway=Gateway("198.51.100.2", 443))}
+    members = Members(
+        aggregator,
+        directory=directory,
+        timing=FAST,
+        poll_interval=0.1,
+        policy=lambda n: policy.get(n, ClusterPolicy()),
+    )
+    task = await run_members(members)
+    try:
+        view = await graph.until(lambda v: len(addresses(v)) == 2 and "b" in v.clusters)
+        assert view.clusters["a"].gateway is None, "no LoadBalancer address yet"
+        assert view.clusters["b"].gateway == Gateway("198.51.100.2", 443)
+        assert ServiceKey("shop", "eastwest") not in view.services
+        [web_a] = [e for e in view.services[WEB].endpoints if e.locality.cluster == "a"]
+        assert (web_a.sidecar_port, web_a.service_account) == (15006, "web")
+        # The cloud assigns the LoadBalancer address: a's gateway appears.
+        service_a = a.get("services", "shop", "eastwest")
+        assert service_a is not None
+        a.update({**service_a, "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}})
+        await graph.until(lambda v: v.clusters["a"].gateway == Gateway("198.51.100.1", 15443))
     finally:
         task.cancel()

@@ -39,9 +39,10 @@ from isthmus.discovery.kube.convert import (
     shard_of,
     update_shard,
 )
+from isthmus.discovery.kube.gateway import gateway_of
 from isthmus.discovery.kube.kubeconfig import Credentials
 from isthmus.discovery.kube.reflector import ListFn, Obj, Reflector, Timing
-from isthmus.discovery.model import ClusterState, MemberCluster, ServiceKey
+from isthmus.discovery.model import ClusterState, Gateway, MemberCluster, ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ClusterPolicy:
     withdraw_after: float | None = None
     region: str = ""
     zone: str = ""
+    gateway: Gateway | None = None  # configured east-west gateway; else the labelled Service's
 
 
 class ClusterWatcher:
@@ -192,8 +194,14 @@ class ClusterWatcher:
         )
 
     def _member(self) -> MemberCluster:
+        gateway = self.policy.gateway or gateway_of(self._store("services"), self._store("nodes"))
         return MemberCluster(
-            self.name, region=self.policy.region, zone=self.policy.zone, state=self.state, detail=self.detail
+            self.name,
+            region=self.policy.region,
+            zone=self.policy.zone,
+            gateway=gateway,
+            state=self.state,
+            detail=self.detail,
         )
 
     def build_shard(self) -> Shard:

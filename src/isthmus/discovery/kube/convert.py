@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isthmus.discovery.aggregate import Shard
+from isthmus.discovery.kube.gateway import is_gateway_service, sidecar_port
 from isthmus.discovery.model import (
     Endpoint,
     Health,
@@ -280,7 +281,7 @@ def service_entry(
     require_namespace_label: bool = False,
 ) -> ServiceEntry | None:
     """One service's ports and endpoints, or None if it is not in the mesh (or has no TCP port)."""
-    if (service.get("spec") or {}).get("type") == "ExternalName":
+    if (service.get("spec") or {}).get("type") == "ExternalName" or is_gateway_service(service):
         return None
     if not in_mesh(objs.namespaces.get(key.namespace), require_namespace_label):
         return None
@@ -340,6 +341,7 @@ def _endpoint(
         health=endpoint_health(item.get("conditions") or {}),
         service_account=str(((pod or {}).get("spec") or {}).get("serviceAccountName") or "default"),
         workload=str(ref.get("name") or ""),
+        sidecar_port=sidecar_port(pod),
     )
 
 
