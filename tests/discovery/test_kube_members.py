@@ -129,6 +129,7 @@ async def test_three_clusters_one_graph_and_live_membership(
         # Remove a cluster live: its endpoints go; add it back: they return.
         (directory / "c.yaml").unlink()
         await graph.until(lambda v: "c" not in v.clusters and len(addresses(v)) == 3)
+        assert members.status()["c"]["state"] == "removed"
         write_kubeconfig(directory / "c.yaml", clusters["c"].url, clusters["c"].token, "c")
         await graph.until(lambda v: len(addresses(v)) == 5)
     finally:
@@ -181,6 +182,8 @@ async def test_unreachable_cluster_does_not_block_others_and_exec_is_refused(
         assert members.status()["x"]["state"] == "refused"
         assert "x" not in members.members
         await graph.until(lambda v: "b" in v.clusters and v.clusters["b"].state is ClusterState.UNREACHABLE)
+        since = str(members.status()["b"]["unreachable_since"])
+        assert since.endswith("+00:00"), since  # when, in UTC, for operators
         # b comes up later and joins.
         down.create(service())
         down.create(endpoint_slice("web-b", ["127.0.2.1"]))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ class Members:
         self._warming: dict[str, _Member] = {}
         self.errors: dict[str, str] = {}
         self.origins: dict[str, str] = {}
+        self.removed: dict[str, str] = {}  # cluster -> when it was removed (ISO 8601, UTC)
 
     # ---- reading kubeconfigs ------------------------------------------------------------
 
@@ -117,6 +120,7 @@ class Members:
         wanted = self.read()
         for name in [n for n in self.members if n not in wanted and n not in self.errors]:
             log.info("cluster %s removed from the mesh", name)
+            self.removed[name] = _iso(time.time())
             await _stop(self.members.pop(name))
             warming = self._warming.pop(name, None)
             if warming is not None:
@@ -125,6 +129,7 @@ class Members:
         for name, credentials in wanted.items():
             current = self.members.get(name)
             if current is None:
+                self.removed.pop(name, None)
                 log.info("cluster %s added to the mesh", name)
                 self.members[name] = self._start(credentials, publish=True)
             elif current.watcher.credentials.digest != credentials.digest:
@@ -179,6 +184,8 @@ class Members:
                 "rotating": name in self._warming,
                 "source": self.origins.get(name, ""),
             }
+            if w.unreachable_since is not None:
+                out[name]["unreachable_since"] = _iso(time.time() - (time.monotonic() - w.unreachable_since))
         for name, error in self.errors.items():
             out.setdefault(
                 name,
@@ -189,6 +196,8 @@ class Members:
                     "source": self.origins.get(name, ""),
                 },
             )
+        for name, when in self.removed.items():
+            out.setdefault(name, {"state": "removed", "detail": f"removed at {when}", "rotating": False})
         return out
 
     def membership_status(self) -> dict[str, object]:
@@ -204,6 +213,10 @@ class Members:
                 "detail": self.secrets.detail,
             }
         return out
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
 
 async def _stop(member: _Member) -> None:
