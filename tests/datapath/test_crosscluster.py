@@ -10,49 +10,15 @@ east's namespace to the client sidecar's outbound listener.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
-from datapath.harness import App, DataPath, NsEnvoy, eventually
+from datapath.harness import DataPath, eventually
+from datapath.scenario import SIDECAR_PORT, Stream, answered_by, meshed, pods, start_sidecars
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 
-SIDECAR_PORT = 15006
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
-
-
-@dataclass
-class Pod:
-    app: App
-    sidecar: NsEnvoy | None = None
-
-
-async def pods(dp: DataPath, *specs: tuple[str, str]) -> dict[str, Pod]:
-    """Start one app per (cluster, name); sidecars come later, once the control plane runs."""
-    out = {}
-    for cluster, name in specs:
-        out[name] = Pod(await dp.app(cluster, name))
-    return out
-
-
-def meshed(dp: DataPath, pod: Pod, account: str, **kw: Any) -> dict[str, Any]:
-    return dp.mesh.endpoint(pod.app, service_account=account, sidecar_port=SIDECAR_PORT, **kw)
-
-
-async def start_sidecars(dp: DataPath, service_of: dict[str, str], all_pods: dict[str, Pod]) -> None:
-    async def one(name: str) -> None:
-        pod = all_pods[name]
-        pod.sidecar = await dp.sidecar(pod.app.cluster, service_of[name], app=pod.app)
-
-    await asyncio.gather(*(one(name) for name in service_of))
-
-
-async def answered_by(client: NsEnvoy, host: str, count: int = 20) -> dict[str, int]:
-    got = await client.request(host, "/", count=count)
-    assert got.all_ok, got.summary()
-    return got.by_app
 
 
 async def test_affinity_to_own_cluster_then_zone(dp: DataPath) -> None:
@@ -160,33 +126,6 @@ async def test_failover_to_the_other_cluster_and_back(dp: DataPath) -> None:
     assert stream.total >= 20, stream.total
     assert not stream.failures, stream.failures[:5]
     assert {"web-east", "web-west"} <= stream.apps, stream.apps
-
-
-class Stream:
-    """A steady request stream through a sidecar, in the background; counts failures."""
-
-    def __init__(self, client: NsEnvoy, host: str) -> None:
-        self.client, self.host = client, host
-        self.total = 0
-        self.failures: list[str] = []
-        self.apps: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            got = await self.client.request(self.host, "/", count=5, concurrency=1)
-            self.total += len(got.results)
-            self.failures += [r.describe() for r in got.results if not r.ok]
-            self.apps.update(r.app for r in got.results if r.app)
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def test_certificates_rotate_without_failed_requests(dp: DataPath) -> None:

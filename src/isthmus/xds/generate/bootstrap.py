@@ -13,7 +13,14 @@ from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    backoff_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
@@ -127,7 +134,17 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 transport_api_version=config_source_pb2.V3,
                 grpc_services=[
                     grpc_service_pb2.GrpcService(
-                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                            cluster_name=XDS_CLUSTER,
+                            # Reconnect within seconds of a control plane restart (Envoy's default
+                            # backoff grows to 30 s): 0.25 s doubling up to 5 s, jittered.
+                            retry_policy=base_pb2.RetryPolicy(
+                                retry_back_off=backoff_pb2.BackoffStrategy(
+                                    base_interval=duration_pb2.Duration(nanos=250_000_000),
+                                    max_interval=duration_pb2.Duration(seconds=5),
+                                )
+                            ),
+                        )
                     )
                 ],
                 set_node_on_first_message_only=True,

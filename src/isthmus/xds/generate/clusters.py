@@ -40,6 +40,19 @@ def _http2_options() -> Any:
     return packed
 
 
+def outlier_detection() -> Any:
+    """Eject a host after 3 consecutive gateway failures (502/503/504 and connect failures) or 5
+    consecutive 5xx; for 10 s the first time, longer when it repeats (docs/resilience.md)."""
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        interval=duration_pb2.Duration(seconds=2),
+        base_ejection_time=duration_pb2.Duration(seconds=10),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+    )
+
+
 def _eds_cluster(name: str, port: ServicePort) -> Any:
     cluster = cluster_pb2.Cluster(
         name=name,
@@ -50,13 +63,7 @@ def _eds_cluster(name: str, port: ServicePort) -> Any:
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             locality_weighted_lb_config=cluster_pb2.Cluster.CommonLbConfig.LocalityWeightedLbConfig()
         ),
-        outlier_detection=outlier_detection_pb2.OutlierDetection(
-            consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
-            interval=duration_pb2.Duration(seconds=5),
-            base_ejection_time=duration_pb2.Duration(seconds=15),
-            max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
-        ),
+        outlier_detection=outlier_detection(),
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(
             thresholds=[
                 circuit_breaker_pb2.CircuitBreakers.Thresholds(

@@ -10,16 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Service, ServicePort
 from isthmus.xds import naming
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
+from isthmus.xds.generate.tls import pack
 from isthmus.xds.proxy import Proxy, Role
 
 REQUEST_TIMEOUT_S = 15
-RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,reset"
+# Retries (docs/resilience.md): failures where the request most likely never reached an application
+# (connect failure, reset, refused stream, and 503 from the far sidecar when its app is gone) are
+# retried on another host, and preferably in another priority, so a failing locality costs few
+# requests while outlier detection ejects it.
+RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,reset,retriable-status-codes"
+RETRIABLE_STATUS_CODES = (503,)
 NUM_RETRIES = 2
+HOST_SELECTION_ATTEMPTS = 5
 
 
 def empty(name: str) -> Any:
@@ -33,6 +42,25 @@ def _portless_port(service: Service) -> ServicePort | None:
     return next((p for p in http if p.port == 80), http[0])
 
 
+def retry_policy() -> Any:
+    return route_components_pb2.RetryPolicy(
+        retry_on=RETRY_ON,
+        num_retries=wrappers_pb2.UInt32Value(value=NUM_RETRIES),
+        retriable_status_codes=RETRIABLE_STATUS_CODES,
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=HOST_SELECTION_ATTEMPTS,
+        retry_priority=route_components_pb2.RetryPolicy.RetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=2)),
+        ),
+    )
+
+
 def virtual_host(service: Service, port: ServicePort, domains: list[str]) -> Any:
     return route_components_pb2.VirtualHost(
         name=f"{naming.service_fqdn(service)}:{port.port}",
@@ -43,9 +71,7 @@ def virtual_host(service: Service, port: ServicePort, domains: list[str]) -> Any
                 route=route_components_pb2.RouteAction(
                     cluster=naming.outbound_cluster(service, port),
                     timeout=duration_pb2.Duration(seconds=REQUEST_TIMEOUT_S),
-                    retry_policy=route_components_pb2.RetryPolicy(
-                        retry_on=RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=NUM_RETRIES)
-                    ),
+                    retry_policy=retry_policy(),
                 ),
             )
         ],

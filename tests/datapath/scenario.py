@@ -1,0 +1,104 @@
+"""Building blocks of data-path scenarios: pods (an app and its sidecar), their mesh entries, and a
+steady request stream measured at the client (failures, which app answered, when)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from datapath.harness import App, DataPath, NsEnvoy
+
+SIDECAR_PORT = 15006
+
+
+@dataclass
+class Pod:
+    app: App
+    sidecar: NsEnvoy | None = None
+
+
+async def pods(dp: DataPath, *specs: tuple[str, str]) -> dict[str, Pod]:
+    """Start one app per (cluster, name); sidecars come later, once the control plane runs."""
+    out = {}
+    for cluster, name in specs:
+        out[name] = Pod(await dp.app(cluster, name))
+    return out
+
+
+def meshed(dp: DataPath, pod: Pod, account: str, **kw: Any) -> dict[str, Any]:
+    """The pod as a mesh endpoint with a sidecar, running as service account ``account``."""
+    return dp.mesh.endpoint(pod.app, service_account=account, sidecar_port=SIDECAR_PORT, **kw)
+
+
+async def start_sidecars(dp: DataPath, service_of: dict[str, str], all_pods: dict[str, Pod]) -> None:
+    async def one(name: str) -> None:
+        pod = all_pods[name]
+        pod.sidecar = await dp.sidecar(pod.app.cluster, service_of[name], app=pod.app)
+
+    await asyncio.gather(*(one(name) for name in service_of))
+
+
+async def answered_by(client: NsEnvoy, host: str, count: int = 20) -> dict[str, int]:
+    got = await client.request(host, "/", count=count)
+    assert got.all_ok, got.summary()
+    return got.by_app
+
+
+@dataclass
+class Sample:
+    at: float  # time.monotonic() when the request completed
+    ok: bool
+    app: str | None
+    error: str
+
+
+@dataclass
+class Stream:
+    """A steady request stream through a sidecar, in the background (batches of ``batch``)."""
+
+    client: NsEnvoy
+    host: str
+    batch: int = 5
+    pause: float = 0.05
+    samples: list[Sample] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            got = await self.client.request(self.host, "/", count=self.batch, concurrency=1)
+            now = time.monotonic()
+            self.samples += [Sample(now, r.ok, r.app, "" if r.ok else r.describe()) for r in got.results]
+            await asyncio.sleep(self.pause)
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def total(self) -> int:
+        return len(self.samples)
+
+    @property
+    def failures(self) -> list[str]:
+        return [s.error for s in self.samples if not s.ok]
+
+    @property
+    def apps(self) -> set[str]:
+        return {s.app for s in self.samples if s.app}
+
+    def after(self, t: float) -> list[Sample]:
+        return [s for s in self.samples if s.at >= t]
+
+    def recovered_at(self, t: float, app: str) -> float | None:
+        """When, after ``t``, ``app`` began to answer every request (None: it never did)."""
+        later = self.after(t)
+        for i, sample in enumerate(later):
+            if all(s.ok and s.app == app for s in later[i:]):
+                return sample.at
+        return None

@@ -1,0 +1,98 @@
+"""Resilience with real Envoys across network namespaces (issue 5): endpoint failure, control plane
+loss. Each test measures a steady request stream at the client and prints its figures (also in
+docs/resilience.md); the assertions bound them loosely, timings are not the point of the test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from datapath.harness import DataPath, eventually
+from datapath.scenario import Stream, answered_by, meshed, pods, start_sidecars
+
+pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
+
+
+async def test_endpoint_failure_moves_traffic_to_the_other_cluster(dp: DataPath) -> None:
+    """Every endpoint of web in east dies (its process stops; the API still lists it). Retries and
+    outlier detection move the stream to west; few or no requests fail."""
+    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
+    await dp.control_plane(
+        dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
+    )
+    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
+    await dp.gateway("west")
+    client = await dp.sidecar("east", "client")
+
+    async def east_serves() -> None:
+        assert await answered_by(client, "web.shop", count=10) == {"web-east": 10}
+
+    await eventually(east_serves, what="east serves east", within=20)
+    stream = Stream(client, "web.shop")
+    stream.start()
+    await asyncio.sleep(1.0)
+    killed = time.monotonic()
+    await dp.agent("east").stop_app("web-east")
+    await asyncio.sleep(4.0)
+    await stream.stop()
+
+    after = stream.after(killed)
+    failed = [s for s in after if not s.ok]
+    recovered = stream.recovered_at(killed, "web-west")
+    print(
+        f"\nendpoint failure: {len(failed)} failed of {len(after)} requests after the kill; "
+        f"served by west only from {None if recovered is None else round(recovered - killed, 3)} s"
+    )
+    assert recovered is not None, [(s.ok, s.app) for s in after][:20]
+    assert len(failed) <= 2, [s.error for s in failed][:5]
+    assert len(after) >= 20
+
+
+LISTENER_CHURN = r"^listener_manager\.(listener_modified|listener_removed|total_listeners_draining)$"
+
+
+async def test_control_plane_loss_keeps_traffic_and_restart_drains_nothing(dp: DataPath, tmp_path) -> None:
+    """isthmus is killed for 15 s: every Envoy keeps its last configuration and a stream across
+    clusters sees no failure. On restart (same CA root, from --ca-dir) every proxy reconnects and
+    resyncs without modifying or draining a single listener."""
+    p = await pods(dp, ("east", "web-east"), ("west", "api-west"))
+    services = (
+        dp.mesh.service("web", meshed(dp, p["web-east"], "web")),
+        dp.mesh.service("api", meshed(dp, p["api-west"], "api")),
+    )
+    await dp.control_plane(*services, extra_args=("--ca-dir", str(tmp_path / "ca")))
+    await start_sidecars(dp, {"web-east": "web", "api-west": "api"}, p)
+    envoys = [
+        p["web-east"].sidecar,
+        p["api-west"].sidecar,
+        await dp.gateway("west"),
+        await dp.sidecar("east", "client"),
+    ]
+    client = envoys[-1]
+    assert client is not None
+
+    async def both_served() -> None:
+        assert await answered_by(client, "web.shop", count=4) == {"web-east": 4}
+        assert await answered_by(client, "api.shop", count=4) == {"api-west": 4}
+
+    await eventually(both_served, what="east reaches web (east) and api (west)", within=20)
+    before = [await e.admin.stats(LISTENER_CHURN) for e in envoys if e is not None]
+    streams = [Stream(client, "web.shop"), Stream(client, "api.shop")]
+    for s in streams:
+        s.start()
+    cp = await dp.restart_control_plane(kill=True, down_for=15.0)
+    await cp.wait_proxies(len(envoys))
+    await asyncio.sleep(2.0)
+    for s in streams:
+        await s.stop()
+    after = [await e.admin.stats(LISTENER_CHURN) for e in envoys if e is not None]
+
+    total = sum(s.total for s in streams)
+    failures = [f for s in streams for f in s.failures]
+    print(f"\ncontrol plane loss (15 s down): {len(failures)} failed of {total} requests")
+    assert total >= 100
+    assert not failures, failures[:5]
+    assert all(len(s) == 3 for s in before), before
+    assert after == before, "the resync modified, removed or drained listeners"
