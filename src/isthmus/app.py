@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +57,7 @@ class ControlPlane:
                 secrets=secrets,
             )
         self._ready_deadline: float | None = None
+        self._gateways_down: set[str] = set()
 
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
@@ -123,6 +126,7 @@ class ControlPlane:
                     tasks.create_task(self.members.run(), name="member-clusters")
                 if self.cache.ca is not None:
                     tasks.create_task(self._rotate_certificates(), name="certificates")
+                tasks.create_task(self._watch_gateways(), name="gateway-liveness")
                 await stop.wait()
                 raise _Stopped
         except* _Stopped:
@@ -131,6 +135,24 @@ class ControlPlane:
             log.info("shutting down: closing xDS streams (Envoy reconnects), then the admin server")
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
+
+    async def _watch_gateways(self) -> None:
+        """Mark a member cluster's gateway dead when its Envoy's xDS stream is gone (GatewayLiveness)."""
+        liveness = GatewayLiveness(self.settings.gateway_grace)
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.gateway_grace / 3))
+            connected = {p.cluster for p in self.ads.status() if p.role == "gateway"}
+            with_gateway = {n for n, c in self.cache.view.clusters.items() if c.gateway is not None}
+            down = liveness.observe(connected, with_gateway)
+            if down != self._gateways_down:
+                for cluster in down - self._gateways_down:
+                    log.warning(
+                        "cluster %s: east-west gateway gone; its endpoints are pushed unhealthy", cluster
+                    )
+                for cluster in self._gateways_down - down:
+                    log.info("cluster %s: east-west gateway back", cluster)
+                self._gateways_down = down
+                self.aggregator.set_gateways_down(down)
 
     async def _rotate_certificates(self) -> None:
         """Renew workload certificates when due (at half their lifetime). Certificates issued while
@@ -153,6 +175,34 @@ def load_ca(settings: ServeSettings) -> MeshCA:
             settings.ca_cert, settings.ca_key, trust_domain=settings.trust_domain, ttl=ttl
         )
     return MeshCA.development(settings.ca_dir, settings.trust_domain, ttl=ttl)
+
+
+class GatewayLiveness:
+    """Which member clusters' east-west gateways are dead, judged by their xDS streams.
+
+    A gateway seen connected and then gone for longer than ``grace`` is dead until it reconnects.
+    A gateway never seen (right after a control plane restart, or one this control plane does not
+    serve) is unknown, and unknown is not dead: nothing is withdrawn on a guess. Clients' outlier
+    detection covers what this cannot see (a gateway alive but unreachable from some clusters).
+    """
+
+    def __init__(self, grace: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace = grace
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}
+
+    def observe(self, connected: Iterable[str], with_gateway: Iterable[str]) -> set[str]:
+        now = self._clock()
+        live = set(connected)
+        for cluster in live:
+            self._last_seen[cluster] = now
+        return {
+            cluster
+            for cluster in with_gateway
+            if cluster not in live
+            and cluster in self._last_seen
+            and now - self._last_seen[cluster] > self.grace
+        }
 
 
 class _Stopped(Exception):

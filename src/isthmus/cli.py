@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve private keys on a non-loopback xDS address although proxies are not authenticated",
     )
+    serve.add_argument(
+        "--gateway-grace",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="an east-west gateway whose xDS stream has been gone this long is treated as dead",
+    )
     kube = serve.add_argument_group("Kubernetes member clusters (docs/discovery.md)")
     kube.add_argument(
         "--cluster",
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             ca_dir=args.ca_dir,
             cert_ttl=args.cert_ttl,
             insecure_keys_on_network=args.insecure_keys_on_network,
+            gateway_grace=args.gateway_grace,
             clusters=tuple(parse_cluster(c) for c in args.cluster),
             kubeconfig_dir=args.kubeconfig_dir,
             cluster_gateways=tuple(parse_cluster_gateway(g) for g in args.cluster_gateway),

@@ -88,6 +88,7 @@ class ServeSettings:
     ca_dir: Path | None = None  # development root, generated there once
     cert_ttl: float = 24 * 3600.0
     insecure_keys_on_network: bool = False
+    gateway_grace: float = 3.0  # a gateway's xDS stream gone this long: its endpoints are unhealthy
 
     @property
     def kubernetes(self) -> bool:

@@ -5,6 +5,7 @@ docs/resilience.md); the assertions bound them loosely, timings are not the poin
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -96,3 +97,53 @@ async def test_control_plane_loss_keeps_traffic_and_restart_drains_nothing(dp: D
     assert not failures, failures[:5]
     assert all(len(s) == 3 for s in before), before
     assert after == before, "the resync modified, removed or drained listeners"
+
+
+async def test_cluster_loss_dead_gateway_moves_traffic_and_is_marked(make_datapath) -> None:
+    """Three clusters; north's client prefers west (same region) over east. West's gateway dies:
+    outlier detection moves the stream to east at once, and the control plane, seeing the gateway's
+    xDS stream gone, pushes west's gateway endpoints as unhealthy (not removed)."""
+    dp = await make_datapath("east", "west", "north")
+    dp.mesh.set_locality("east", "r1", "r1-a")
+    dp.mesh.set_locality("west", "r2", "r2-a")
+    dp.mesh.set_locality("north", "r2", "r2-b")
+    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
+    await dp.control_plane(
+        dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
+    )
+    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
+    await dp.gateway("east")
+    west_gateway = await dp.gateway("west")
+    client = await dp.sidecar("north", "client")
+
+    async def west_serves() -> None:
+        assert await answered_by(client, "web.shop", count=10) == {"web-west": 10}
+
+    await eventually(west_serves, what="north prefers west (same region)", within=20)
+    stream = Stream(client, "web.shop")
+    stream.start()
+    await asyncio.sleep(1.0)
+    killed = time.monotonic()
+    west_gateway.process.signal_group(signal.SIGKILL)
+
+    west_host = f"{dp['west'].gateway_address}:15443"
+
+    async def marked_unhealthy() -> None:
+        hosts = await client.admin.cluster_hosts()
+        health = hosts["outbound|80||web.shop.svc.cluster.local"][west_host]["health_status"]
+        assert health.get("eds_health_status") == "UNHEALTHY", health
+
+    await eventually(marked_unhealthy, what="the control plane marks west's gateway unhealthy", within=15)
+    marked = time.monotonic()
+    await asyncio.sleep(1.0)
+    await stream.stop()
+    after = stream.after(killed)
+    failed = [s for s in after if not s.ok]
+    moved = stream.recovered_at(killed, "web-east")
+    moved_after = None if moved is None else round(moved - killed, 3)
+    print(
+        f"\ncluster loss (gateway killed): {len(failed)} failed of {len(after)}; east only from "
+        f"{moved_after} s; marked unhealthy after {marked - killed:.1f} s"
+    )
+    assert moved is not None
+    assert len(failed) <= 2, [s.error for s in failed][:5]

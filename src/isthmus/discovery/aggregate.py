@@ -139,6 +139,7 @@ class Aggregator:
         self._first_change: float | None = None
         self._last_change = 0.0
         self.version = ""
+        self._gateways_down: frozenset[str] = frozenset()
         self.flushes = 0
 
     @property
@@ -205,11 +206,23 @@ class Aggregator:
             self._services = {key: self._services[key] for key in sorted(self._services)}
 
     def _clusters(self) -> list[MemberCluster]:
-        """One record per named cluster: the first shard's in merge order, as ``merge`` does."""
+        """One record per named cluster: the first shard's in merge order, as ``merge`` does, with
+        the gateways known to be down marked."""
         clusters: dict[str, MemberCluster] = {}
         for shard in sorted(self._shards.values(), key=lambda s: s.cluster.name):
             clusters.setdefault(shard.cluster.name, shard.cluster)
-        return [c for c in clusters.values() if c.name]
+        return [
+            replace(c, gateway_down=True) if c.name in self._gateways_down else c
+            for c in clusters.values()
+            if c.name
+        ]
+
+    def set_gateways_down(self, clusters: Iterable[str]) -> None:
+        """The member clusters whose east-west gateway is known to be dead (see app.GatewayLiveness)."""
+        down = frozenset(clusters)
+        if down != self._gateways_down:
+            self._gateways_down = down
+            self._changed()
 
     def flush(self) -> MeshView:
         """Build and publish a view now (also used by tests and at startup)."""

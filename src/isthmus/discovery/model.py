@@ -156,6 +156,7 @@ class MemberCluster:
     gateway: Gateway | None = None
     state: ClusterState = ClusterState.STATIC
     detail: str = ""
+    gateway_down: bool = False  # the gateway is known to be dead (unknown counts as alive)
 
 
 def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
@@ -168,7 +169,7 @@ def _version(services: Iterable[Service], clusters: Iterable[MemberCluster]) -> 
     A cluster's ``detail`` (the last error text) is for status pages; it changes with every
     retry while a cluster is down and must not make a new version.
     """
-    effective = [(c.name, c.region, c.zone, c.gateway, c.state) for c in clusters]
+    effective = [(c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down) for c in clusters]
     h = hashlib.sha256(b"".join(s.digest for s in services))
     h.update(repr(effective).encode())
     return h.hexdigest()[:16]

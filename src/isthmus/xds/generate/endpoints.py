@@ -105,7 +105,7 @@ def _direct(endpoint: Endpoint, port: ServicePort, mtls: bool) -> Any:
 
 
 def _locality_endpoints(
-    endpoints: list[Endpoint], port: ServicePort, gateway: Gateway | None, mtls: bool
+    endpoints: list[Endpoint], port: ServicePort, gateway: Gateway | None, mtls: bool, down: bool = False
 ) -> tuple[list[Any], int]:
     """LbEndpoints of one locality and its weight (its number of healthy endpoints)."""
     if gateway is None:
@@ -117,7 +117,7 @@ def _locality_endpoints(
     if not meshed:
         return [], 0
     healthy = sum(1 for e in meshed if e.health is Health.HEALTHY)
-    status = health_check_pb2.HEALTHY if healthy else health_check_pb2.UNHEALTHY
+    status = health_check_pb2.HEALTHY if healthy and not down else health_check_pb2.UNHEALTHY
     return [_lb_endpoint(gateway.address, gateway.port, status, True, max(healthy, 1))], healthy
 
 
@@ -129,6 +129,7 @@ def assignment(
     gateways: Mapping[str, Gateway] | None = None,
     mtls: bool = False,
     name: str = "",
+    gateways_down: frozenset[str] = frozenset(),
 ) -> Any:
     """The ClusterLoadAssignment of one service port as ``proxy`` sees it. ``gateways``: the
     east-west gateway of each member cluster that has one (used only with mTLS); the proxy's own
@@ -140,7 +141,8 @@ def assignment(
     groups = []
     for loc in sorted(by_locality):
         gateway = gateways.get(loc.cluster) if loc.cluster != proxy.cluster else None
-        lb_endpoints, healthy = _locality_endpoints(by_locality[loc], port, gateway, mtls)
+        down = gateway is not None and loc.cluster in gateways_down
+        lb_endpoints, healthy = _locality_endpoints(by_locality[loc], port, gateway, mtls, down)
         if lb_endpoints:
             groups.append((loc, lb_endpoints, healthy, priority_class(proxy.locality, loc, stale)))
     renumber = {c: i for i, c in enumerate(sorted({g[3] for g in groups}))}
@@ -188,8 +190,9 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
         return out
     stale = stale_clusters(view)
     gateways = {name: c.gateway for name, c in view.clusters.items() if c.gateway is not None}
+    down = frozenset(name for name, c in view.clusters.items() if c.gateway_down)
     for service in view.services.values():
         for port in service.ports:
-            cla = assignment(service, port, proxy, stale, gateways, identity.mtls)
+            cla = assignment(service, port, proxy, stale, gateways, identity.mtls, gateways_down=down)
             out[cla.cluster_name] = cla
     return out
