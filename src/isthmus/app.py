@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from isthmus.admin.app import Readiness, make_admin_app, start_admin
+from isthmus.admin.app import DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import example_mesh_text, load_mesh_file, parse_mesh, watch_mesh_file
 from isthmus.discovery.kube.cluster import ClusterPolicy
@@ -19,6 +19,7 @@ from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
+from isthmus.drain import Drains
 from isthmus.settings import ServeSettings, parse_hostport
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
@@ -58,6 +59,7 @@ class ControlPlane:
             )
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
+        self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
 
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
@@ -111,8 +113,9 @@ class ControlPlane:
             self.cache.use_ca(await asyncio.to_thread(load_ca, self.settings))
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
-        runner = await start_admin(make_admin_app(self.readiness, self.info), host, port)
-        log.info("admin listening on %s:%d (/healthz, /readyz)", host, port)
+        actions = DrainActions(self._drain, self.drains.status)
+        runner = await start_admin(make_admin_app(self.readiness, self.info, actions), host, port)
+        log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
         self.started.set()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -133,8 +136,15 @@ class ControlPlane:
             pass
         finally:
             log.info("shutting down: closing xDS streams (Envoy reconnects), then the admin server")
+            await self.drains.close()
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
+
+    def _drain(self, cluster: str, drain: bool) -> dict[str, object]:
+        if cluster not in self.cache.view.clusters:
+            raise KeyError(cluster)
+        self.drains.start(cluster, drain)
+        return self.drains.status()[cluster]
 
     async def _watch_gateways(self) -> None:
         """Mark a member cluster's gateway dead when its Envoy's xDS stream is gone (GatewayLiveness)."""

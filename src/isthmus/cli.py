@@ -1,4 +1,5 @@
-"""Command line: ``isthmus serve`` runs the control plane; ``isthmus bootstrap`` writes an Envoy bootstrap."""
+"""Command line: ``isthmus serve`` runs the control plane; ``isthmus bootstrap`` writes an Envoy
+bootstrap; ``isthmus drain`` drains (or undrains) a member cluster through the admin server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import json
 import logging
 import signal
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,6 +26,7 @@ from isthmus.settings import (
     SettingsError,
     parse_cluster,
     parse_cluster_gateway,
+    parse_hostport,
     parse_xds_address,
 )
 from isthmus.xds.ca import CAError
@@ -80,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="insecure_keys_on_network",
         action="store_true",
         help="serve private keys on a non-loopback xDS address although proxies are not authenticated",
+    )
+    serve.add_argument(
+        "--drain-step",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="time between the steps of a drain, once every proxy has ACKed the previous one",
     )
     serve.add_argument(
         "--gateway-grace",
@@ -168,6 +181,15 @@ def _parser() -> argparse.ArgumentParser:
         help="maximum delay of a change while changes keep coming",
     )
 
+    drain = sub.add_parser(
+        "drain", help="drain a member cluster for an upgrade (or --undo), and follow its progress"
+    )
+    drain.add_argument("cluster", help="member cluster name")
+    drain.add_argument("--undo", action="store_true", help="bring the cluster's traffic back")
+    drain.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT")
+    drain.add_argument("--no-wait", action="store_true", help="start it and return")
+    drain.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
     boot.add_argument("--role", choices=[r.value for r in Role], required=True)
     boot.add_argument("--cluster", required=True, help="member cluster this Envoy runs in")
@@ -191,6 +213,43 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
     boot.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     return parser
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """POST /drain (or /undrain) to the admin server, then print progress until it is done."""
+    host, port = parse_hostport(args.admin_address, "--admin-address")
+    base = f"http://{host}:{port}"
+    action = "undrain" if args.undo else "drain"
+    try:
+        progress = _admin_call("POST", f"{base}/{action}/{args.cluster}")
+        shown = ""
+        deadline = time.monotonic() + args.timeout
+        while not args.no_wait and progress.get("state") == "running" and time.monotonic() < deadline:
+            line = f"{args.cluster}: {action} at {progress['weight']}%"
+            if progress.get("waiting_for"):
+                line += f", waiting for {len(progress['waiting_for'])} proxies to ACK"
+            if line != shown:
+                print(line, flush=True)
+                shown = line
+            time.sleep(0.5)
+            progress = _admin_call("GET", f"{base}/drain")[args.cluster]
+    except urllib.error.HTTPError as exc:
+        print(f"isthmus: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"isthmus: cannot reach the admin server at {base}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.cluster}: {action} {progress.get('state')} at {progress.get('weight')}%")
+    if progress.get("timed_out"):
+        print(f"  proxies that did not ACK in time: {', '.join(progress['timed_out'])}")
+    return 0 if progress.get("state") in ("done", "running") else 1
+
+
+def _admin_call(method: str, url: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data: dict[str, Any] = json.loads(response.read())
+    return data
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -243,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "drain":
+            return _drain(args)
         if args.command == "bootstrap":
             return _bootstrap(args)
         settings = ServeSettings(
@@ -258,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             cert_ttl=args.cert_ttl,
             insecure_keys_on_network=args.insecure_keys_on_network,
             gateway_grace=args.gateway_grace,
+            drain_step=args.drain_step,
             clusters=tuple(parse_cluster(c) for c in args.cluster),
             kubeconfig_dir=args.kubeconfig_dir,
             cluster_gateways=tuple(parse_cluster_gateway(g) for g in args.cluster_gateway),

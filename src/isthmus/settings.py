@@ -88,6 +88,8 @@ class ServeSettings:
     ca_dir: Path | None = None  # development root, generated there once
     cert_ttl: float = 24 * 3600.0
     insecure_keys_on_network: bool = False
+    drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
+    drain_ack_timeout: float = 30.0
     gateway_grace: float = 3.0  # a gateway's xDS stream gone this long: its endpoints are unhealthy
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 
 import pytest
@@ -147,3 +148,54 @@ async def test_cluster_loss_dead_gateway_moves_traffic_and_is_marked(make_datapa
     )
     assert moved is not None
     assert len(failed) <= 2, [s.error for s in failed][:5]
+
+
+async def run_cli(*argv: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "isthmus.cli",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_drain_moves_traffic_gradually_without_failures_and_undrain_brings_it_back(
+    dp: DataPath,
+) -> None:
+    """`isthmus drain east`: east's own client moves to west step by step (75, 50, 25, 0 %), every
+    step ACKed by every proxy, 0 failed requests; `isthmus drain east --undo` brings it back."""
+    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
+    both = dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
+    cp = await dp.control_plane(both, extra_args=("--drain-step", "1"))
+    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
+    await dp.gateway("west")
+    client = await dp.sidecar("east", "client")
+
+    async def only(app: str) -> None:
+        assert await answered_by(client, "web.shop", count=10) == {app: 10}
+
+    await eventually(lambda: only("web-east"), what="east serves east", within=20)
+    stream = Stream(client, "web.shop")
+    stream.start()
+    started = time.monotonic()
+    out = await run_cli("drain", "east", "--admin-address", f"127.0.0.1:{cp.admin_port}")
+    drained = time.monotonic()
+    assert "east: drain done at 0%" in out, out
+    await asyncio.sleep(1.0)
+    during = stream.after(started)
+    tail = stream.after(drained + 0.5)
+    assert {s.app for s in tail} == {"web-west"}, "drained: only west serves"
+    # Gradual: while the drain ran, both clusters served.
+    in_drain = [s for s in during if s.at < drained]
+    assert {"web-east", "web-west"} <= {s.app for s in in_drain}
+    out = await run_cli("drain", "east", "--undo", "--admin-address", f"127.0.0.1:{cp.admin_port}")
+    assert "east: undrain done at 100%" in out, out
+    await eventually(lambda: only("web-east"), what="east serves east again", within=20)
+    await stream.stop()
+    print(f"\ndrain: {len(stream.failures)} failed of {stream.total}; drain took {drained - started:.1f} s")
+    assert not stream.failures, stream.failures[:5]

@@ -1,5 +1,6 @@
-"""Admin endpoints: GET /healthz (the process is alive) and GET /readyz (a mesh view is loaded and
-the xDS server is serving), both with a small JSON body for humans."""
+"""Admin endpoints: GET /healthz (the process is alive), GET /readyz (a mesh view is loaded and
+the xDS server is serving), both with a small JSON body for humans; and, when the wiring provides
+them, POST /drain/{cluster}, POST /undrain/{cluster} and GET /drain (progress)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ class Readiness:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class DrainActions:
+    start: Callable[[str, bool], dict[str, object]]  # (cluster, drain?) -> progress; KeyError: unknown
+    status: Callable[[], dict[str, dict[str, object]]]
+
+
 def make_admin_app(
-    readiness: Callable[[], Readiness], info: Callable[[], dict[str, object]]
+    readiness: Callable[[], Readiness],
+    info: Callable[[], dict[str, object]],
+    drains: DrainActions | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -29,6 +38,23 @@ def make_admin_app(
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if drains is not None:
+        actions = drains
+
+        async def drain(request: web.Request) -> web.Response:
+            cluster = request.match_info["cluster"]
+            try:
+                progress = actions.start(cluster, request.path.startswith("/drain/"))
+            except KeyError:
+                return web.json_response({"error": f"no member cluster named {cluster!r}"}, status=404)
+            return web.json_response(progress, status=202)
+
+        async def drain_status(_: web.Request) -> web.Response:
+            return web.json_response(actions.status())
+
+        app.router.add_post("/drain/{cluster}", drain)
+        app.router.add_post("/undrain/{cluster}", drain)
+        app.router.add_get("/drain", drain_status)
     return app
 
 

@@ -26,7 +26,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from isthmus.discovery.model import Endpoint, MemberCluster, MeshView, Service, ServiceKey, ServicePort
+from isthmus.discovery.model import (
+    FULL_WEIGHT,
+    Endpoint,
+    MemberCluster,
+    MeshView,
+    Service,
+    ServiceKey,
+    ServicePort,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,7 @@ class Aggregator:
         self._last_change = 0.0
         self.version = ""
         self._gateways_down: frozenset[str] = frozenset()
+        self._weights: dict[str, int] = {}
         self.flushes = 0
 
     @property
@@ -211,11 +220,25 @@ class Aggregator:
         clusters: dict[str, MemberCluster] = {}
         for shard in sorted(self._shards.values(), key=lambda s: s.cluster.name):
             clusters.setdefault(shard.cluster.name, shard.cluster)
-        return [
-            replace(c, gateway_down=True) if c.name in self._gateways_down else c
-            for c in clusters.values()
-            if c.name
-        ]
+        return [self._overlay(c) for c in clusters.values() if c.name]
+
+    def _overlay(self, cluster: MemberCluster) -> MemberCluster:
+        down = cluster.name in self._gateways_down
+        weight = self._weights.get(cluster.name, cluster.weight)
+        if down == cluster.gateway_down and weight == cluster.weight:
+            return cluster
+        return replace(cluster, gateway_down=down, weight=weight)
+
+    def set_cluster_weight(self, cluster: str, weight: int) -> None:
+        """Drain (or undrain) a member cluster: ``weight`` percent of its normal share (100: normal)."""
+        if not 0 <= weight <= FULL_WEIGHT:
+            raise ValueError(f"weight {weight} is not a percentage")
+        if self._weights.get(cluster, FULL_WEIGHT) != weight:
+            if weight == FULL_WEIGHT:
+                self._weights.pop(cluster, None)
+            else:
+                self._weights[cluster] = weight
+            self._changed()
 
     def set_gateways_down(self, clusters: Iterable[str]) -> None:
         """The member clusters whose east-west gateway is known to be dead (see app.GatewayLiveness)."""

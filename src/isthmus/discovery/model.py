@@ -136,6 +136,9 @@ class Gateway:
     port: int = 15443
 
 
+FULL_WEIGHT = 100  # MemberCluster.weight of a cluster that is not being drained
+
+
 class ClusterState(enum.StrEnum):
     """Health of a member cluster's API server connection (not of its workloads)."""
 
@@ -157,6 +160,7 @@ class MemberCluster:
     state: ClusterState = ClusterState.STATIC
     detail: str = ""
     gateway_down: bool = False  # the gateway is known to be dead (unknown counts as alive)
+    weight: int = 100  # percent of its normal share of traffic; lowered step by step by a drain
 
 
 def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
@@ -169,7 +173,7 @@ def _version(services: Iterable[Service], clusters: Iterable[MemberCluster]) -> 
     A cluster's ``detail`` (the last error text) is for status pages; it changes with every
     retry while a cluster is down and must not make a new version.
     """
-    effective = [(c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down) for c in clusters]
+    effective = [(c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down, c.weight) for c in clusters]
     h = hashlib.sha256(b"".join(s.digest for s in services))
     h.update(repr(effective).encode())
     return h.hexdigest()[:16]

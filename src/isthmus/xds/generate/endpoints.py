@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
@@ -28,6 +29,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from isthmus.discovery.model import (
+    FULL_WEIGHT,
     ClusterState,
     Endpoint,
     Gateway,
@@ -57,6 +59,7 @@ def empty(name: str) -> Any:
 
 
 STALE_CLASS = 4
+DRAINED_CLASS = 5
 
 
 def priority_class(proxy: Locality, endpoint: Locality, stale: frozenset[str] = frozenset()) -> int:
@@ -121,39 +124,86 @@ def _locality_endpoints(
     return [_lb_endpoint(gateway.address, gateway.port, status, True, max(healthy, 1))], healthy
 
 
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """What EDS needs to know of the member clusters, computed once per view."""
+
+    stale: frozenset[str] = frozenset()
+    gateways: Mapping[str, Gateway] = field(default_factory=dict)  # used only with mTLS
+    gateways_down: frozenset[str] = frozenset()
+    weights: Mapping[str, int] = field(default_factory=dict)  # percent of normal traffic; absent = 100
+    mtls: bool = False
+
+    @classmethod
+    def of(cls, view: MeshView, mtls: bool) -> Reach:
+        clusters = view.clusters.values()
+        return cls(
+            stale=stale_clusters(view),
+            gateways={c.name: c.gateway for c in clusters if c.gateway is not None} if mtls else {},
+            gateways_down=frozenset(c.name for c in clusters if c.gateway_down),
+            weights={c.name: c.weight for c in clusters if c.weight < FULL_WEIGHT},
+            mtls=mtls,
+        )
+
+
+@dataclass(slots=True)
+class _Group:
+    locality: Locality
+    lb_endpoints: list[Any]
+    weight: int
+    klass: int
+
+
+def _drain(groups: list[_Group], weights: Mapping[str, int]) -> None:
+    """Apply drain weights (docs/naming.md): a drained cluster (0) goes after everything; a cluster
+    being drained shares a priority with its fallback, its weight scaled down, the fallback's up."""
+    for group in groups:
+        if weights.get(group.locality.cluster, FULL_WEIGHT) == 0:
+            group.klass = DRAINED_CLASS
+    for group in groups:
+        share = weights.get(group.locality.cluster, FULL_WEIGHT)
+        if not 0 < share < FULL_WEIGHT:
+            continue
+        steady = [g for g in groups if weights.get(g.locality.cluster, FULL_WEIGHT) == FULL_WEIGHT]
+        fallback = min((g.klass for g in steady if g.klass >= group.klass), default=None)
+        if fallback is None:
+            continue  # nothing to drain to: keep serving
+        for other in steady:
+            if other.klass == fallback:
+                other.weight *= FULL_WEIGHT - share if fallback > group.klass else FULL_WEIGHT
+        group.klass = fallback
+        group.weight = max(1, group.weight * share)
+
+
 def assignment(
-    service: Service,
-    port: ServicePort,
-    proxy: Proxy,
-    stale: frozenset[str] = frozenset(),
-    gateways: Mapping[str, Gateway] | None = None,
-    mtls: bool = False,
-    name: str = "",
-    gateways_down: frozenset[str] = frozenset(),
+    service: Service, port: ServicePort, proxy: Proxy, reach: Reach = Reach(), name: str = ""
 ) -> Any:
-    """The ClusterLoadAssignment of one service port as ``proxy`` sees it. ``gateways``: the
-    east-west gateway of each member cluster that has one (used only with mTLS); the proxy's own
-    cluster is always reached directly."""
-    gateways = gateways if mtls and gateways else {}
+    """The ClusterLoadAssignment of one service port as ``proxy`` sees it (the proxy's own cluster
+    is always reached directly; other clusters through their gateway when they have one)."""
     by_locality: dict[Locality, list[Endpoint]] = defaultdict(list)
     for ep in service.endpoints:
         by_locality[ep.locality].append(ep)
     groups = []
     for loc in sorted(by_locality):
-        gateway = gateways.get(loc.cluster) if loc.cluster != proxy.cluster else None
-        down = gateway is not None and loc.cluster in gateways_down
-        lb_endpoints, healthy = _locality_endpoints(by_locality[loc], port, gateway, mtls, down)
+        gateway = reach.gateways.get(loc.cluster) if loc.cluster != proxy.cluster else None
+        down = gateway is not None and loc.cluster in reach.gateways_down
+        lb_endpoints, healthy = _locality_endpoints(by_locality[loc], port, gateway, reach.mtls, down)
         if lb_endpoints:
-            groups.append((loc, lb_endpoints, healthy, priority_class(proxy.locality, loc, stale)))
-    renumber = {c: i for i, c in enumerate(sorted({g[3] for g in groups}))}
+            klass = priority_class(proxy.locality, loc, reach.stale)
+            groups.append(_Group(loc, lb_endpoints, max(healthy, 1), klass))
+    if reach.weights:
+        _drain(groups, reach.weights)
+    renumber = {c: i for i, c in enumerate(sorted({g.klass for g in groups}))}
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name or naming.outbound_cluster(service, port))
-    for loc, lb_endpoints, healthy, klass in groups:
+    for g in groups:
         cla.endpoints.append(
             endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(region=loc.region, zone=loc.zone, sub_zone=loc.cluster),
-                lb_endpoints=lb_endpoints,
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=max(healthy, 1)),
-                priority=renumber[klass],
+                locality=base_pb2.Locality(
+                    region=g.locality.region, zone=g.locality.zone, sub_zone=g.locality.cluster
+                ),
+                lb_endpoints=g.lb_endpoints,
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=g.weight),
+                priority=renumber[g.klass],
             )
         )
     return cla
@@ -188,11 +238,9 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
                 cla = gateway_assignment(service, port, proxy)
                 out[cla.cluster_name] = cla
         return out
-    stale = stale_clusters(view)
-    gateways = {name: c.gateway for name, c in view.clusters.items() if c.gateway is not None}
-    down = frozenset(name for name, c in view.clusters.items() if c.gateway_down)
+    reach = Reach.of(view, identity.mtls)
     for service in view.services.values():
         for port in service.ports:
-            cla = assignment(service, port, proxy, stale, gateways, identity.mtls, gateways_down=down)
+            cla = assignment(service, port, proxy, reach)
             out[cla.cluster_name] = cla
     return out

@@ -107,6 +107,19 @@ class AdsServer:
         """A copy of every connected stream's status, by stream id."""
         return [s.status.snapshot() for _, s in sorted(self._streams.items())]
 
+    def lagging(self, type_url: str) -> list[str]:
+        """Node ids of the proxies that have not yet been sent, and ACKed, the current resources
+        of ``type_url`` (what a drain waits for)."""
+        out = []
+        for stream in self._streams.values():
+            state = stream.states.get(type_url)
+            if stream.proxy is None or state is None or not state.started:
+                continue
+            current = self.cache.resources(type_url, stream.proxy)
+            if state.last_set is not current or state.pending_nonce is not None:
+                out.append(stream.proxy.node_id)
+        return sorted(out)
+
     def proxy_status(self, node_id: str) -> list[ProxyStatus]:
         return [s for s in self.status() if s.node_id == node_id]
 
