@@ -208,3 +208,27 @@ def test_stale_member_cluster_is_demoted_below_every_fresh_one() -> None:
     demoted = GENERATORS[types.ENDPOINT](stale_a, proxy)[name].endpoints
     # Even the proxy's own cluster goes last once its API server is stale; priorities stay contiguous.
     assert {le.locality.sub_zone: le.priority for le in demoted} == {"b": 0, "c": 1, "a": 2}
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    [
+        # (sub_zone -> (priority, locality weight)) seen from a proxy in a
+        (100, {"a": (0, 1), "b": (1, 1), "c": (2, 1)}),
+        (75, {"a": (0, 75), "b": (0, 25), "c": (1, 1)}),
+        (25, {"a": (0, 25), "b": (0, 75), "c": (1, 1)}),
+        (0, {"b": (0, 1), "c": (1, 1), "a": (2, 1)}),
+    ],
+)
+def test_a_drained_cluster_shares_its_fallbacks_priority_then_goes_last(weight: int, expected: dict) -> None:
+    view = parse_mesh(TWO_NAMESPACES)
+    draining = MeshView.build(
+        view.services.values(),
+        [replace(c, weight=weight) if c.name == "a" else c for c in view.clusters.values()],
+    )
+    cla = GENERATORS[types.ENDPOINT](draining, sidecar("a", "r1", "z1"), PLAINTEXT)[
+        "outbound|80||web.shop.svc.cluster.local"
+    ]
+    # c has one healthy and one draining endpoint: weight 1.
+    got = {le.locality.sub_zone: (le.priority, le.load_balancing_weight.value) for le in cla.endpoints}
+    assert got == expected
