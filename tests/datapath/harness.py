@@ -392,6 +392,7 @@ class MeshWriter:
                 "gateway": {"address": net.gateway_address, "port": gateway_port},
             }
         self.services: list[dict[str, Any]] = []
+        self.traffic_splits: list[dict[str, Any]] = []
 
     def set_locality(self, cluster: str, region: str, zone: str) -> None:
         self.members[cluster].update(region=region, zone=zone)
@@ -447,8 +448,15 @@ class MeshWriter:
         }
 
     def text(self, *services: dict[str, Any]) -> str:
-        data = {"clusters": list(self.members.values()), "services": list(services)}
+        data: dict[str, Any] = {"clusters": list(self.members.values()), "services": list(services)}
+        if self.traffic_splits:
+            data["traffic_splits"] = self.traffic_splits
         return yaml.safe_dump(data, sort_keys=False)
+
+    def split(self, service: str, *backends: tuple[str, int], namespace: str = DEFAULT_NAMESPACE) -> None:
+        """Add an SMI TrafficSplit for ``service`` (written with the next ``write``)."""
+        entries = [{"service": name, "weight": weight} for name, weight in backends]
+        self.traffic_splits.append({"namespace": namespace, "service": service, "backends": entries})
 
     def write(self, *services: dict[str, Any]) -> None:
         """Replace the file atomically (the control plane polls it every second)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from isthmus.discovery.file import example_mesh_text, parse_mesh
+from isthmus.discovery.file import MeshFileError, example_mesh_text, parse_mesh
 from isthmus.discovery.model import ClusterState, Locality, MeshView
 from isthmus.xds import types
 from isthmus.xds.generate import GENERATORS
@@ -232,3 +232,56 @@ def test_a_drained_cluster_shares_its_fallbacks_priority_then_goes_last(weight: 
     # c has one healthy and one draining endpoint: weight 1.
     got = {le.locality.sub_zone: (le.priority, le.load_balancing_weight.value) for le in cla.endpoints}
     assert got == expected
+
+
+SPLIT_MESH = """
+clusters: [{name: a}, {name: b}]
+services:
+  - {name: web, namespace: shop, ports: [{name: http, port: 80}]}
+  - name: web-v1
+    namespace: shop
+    ports: [{name: http, port: 80}]
+    endpoints: [{cluster: a, address: 10.1.0.1}]
+  - name: web-v2
+    namespace: shop
+    ports: [{name: http, port: 8080}]
+    endpoints: [{cluster: b, address: 10.2.0.1}]
+traffic_splits:
+  - namespace: shop
+    service: web
+    backends: [{service: web-v1, weight: 80}, {service: web-v2, weight: 20}, {service: web, weight: 0}]
+"""
+
+
+def test_traffic_split_routes_the_root_service_to_weighted_backends() -> None:
+    view = parse_mesh(SPLIT_MESH)
+    routes = GENERATORS[types.ROUTE](view, sidecar("a", "r1", "z1"), PLAINTEXT)["outbound_http"]
+    [root] = [vh for vh in routes.virtual_hosts if vh.name == "web.shop.svc.cluster.local:80"]
+    weighted = root.routes[0].route.weighted_clusters.clusters
+    assert [(c.name, c.weight.value) for c in weighted] == [
+        ("outbound|80||web-v1.shop.svc.cluster.local", 80),
+        # web-v2 has no port 80: its first HTTP port; the zero-weight backend is left out.
+        ("outbound|8080||web-v2.shop.svc.cluster.local", 20),
+    ]
+    [v1] = [vh for vh in routes.virtual_hosts if vh.name == "web-v1.shop.svc.cluster.local:80"]
+    assert v1.routes[0].route.cluster == "outbound|80||web-v1.shop.svc.cluster.local", (
+        "backends stay callable"
+    )
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ("{namespace: shop, service: nope, backends: [{service: web-v1}]}", "root service"),
+        (
+            "{namespace: shop, service: web, backends: [{service: ghost, weight: 1}]}",
+            "backend service 'ghost'",
+        ),
+        ("{namespace: shop, service: web, backends: [{service: web-v1, weight: -1}]}", "non-negative"),
+        ("{namespace: shop, service: web, backends: [{service: web-v1, weight: 0}]}", "weight above 0"),
+    ],
+)
+def test_bad_traffic_splits_are_refused(split: str, message: str) -> None:
+    mesh = SPLIT_MESH[: SPLIT_MESH.index("traffic_splits:")] + f"traffic_splits: [{split}]\n"
+    with pytest.raises(MeshFileError, match=message):
+        parse_mesh(mesh)

@@ -34,6 +34,7 @@ from isthmus.discovery.model import (
     Service,
     ServiceKey,
     ServicePort,
+    TrafficSplit,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ class Shard:
     cluster: MemberCluster
     services: Mapping[ServiceKey, tuple[ServicePort, ...]] = field(default_factory=dict)
     endpoints: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=dict)
+    splits: tuple[TrafficSplit, ...] = ()
+
+
+def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
+    """TrafficSplits of every shard; for one root service, the first cluster (by name) wins."""
+    out: dict[ServiceKey, TrafficSplit] = {}
+    for shard in sorted(shards, key=lambda s: s.cluster.name):
+        for split in shard.splits:
+            out.setdefault(split.service, split)
+    return list(out.values())
 
 
 def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ()) -> MeshView:
@@ -57,7 +68,8 @@ def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ())
     ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
     endpoints: dict[ServiceKey, list[Endpoint]] = {}
     clusters: dict[str, MemberCluster] = {c.name: c for c in extra_clusters}
-    for shard in sorted(shards, key=lambda s: s.cluster.name):
+    all_shards = sorted(shards, key=lambda s: s.cluster.name)
+    for shard in all_shards:
         clusters.setdefault(shard.cluster.name, shard.cluster)
         for key, service_ports in shard.services.items():
             if key not in ports:
@@ -71,7 +83,7 @@ def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ())
     services = [
         Service(key, service_ports, tuple(endpoints.get(key, ()))) for key, service_ports in ports.items()
     ]
-    return MeshView.build(services, [c for c in clusters.values() if c.name])
+    return MeshView.build(services, [c for c in clusters.values() if c.name], merge_splits(all_shards))
 
 
 def merge_service(key: ServiceKey, shards: Iterable[Shard]) -> Service | None:
@@ -122,7 +134,8 @@ def shards_of_view(view: MeshView) -> list[Shard]:
             key: tuple(e for e in s.endpoints if e.locality.cluster == member.name or len(members) == 1)
             for key, s in view.services.items()
         }
-        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}))
+        splits = tuple(view.splits.values()) if member is members[0] else ()
+        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits))
     return out
 
 
@@ -252,7 +265,7 @@ class Aggregator:
         self._first_change = None
         self._dirty.clear()
         self._remerge()
-        view = MeshView.of(self._services, self._clusters())
+        view = MeshView.of(self._services, self._clusters(), merge_splits(self._shards.values()))
         self.flushes += 1
         if view.version != self.version:
             self.version = view.version

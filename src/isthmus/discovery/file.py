@@ -29,6 +29,7 @@ from isthmus.discovery.model import (
     Service,
     ServiceKey,
     ServicePort,
+    TrafficSplit,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,40 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
                 )
             )
         services[key] = Service(key=key, ports=tuple(ports), endpoints=tuple(endpoints))
-    return MeshView.build(services.values(), clusters.values())
+    splits = _traffic_splits(doc, services, source)
+    return MeshView.build(services.values(), clusters.values(), splits)
+
+
+def _traffic_splits(
+    doc: dict[str, Any], services: dict[ServiceKey, Service], source: str
+) -> list[TrafficSplit]:
+    """``traffic_splits``: SMI TrafficSplits, ``{namespace, service, backends: [{service, weight}]}``."""
+    out: dict[ServiceKey, TrafficSplit] = {}
+    for i, raw in enumerate(_as_list(doc.get("traffic_splits"), f"{source}: traffic_splits")):
+        where = f"{source}: traffic_splits[{i}]"
+        t = _as_dict(raw, where)
+        root = ServiceKey(str(t.get("namespace", "default")), str(_require(t, "service", where)))
+        if root not in services:
+            raise MeshFileError(f"{where}: root service {root} is not declared under services")
+        if root in out:
+            raise MeshFileError(f"{where}: a second traffic split for {root}")
+        backends = []
+        for j, rb in enumerate(_as_list(t.get("backends"), f"{where}.backends")):
+            bw = f"{where}.backends[{j}]"
+            b = _as_dict(rb, bw)
+            name = str(_require(b, "service", bw))
+            weight = b.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise MeshFileError(f"{bw}.weight: {weight!r} is not a non-negative integer")
+            if ServiceKey(root.namespace, name) not in services:
+                raise MeshFileError(
+                    f"{bw}: backend service {name!r} is not declared in namespace {root.namespace}"
+                )
+            backends.append((name, weight))
+        if not backends or not any(w for _, w in backends):
+            raise MeshFileError(f"{where}: needs at least one backend with a weight above 0")
+        out[root] = TrafficSplit(root, tuple(backends))
+    return list(out.values())
 
 
 def _parse_enum(kind: Any, value: Any, where: str) -> Any:

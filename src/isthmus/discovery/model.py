@@ -167,7 +167,18 @@ def _frozen_map(items: Iterable[tuple[K, V]]) -> Mapping[K, V]:
     return MappingProxyType(dict(items))
 
 
-def _version(services: Iterable[Service], clusters: Iterable[MemberCluster]) -> str:
+@dataclass(frozen=True, slots=True, order=True)
+class TrafficSplit:
+    """SMI TrafficSplit: requests for the root ``service`` go to ``backends`` (service names in the
+    same namespace, with weights) in proportion. A backend may live in any member cluster."""
+
+    service: ServiceKey
+    backends: tuple[tuple[str, int], ...]
+
+
+def _version(
+    services: Iterable[Service], clusters: Iterable[MemberCluster], splits: Iterable[TrafficSplit] = ()
+) -> str:
     """Content hash of services (in key order) and clusters (in name order).
 
     A cluster's ``detail`` (the last error text) is for status pages; it changes with every
@@ -176,6 +187,7 @@ def _version(services: Iterable[Service], clusters: Iterable[MemberCluster]) -> 
     effective = [(c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down, c.weight) for c in clusters]
     h = hashlib.sha256(b"".join(s.digest for s in services))
     h.update(repr(effective).encode())
+    h.update(repr(sorted(splits)).encode())
     return h.hexdigest()[:16]
 
 
@@ -191,22 +203,35 @@ class MeshView:
     services: Mapping[ServiceKey, Service] = field(default_factory=lambda: MappingProxyType({}))
     clusters: Mapping[str, MemberCluster] = field(default_factory=lambda: MappingProxyType({}))
     version: str = ""
+    splits: Mapping[ServiceKey, TrafficSplit] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def build(cls, services: Iterable[Service], clusters: Iterable[MemberCluster]) -> MeshView:
+    def build(
+        cls,
+        services: Iterable[Service],
+        clusters: Iterable[MemberCluster],
+        splits: Iterable[TrafficSplit] = (),
+    ) -> MeshView:
         """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
         normalized = {s.key: Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc}
-        return cls.of(normalized, clusters)
+        return cls.of(normalized, clusters, splits)
 
     @classmethod
-    def of(cls, services: Mapping[ServiceKey, Service], clusters: Iterable[MemberCluster]) -> MeshView:
+    def of(
+        cls,
+        services: Mapping[ServiceKey, Service],
+        clusters: Iterable[MemberCluster],
+        splits: Iterable[TrafficSplit] = (),
+    ) -> MeshView:
         """A view of services already in key order with sorted endpoints (not checked); copies the mapping."""
         mcs = sorted(clusters, key=lambda c: c.name)
+        by_root = {s.service: s for s in sorted(splits)}
         return cls(
             services=MappingProxyType(dict(services)),
             clusters=_frozen_map((c.name, c) for c in mcs),
-            version=_version(services.values(), mcs),
+            version=_version(services.values(), mcs, by_root.values()),
+            splits=MappingProxyType(by_root),
         )
 
     def service(self, namespace: str, name: str) -> Service | None:

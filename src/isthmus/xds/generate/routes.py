@@ -1,5 +1,9 @@
 """RDS: the sidecar's outbound route table, one virtual host per HTTP service port, matched by Host.
 
+A service that is the root of an SMI TrafficSplit routes to its backends' clusters with the split's
+weights (weighted_clusters); each backend is balanced by its own EDS, so backends may live in any
+member cluster.
+
 Short names (``web``) resolve in the proxy's own namespace only, as Kubernetes DNS
 does. A Host without a port means port 80 if the service has it, else its first
 HTTP port.
@@ -14,7 +18,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
-from isthmus.discovery.model import MeshView, Service, ServicePort
+from isthmus.discovery.model import MeshView, Service, ServicePort, TrafficSplit
 from isthmus.xds import naming
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.generate.tls import pack
@@ -61,20 +65,44 @@ def retry_policy() -> Any:
     )
 
 
-def virtual_host(service: Service, port: ServicePort, domains: list[str]) -> Any:
+def split_clusters(view: MeshView, split: TrafficSplit, port: ServicePort) -> list[tuple[str, int]]:
+    """(Envoy cluster, weight) of each backend with a weight: its port with the root port's number,
+    else its first HTTP port. Backends unknown to the mesh (yet) are left out."""
+    out = []
+    for name, weight in split.backends:
+        backend = view.service(split.service.namespace, name)
+        if backend is None or weight <= 0:
+            continue
+        same = next((p for p in backend.ports if p.port == port.port and p.protocol.is_http), None)
+        chosen = same or _portless_port(backend)
+        if chosen is not None:
+            out.append((naming.outbound_cluster(backend, chosen), weight))
+    return out
+
+
+def virtual_host(
+    service: Service, port: ServicePort, domains: list[str], split: list[tuple[str, int]] | None = None
+) -> Any:
+    action = route_components_pb2.RouteAction(
+        timeout=duration_pb2.Duration(seconds=REQUEST_TIMEOUT_S), retry_policy=retry_policy()
+    )
+    if split:
+        action.weighted_clusters.CopyFrom(
+            route_components_pb2.WeightedCluster(
+                clusters=[
+                    route_components_pb2.WeightedCluster.ClusterWeight(
+                        name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)
+                    )
+                    for cluster, weight in split
+                ]
+            )
+        )
+    else:
+        action.cluster = naming.outbound_cluster(service, port)
     return route_components_pb2.VirtualHost(
         name=f"{naming.service_fqdn(service)}:{port.port}",
         domains=domains,
-        routes=[
-            route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                route=route_components_pb2.RouteAction(
-                    cluster=naming.outbound_cluster(service, port),
-                    timeout=duration_pb2.Duration(seconds=REQUEST_TIMEOUT_S),
-                    retry_policy=retry_policy(),
-                ),
-            )
-        ],
+        routes=[route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix="/"), route=action)],
     )
 
 
@@ -91,8 +119,10 @@ def outbound_routes(view: MeshView, proxy: Proxy) -> Any:
             )
             domains = [h for h in hosts if h not in seen]
             seen.update(domains)
+            split = view.splits.get(service.key)
+            weighted = split_clusters(view, split, port) if split is not None else None
             if domains:
-                config.virtual_hosts.append(virtual_host(service, port, domains))
+                config.virtual_hosts.append(virtual_host(service, port, domains, weighted))
     return config
 
 
