@@ -311,3 +311,33 @@ async def test_gateways_and_sidecars_are_discovered(
         await graph.until(lambda v: v.clusters["a"].gateway == Gateway("198.51.100.1", 15443))
     finally:
         task.cancel()
+
+
+async def test_traffic_splits_come_from_the_smi_crd_when_installed(
+    clusters: dict[str, FakeKubeApi], mesh: tuple[Graph, Aggregator, Path]
+) -> None:
+    graph, aggregator, directory = mesh
+    a = clusters["a"]
+    seed(a, directory, "a", "127.0.1.1")
+    task = await run_members(Members(aggregator, directory=directory, timing=FAST, poll_interval=0.1))
+    try:
+        # Without the CRD the cluster still syncs (no splits).
+        await graph.until(lambda v: len(addresses(v)) == 1 and v.clusters["a"].state is ClusterState.SYNCED)
+        a.set_installed("trafficsplits", True)
+        a.create(
+            {
+                "apiVersion": "split.smi-spec.io/v1alpha2",
+                "kind": "TrafficSplit",
+                "metadata": {"name": "web-split", "namespace": "shop"},
+                "spec": {
+                    "service": "web",
+                    "backends": [{"service": "web-v1", "weight": 90}, {"service": "web-v2", "weight": 10}],
+                },
+            }
+        )
+        view = await graph.until(lambda v: WEB in v.splits)
+        assert view.splits[WEB].backends == (("web-v1", 90), ("web-v2", 10))
+        a.delete("trafficsplits", "shop", "web-split")
+        await graph.until(lambda v: WEB not in v.splits)
+    finally:
+        task.cancel()

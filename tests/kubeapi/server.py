@@ -145,6 +145,9 @@ RESOURCES: tuple[ResourceType, ...] = (
         ("svcex",),
         crd=True,
     ),
+    ResourceType(
+        "split.smi-spec.io", "v1alpha2", "trafficsplits", "trafficsplit", "TrafficSplit", True, crd=True
+    ),
 )
 
 
@@ -440,7 +443,11 @@ class FakeKubeApi:
         self.keep_history_on_restart = keep_history_on_restart
         self.git_version = git_version
         self._types = {r.plural: r for r in resources}
-        self._installed = {r.plural: (serviceexports_installed if r.crd else True) for r in resources}
+        # CRDs: ServiceExport as asked; TrafficSplit absent until set_installed (as on most clusters).
+        self._installed = {
+            r.plural: (serviceexports_installed if r.plural == "serviceexports" else False) if r.crd else True
+            for r in resources
+        }
         self._rv = start_resource_version
         self._store: dict[str, dict[Key, Obj]] = {p: {} for p in self._types}
         self._logs: dict[str, deque[_Event]] = {p: deque() for p in self._types}

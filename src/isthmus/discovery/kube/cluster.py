@@ -37,6 +37,7 @@ from isthmus.discovery.kube.convert import (
     mesh_label,
     node_locality,
     shard_of,
+    traffic_splits,
     update_shard,
 )
 from isthmus.discovery.kube.gateway import gateway_of
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = "kube"
 MCS_GROUP, MCS_VERSION, MCS_PLURAL = "multicluster.x-k8s.io", "v1alpha1", "serviceexports"
+SMI_GROUP, SMI_VERSION, SMI_PLURAL = "split.smi-spec.io", "v1alpha2", "trafficsplits"
+OPTIONAL_CRDS = {MCS_PLURAL: "ServiceExport", SMI_PLURAL: "TrafficSplit"}  # absent CRD = none of them
 
 # Kinds whose objects affect every service in some way, by the part of them that matters: a change
 # of that part rebuilds the whole shard, any other change (a Node's status) nothing.
@@ -90,7 +93,7 @@ class ClusterWatcher:
         self._failing: set[str] = set()
         self._dirty = asyncio.Event()
         self._reflectors: dict[str, Reflector] = {}
-        self._mcs_installed = True
+        self._crds_missing: set[str] = set()
         self._published_withdrawn = False
         # Incremental shard: the content last built (None: rebuild it whole), with the policy it was
         # built with, the services to recompute, and what the change tracking needs.
@@ -103,13 +106,12 @@ class ClusterWatcher:
     # ---- health ---------------------------------------------------------------------------
 
     def _on_error(self, kind: str, exc: BaseException) -> None:
-        if kind == MCS_PLURAL and getattr(exc, "status", None) == 404:
-            if self._mcs_installed:
-                log.info(
-                    "cluster %s: ServiceExport CRD not installed; export policy sees no exports", self.name
-                )
-            self._mcs_installed = False
+        if kind in OPTIONAL_CRDS and getattr(exc, "status", None) == 404:
+            if kind not in self._crds_missing:
+                log.info("cluster %s: %s CRD not installed; none are seen", self.name, OPTIONAL_CRDS[kind])
+            self._crds_missing.add(kind)
             self._reflectors[kind].synced.set()
+            self._on_ok(kind)  # an answer: the API server is reachable (it may have been down before)
             return
         self._failing.add(kind)
         reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -165,6 +167,8 @@ class ClusterWatcher:
         store = self._store(kind)
         if kind in ("services", MCS_PLURAL):
             return {key_of(key) for key in keys}
+        if kind == SMI_PLURAL:
+            return set()  # splits are read whole at each publish; no service changes
         if kind == "endpointslices":
             return set().union(*(self._index.update(key, store.get(key)) for key in keys))
         if kind == "pods":
@@ -233,7 +237,12 @@ class ClusterWatcher:
         self.state = self._current_state()
         content, member = self._content(), self._member()
         self._published_withdrawn = self.withdrawn()
-        shard = Shard(member) if self._published_withdrawn else replace(content, cluster=member)
+        if self._published_withdrawn:
+            shard = Shard(member)
+        else:
+            rule = self.policy.require_namespace_label
+            splits = traffic_splits(self._store(SMI_PLURAL), self._store("namespaces"), rule)
+            shard = replace(content, cluster=member, splits=splits)
         if self.publish:
             self.aggregator.set_shard(SOURCE, shard)
 
@@ -257,11 +266,12 @@ class ClusterWatcher:
             discovery = client.DiscoveryV1Api(api)
             custom = client.CustomObjectsApi(api)
 
-            def exports(**kw: object) -> Awaitable[Any]:
-                result: Awaitable[Any] = custom.list_cluster_custom_object(
-                    MCS_GROUP, MCS_VERSION, MCS_PLURAL, **kw
-                )
-                return result
+            def crd(group: str, version: str, plural: str) -> ListFn:
+                def list_fn(**kw: object) -> Awaitable[Any]:
+                    result: Awaitable[Any] = custom.list_cluster_custom_object(group, version, plural, **kw)
+                    return result
+
+                return list_fn
 
             reflectors = [
                 self._reflector("services", core.list_service_for_all_namespaces),
@@ -269,7 +279,8 @@ class ClusterWatcher:
                 self._reflector("nodes", core.list_node),
                 self._reflector("pods", core.list_pod_for_all_namespaces),
                 self._reflector("namespaces", core.list_namespace),
-                self._reflector(MCS_PLURAL, exports),
+                self._reflector(MCS_PLURAL, crd(MCS_GROUP, MCS_VERSION, MCS_PLURAL)),
+                self._reflector(SMI_PLURAL, crd(SMI_GROUP, SMI_VERSION, SMI_PLURAL)),
             ]
             async with asyncio.TaskGroup() as tasks:
                 for r in reflectors:

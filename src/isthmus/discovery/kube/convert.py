@@ -37,6 +37,7 @@ from isthmus.discovery.model import (
     Protocol,
     ServiceKey,
     ServicePort,
+    TrafficSplit,
 )
 
 MESH_LABEL = "isthmus.io/mesh"
@@ -366,4 +367,32 @@ def _named_ports(
             out.append((port.name, by_name[port.name]))
         elif len(ports) == 1 and "" in by_name:
             out.append((port.name, by_name[""]))
+    return tuple(out)
+
+
+def traffic_splits(
+    splits: Mapping[str, Obj], namespaces: Mapping[str, Obj], require_namespace_label: bool = False
+) -> tuple[TrafficSplit, ...]:
+    """SMI TrafficSplits (split.smi-spec.io v1alpha2 and later: ``spec.service``, ``spec.backends``
+    with integer weights), in mesh namespaces; malformed ones are skipped."""
+    out = []
+    for key in sorted(splits):
+        obj = splits[key]
+        namespace = str(_meta(obj).get("namespace", "default"))
+        spec = obj.get("spec") or {}
+        root = spec.get("service")
+        if not root or not in_mesh(namespaces.get(namespace), require_namespace_label):
+            continue
+        backends = []
+        for backend in spec.get("backends") or []:
+            weight = backend.get("weight") if isinstance(backend, Mapping) else None
+            if (
+                isinstance(weight, int)
+                and not isinstance(weight, bool)
+                and weight >= 0
+                and backend.get("service")
+            ):
+                backends.append((str(backend["service"]), weight))
+        if any(weight for _, weight in backends):
+            out.append(TrafficSplit(ServiceKey(namespace, str(root)), tuple(backends)))
     return tuple(out)
