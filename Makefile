@@ -52,5 +52,10 @@ bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asse
 	$(BIN)/python -m bench.serialize
 	$(BIN)/python -m bench.discovery
 
+.PHONY: bench-peer
+bench-peer: ## build the go-control-plane peer (bench/peers/gcp; needs Go)
+	@mkdir -p $(BIN)
+	cd bench/peers/gcp && go build -o $(CURDIR)/$(BIN)/gcp-peer .
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
