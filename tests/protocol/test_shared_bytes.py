@@ -1,4 +1,4 @@
-"""Shared bytes: proxies with the same key get the same ResourceSet and Resource objects, each resource
+"""Shared bytes: proxies in the same group (Proxy.for_type) get the same ResourceSet and Resource objects, each resource
 is serialized once per mesh version, and streams send exactly those bytes."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_same_key_shares_one_resource_set_and_one_serialization() -> None:
     one = proxy_from_node(make_node("sidecar-1"))
     two = proxy_from_node(make_node("sidecar-2"))
     assert one.node_id != two.node_id
-    assert one.key == two.key
+    assert one.for_type(CDS) == two.for_type(CDS)
 
     first = cache.resources(CDS, one)
     assert cache.serializations == 2
@@ -42,7 +42,7 @@ def test_different_keys_with_identical_resources_share_the_bytes() -> None:
     cache = clusters_cache({"a": cluster("a")})
     east = proxy_from_node(make_node("sidecar-1", cluster="east"))
     west = proxy_from_node(make_node("sidecar-2", cluster="west"))
-    assert east.key != west.key
+    assert east.for_type(CDS) != west.for_type(CDS)
 
     a_east = cache.resources(CDS, east)["a"]
     a_west = cache.resources(CDS, west)["a"]

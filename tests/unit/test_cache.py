@@ -71,3 +71,48 @@ def test_failing_generator_keeps_last_good_set() -> None:
     calls["fail"] = True
     cache.invalidate()
     assert cache.resources(types.CLUSTER, proxy("a")) is good
+
+
+def test_proxies_share_a_generation_per_type_and_get_what_the_full_proxy_would() -> None:
+    """Per type, proxies reduced by for_type share one ResourceSet; and what the cache serves each
+    proxy equals generating for that full proxy (nothing a generator reads is left out)."""
+    from isthmus.xds.generate import GENERATORS
+    from isthmus.xds.generate.identity import PLAINTEXT
+
+    view = parse_mesh(example_mesh_text())
+    cache = ConfigCache(view)
+    pods = [
+        Proxy(
+            f"p{i}",
+            Role.SIDECAR,
+            ns,
+            svc,
+            svc,
+            Locality(region, zone, cluster),
+            f"127.0.{i}.1",
+            f"127.0.{i}.2",
+        )
+        for i, (ns, svc, region, zone, cluster) in enumerate(
+            [
+                ("shop", "web", "us-east1", "us-east1-b", "east"),
+                ("shop", "api", "us-east1", "us-east1-b", "east"),
+                ("blog", "web", "us-east1", "us-east1-b", "east"),
+                ("shop", "web", "us-west1", "us-west1-a", "west"),
+            ]
+        )
+    ]
+    pods.append(
+        Proxy("gw", Role.GATEWAY, "isthmus-system", "gw", "gw", Locality("us-west1", "us-west1-a", "west"))
+    )
+    for p in pods:
+        for type_url, generate in GENERATORS.items():
+            served = {n: r.body for n, r in cache.resources(type_url, p).items()}
+            direct = {
+                n: m.SerializeToString(deterministic=True) for n, m in generate(view, p, PLAINTEXT).items()
+            }
+            assert served == direct, (p.node_id, types.short(type_url))
+    # The three pods of east share one EDS generation; west's differs (its own priorities).
+    eds = [cache.resources(types.ENDPOINT, p) for p in pods[:4]]
+    assert eds[0] is eds[1] is eds[2]
+    assert eds[3] is not eds[0]
+    assert cache.resources(types.LISTENER, pods[0]) is not cache.resources(types.LISTENER, pods[1])

@@ -1,9 +1,9 @@
 """The resource cache: current MeshView, memoized generation, shared serialized resources.
 
 The cache owns versions; the server owns only the protocol. For each
-(type URL, proxy key) it generates once per mesh version, serializes each
+(type URL, Proxy.for_type(type URL)) it generates once per mesh version, serializes each
 resource once, and interns the result by content hash so that identical
-resources generated for different proxy keys share one Resource (one set of
+resources generated for different proxy groups share one Resource (one set of
 bytes). A ResourceSet whose contents did not change keeps its identity across
 mesh versions, which lets a stream skip an unchanged type with one ``is`` test.
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ResourceSet(Mapping[str, Resource]):
-    """All resources of one type for one proxy key, by name, with a version for the whole set."""
+    """All resources of one type for one proxy group, by name, with a version for the whole set."""
 
     type_url: str
     by_name: Mapping[str, Resource]
@@ -67,8 +67,8 @@ class ConfigCache:
         self._identity = ca.identity() if ca is not None else PLAINTEXT
         self._view = view if view is not None else MeshView.build((), ())
         self._generation = 0
-        self._memo: dict[tuple[str, tuple[object, ...]], ResourceSet] = {}
-        self._previous: dict[tuple[str, tuple[object, ...]], ResourceSet] = {}
+        self._memo: dict[tuple[str, Proxy], ResourceSet] = {}
+        self._previous: dict[tuple[str, Proxy], ResourceSet] = {}
         self._interned: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
         )
@@ -151,13 +151,14 @@ class ConfigCache:
 
     def resources(self, type_url: str, proxy: Proxy) -> ResourceSet:
         """The resources of ``type_url`` for ``proxy`` at the current mesh version."""
-        key = (type_url, proxy.key)
+        shared = proxy.for_type(type_url)  # proxies that get identical resources share one generation
+        key = (type_url, shared)
         cached = self._memo.get(key)
         if cached is not None:
             return cached
         previous = self._previous.get(key)
         try:
-            messages = self._generators[type_url](self._view, proxy, self._identity_for(type_url, proxy))
+            messages = self._generators[type_url](self._view, shared, self._identity_for(type_url, proxy))
             by_name: dict[str, Resource] = {}
             for name, message in messages.items():
                 self.serializations += 1

@@ -2,17 +2,18 @@
 
 `isthmus bootstrap` writes these fields into the Envoy bootstrap (node metadata
 under the ``isthmus`` key, and the node locality); the server parses them here
-into a frozen Proxy that generators use. Proxies with the same ``key`` receive
-identical configuration, so generation is shared between them.
+into a frozen Proxy that generators use. ``for_type`` reduces a proxy to what one type's
+generator reads, so proxies that would get identical resources of a type share one generation.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from isthmus.discovery.model import Locality
+from isthmus.xds import types
 
 METADATA_KEY = "isthmus"
 DEFAULT_OUTBOUND_PORT = 15001
@@ -49,20 +50,18 @@ class Proxy:
     def cluster(self) -> str:
         return self.locality.cluster
 
-    @property
-    def key(self) -> tuple[object, ...]:
-        """Everything generation depends on; proxies with equal keys get identical resources."""
-        return (
-            self.role,
-            self.namespace,
-            self.service,
-            self.service_account,
-            self.locality,
-            self.listen_address,
-            self.app_address,
-            self.outbound_port,
-            self.inbound_port,
-        )
+    def for_type(self, type_url: str) -> Proxy:
+        """This proxy with only the fields that type's generator reads; the rest at their defaults.
+
+        Proxies equal under ``for_type(t)`` receive identical resources of type ``t``, so the cache
+        generates once per distinct value: EDS once per (role, locality), not once per pod. Because
+        the generator is given this reduced proxy, it cannot depend on a field left out.
+        """
+        kept = _FIELDS_BY_TYPE.get(type_url)
+        if kept is None:
+            return self
+        blank = Proxy("", self.role, "", "", "", Locality("", "", ""))
+        return replace(blank, **{name: getattr(self, name) for name in kept})
 
 
 def _int(meta: dict[str, Any], key: str, default: int) -> int:
@@ -115,3 +114,13 @@ def proxy_from_node(node: Any) -> Proxy:
         inbound_port=_int(meta, "inbound_port", DEFAULT_INBOUND_PORT),
         envoy_version=version,
     )
+
+
+# What each type's generator reads of the proxy (xds/generate/*): see Proxy.for_type.
+_FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
+    types.CLUSTER: ("locality", "namespace", "service", "app_address", "listen_address"),
+    types.ENDPOINT: ("locality",),
+    types.LISTENER: ("locality", "namespace", "service", "listen_address", "outbound_port", "inbound_port"),
+    types.ROUTE: ("namespace",),
+    types.SECRET: ("namespace", "service_account"),
+}

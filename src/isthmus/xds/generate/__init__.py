@@ -2,7 +2,7 @@
 per type URL. MeshIdentity carries the trust domain and bundle, and for SDS the proxy's certificate.
 
 They import neither gRPC nor the Kubernetes client (import-linter checks it) and
-never mutate their inputs; the cache memoizes them per (view version, proxy key).
+never mutate their inputs; the cache memoizes them per (view version, Proxy.for_type(type URL)).
 """
 
 from __future__ import annotations
