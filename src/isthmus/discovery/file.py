@@ -34,6 +34,9 @@ from isthmus.discovery.model import (
 
 log = logging.getLogger(__name__)
 
+# libyaml's loader when PyYAML was built with it (about 10x faster on big meshes), else pure Python.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class MeshFileError(ValueError):
     """The mesh file is not valid; the message says where and why."""
@@ -73,7 +76,7 @@ def _port_number(value: Any, where: str) -> int:
 def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
     """Parse the YAML mesh description into a MeshView, or raise MeshFileError."""
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = yaml.load(text, Loader=_LOADER) or {}
     except yaml.YAMLError as exc:
         raise MeshFileError(f"{source}: not valid YAML: {exc}") from exc
     doc = _as_dict(doc, source)

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from isthmus.discovery.model import MeshView
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
-from isthmus.xds.generate import GENERATORS, Generator, placeholder
+from isthmus.xds.generate import GENERATORS, PARTS, Generator, placeholder
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.resources import Resource, state_version
@@ -69,6 +69,8 @@ class ConfigCache:
         self._generation = 0
         self._memo: dict[tuple[str, Proxy], ResourceSet] = {}
         self._previous: dict[tuple[str, Proxy], ResourceSet] = {}
+        self._merged: dict[tuple[str, Proxy], tuple[tuple[ResourceSet, ...], ResourceSet]] = {}
+        self._merged_before: dict[tuple[str, Proxy], tuple[tuple[ResourceSet, ...], ResourceSet]] = {}
         self._interned: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
         )
@@ -105,6 +107,9 @@ class ConfigCache:
         if only is None:
             self._previous = self._memo
             self._memo = {}
+            # Unions of parts of the last generation: kept one more generation, for identity only.
+            self._merged_before = self._merged
+            self._merged = {}
         else:
             for key in [k for k in self._memo if k[0] == only]:
                 self._previous[key] = self._memo.pop(key)
@@ -151,21 +156,44 @@ class ConfigCache:
 
     def resources(self, type_url: str, proxy: Proxy) -> ResourceSet:
         """The resources of ``type_url`` for ``proxy`` at the current mesh version."""
-        shared = proxy.for_type(type_url)  # proxies that get identical resources share one generation
-        key = (type_url, shared)
+        generator = self._generators[type_url]
+        parts = PARTS.get(type_url) if generator is GENERATORS.get(type_url) else None
+        if not parts:
+            return self._generate(type_url, type_url, generator, proxy)
+        # Generated in parts, each shared by its own group; the union is kept per proxy group and
+        # rebuilt only when a part changed (parts keep their identity when their contents do).
+        sets = tuple(self._generate(name, type_url, part, proxy) for name, part in parts)
+        key = (type_url, proxy.for_type(type_url))
+        known = self._merged.get(key) or self._merged_before.get(key)
+        if known is not None and all(a is b for a, b in zip(known[0], sets, strict=True)):
+            self._merged[key] = known
+            return known[1]
+        by_name: dict[str, Resource] = {}
+        for part_set in sets:
+            by_name.update(part_set.by_name)
+        result = ResourceSet(type_url, MappingProxyType(by_name), state_version(by_name.values()))
+        if known is not None and known[1].same_contents(result):
+            result = known[1]
+        self._merged[key] = (sets, result)
+        return result
+
+    def _generate(self, group: str, type_url: str, generator: Generator, proxy: Proxy) -> ResourceSet:
+        """One generation for the proxies of ``proxy.for_type(group)``, memoized per mesh version."""
+        shared = proxy.for_type(group)  # proxies that get identical resources share one generation
+        key = (group, shared)
         cached = self._memo.get(key)
         if cached is not None:
             return cached
         previous = self._previous.get(key)
         try:
-            messages = self._generators[type_url](self._view, shared, self._identity_for(type_url, proxy))
+            messages = generator(self._view, shared, self._identity_for(type_url, proxy))
             by_name: dict[str, Resource] = {}
             for name, message in messages.items():
                 self.serializations += 1
                 by_name[name] = self._intern(type_url, name, message.SerializeToString(deterministic=True))
         except Exception:
             # A generator bug must not take streams down: keep serving the last good set.
-            log.exception("generator for %s failed for proxy %s", type_url, proxy.node_id)
+            log.exception("generator for %s failed for proxy %s", group, proxy.node_id)
             if previous is not None:
                 self._memo[key] = previous
                 return previous

@@ -119,6 +119,8 @@ def proxy_from_node(node: Any) -> Proxy:
 # What each type's generator reads of the proxy (xds/generate/*): see Proxy.for_type.
 _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
     types.CLUSTER: ("locality", "namespace", "service", "app_address", "listen_address"),
+    "cds-shared": ("locality",),  # gateways: their member cluster's exported services
+    "cds-own": ("namespace", "service", "app_address", "listen_address"),
     types.ENDPOINT: ("locality",),
     types.LISTENER: ("locality", "namespace", "service", "listen_address", "outbound_port", "inbound_port"),
     types.ROUTE: ("namespace",),

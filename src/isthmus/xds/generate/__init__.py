@@ -27,6 +27,13 @@ GENERATORS: Mapping[str, Generator] = {
 }
 
 
+# Types generated in parts, each shared by its own group of proxies (Proxy.for_type(part name)), so
+# that what is the same for every sidecar is generated once and what is per pod stays small.
+PARTS: Mapping[str, tuple[tuple[str, Generator], ...]] = {
+    types.CLUSTER: (("cds-shared", clusters.generate_shared), ("cds-own", clusters.generate_own)),
+}
+
+
 def placeholder(type_url: str, name: str) -> Any:
     """The empty resource sent for a requested EDS/RDS name that does not exist (yet)."""
     if type_url == types.ENDPOINT:

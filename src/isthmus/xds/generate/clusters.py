@@ -159,6 +159,11 @@ def gateway_services(view: MeshView, proxy: Proxy) -> list[tuple[Service, Servic
 def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
     """Sidecars: every service port of the mesh, plus inbound clusters to their own application.
     Gateways: one passthrough cluster per exported service port (needs mTLS: SNI routing)."""
+    return {**generate_shared(view, proxy, identity), **generate_own(view, proxy, identity)}
+
+
+def generate_shared(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    """The clusters every sidecar (or every gateway of a member cluster) gets alike."""
     out: dict[str, Any] = {}
     if proxy.role is Role.GATEWAY:
         if identity.mtls:
@@ -170,8 +175,14 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
         for port in service.ports:
             c = cluster_for(service, port, identity)
             out[c.name] = c
+    return out
+
+
+def generate_own(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    """A sidecar's inbound clusters to its own application (nothing for gateways)."""
+    out: dict[str, Any] = {}
     own = view.service(proxy.namespace, proxy.service)
-    if identity.mtls and own is not None:
+    if proxy.role is Role.SIDECAR and identity.mtls and own is not None:
         mine = own_endpoint(own, proxy)
         for port in own.ports:
             c = inbound_cluster(port, proxy, mine)

@@ -1,0 +1,312 @@
+"""Simulated Envoys for the load tool: one ADS stream each, SotW or Delta, cheap enough for 1,000 per process.
+
+Each client behaves like Envoy on ADS: it subscribes CDS and LDS (wildcard) and, with mTLS, SDS for
+``default`` and ``ROOTCA``; then EDS for the EDS clusters it received and RDS for the route names its
+listeners' HTTP connection managers reference. Every response is ACKed (SotW: version and nonce; Delta:
+nonce). Responses arrive as raw bytes (no deserializer on the call), so the bytes received are exact and
+only what is needed is parsed: the envelope with upb, each resource's name from its field 1 (all five
+types put the name there), and Clusters and Listeners fully, cached by their bytes because many
+proxies receive identical resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+PREFIX = "type.googleapis.com/"
+CDS = PREFIX + "envoy.config.cluster.v3.Cluster"
+EDS = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LDS = PREFIX + "envoy.config.listener.v3.Listener"
+RDS = PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SDS = PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+HCM = PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+SECRETS = ("default", "ROOTCA")
+
+SERVICE = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+METHODS = {"sotw": SERVICE + "StreamAggregatedResources", "delta": SERVICE + "DeltaAggregatedResources"}
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def open_stream(channel: grpc.aio.Channel, mode: str) -> Any:
+    """A stream-stream multicallable that yields raw response bytes."""
+    return channel.stream_stream(METHODS[mode], request_serializer=_serialize, response_deserializer=None)
+
+
+# ---- parsing, cached by resource bytes -------------------------------------------------------
+
+_CLUSTERS: dict[bytes, tuple[str, str | None]] = {}
+_LISTENERS: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+
+
+def name_of(value: bytes) -> str:
+    """Field 1 (``name``/``cluster_name``) of a serialized resource, read without parsing the rest."""
+    if value[:1] == b"\x0a":
+        length, shift, i = 0, 0, 1
+        while True:
+            b = value[i]
+            length |= (b & 0x7F) << shift
+            i += 1
+            if b < 0x80:
+                break
+            shift += 7
+        return value[i : i + length].decode()
+    return ""
+
+
+def cluster_info(value: bytes) -> tuple[str, str | None]:
+    """(name, EDS service name or None when the cluster is not of type EDS)."""
+    hit = _CLUSTERS.get(value)
+    if hit is None:
+        c = cluster_pb2.Cluster.FromString(value)
+        eds = None
+        if c.type == cluster_pb2.Cluster.EDS:
+            eds = c.eds_cluster_config.service_name or c.name
+        hit = _CLUSTERS[value] = (c.name, eds)
+    return hit
+
+
+def listener_info(value: bytes) -> tuple[str, tuple[str, ...]]:
+    """(name, RDS route names referenced by its HTTP connection managers)."""
+    hit = _LISTENERS.get(value)
+    if hit is None:
+        lis = listener_pb2.Listener.FromString(value)
+        routes: list[str] = []
+        chains = list(lis.filter_chains)
+        if lis.HasField("default_filter_chain"):
+            chains.append(lis.default_filter_chain)
+        for chain in chains:
+            for f in chain.filters:
+                if f.typed_config.type_url == HCM:
+                    hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(f.typed_config.value)
+                    if hcm.HasField("rds"):
+                        routes.append(hcm.rds.route_config_name)
+        hit = _LISTENERS[value] = (lis.name, tuple(sorted(set(routes))))
+    return hit
+
+
+# ---- one simulated Envoy ---------------------------------------------------------------------
+
+
+@dataclass
+class Totals:
+    """Shared by all clients of one run."""
+
+    responses: int = 0
+    bytes: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+    nacks: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+# on_eds(client, raw_response_bytes, ack_time) is called after an EDS response was ACKed.
+EdsHook = Callable[["SimEnvoy", bytes, float], None]
+
+
+def make_node(
+    node_id: str, *, cluster: str, region: str, zone: str, namespace: str, service: str
+) -> base_pb2.Node:
+    node = base_pb2.Node(id=node_id, cluster=service)
+    node.locality.region = region
+    node.locality.zone = zone
+    node.locality.sub_zone = cluster
+    node.metadata.update(
+        {
+            "isthmus": {
+                "role": "sidecar",
+                "cluster": cluster,
+                "namespace": namespace,
+                "service": service,
+                "service_account": service,
+                "listen_address": "0.0.0.0",
+                "outbound_port": 15001,
+                "inbound_port": 15006,
+            }
+        }
+    )
+    return node
+
+
+class SimEnvoy:
+    def __init__(
+        self,
+        index: int,
+        node: base_pb2.Node,
+        member: str,
+        mode: str,
+        multicallable: Any,
+        totals: Totals,
+        *,
+        mtls: bool,
+        on_eds: EdsHook | None = None,
+        on_complete: Callable[[SimEnvoy], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.node = node
+        self.member = member
+        self.mode = mode
+        self.totals = totals
+        self.mtls = mtls
+        self.on_eds = on_eds
+        self.on_complete = on_complete
+        self.complete_at: float | None = None
+        self._mc = multicallable
+        self._call: Any = None
+        self._node_sent = False
+        # what is subscribed and what is held, per type
+        self.subscribed: dict[str, set[str]] = {EDS: set(), RDS: set()}
+        self.held: dict[str, set[str]] = {CDS: set(), EDS: set(), LDS: set(), RDS: set(), SDS: set()}
+        self.acked_types: set[str] = set()
+        self.version: dict[str, str] = {}
+        self.nonce: dict[str, str] = {}
+        self.clusters: dict[str, str | None] = {}  # CDS name -> EDS name
+        self.listeners: dict[str, tuple[str, ...]] = {}  # LDS name -> route names
+
+    # ---- requests ----------------------------------------------------------------------
+
+    async def _send(self, request: Any) -> None:
+        if not self._node_sent:
+            request.node.CopyFrom(self.node)
+            self._node_sent = True
+        await self._call.write(request)
+
+    async def _sotw(self, type_url: str, names: set[str] | None, version: str = "", nonce: str = "") -> None:
+        await self._send(
+            discovery_pb2.DiscoveryRequest(
+                type_url=type_url,
+                resource_names=sorted(names) if names else [],
+                version_info=version,
+                response_nonce=nonce,
+            )
+        )
+
+    async def _delta(
+        self, type_url: str, sub: set[str] | None = None, unsub: set[str] | None = None, nonce: str = ""
+    ) -> None:
+        await self._send(
+            discovery_pb2.DeltaDiscoveryRequest(
+                type_url=type_url,
+                resource_names_subscribe=sorted(sub or ()),
+                resource_names_unsubscribe=sorted(unsub or ()),
+                response_nonce=nonce,
+            )
+        )
+
+    async def _subscribe(self, type_url: str, wanted: set[str]) -> None:
+        """Change a non-wildcard subscription (EDS, RDS, SDS) to ``wanted``."""
+        have = self.subscribed.get(type_url, set())
+        if wanted == have:
+            return
+        self.subscribed[type_url] = set(wanted)
+        if self.mode == "sotw":
+            await self._sotw(type_url, wanted, self.version.get(type_url, ""), self.nonce.get(type_url, ""))
+        else:
+            await self._delta(type_url, wanted - have, have - wanted)
+
+    # ---- the stream ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._call = self._mc(wait_for_ready=True)
+        try:
+            if self.mode == "sotw":
+                await self._sotw(CDS, None)
+                await self._sotw(LDS, None)
+            else:
+                await self._delta(CDS)
+                await self._delta(LDS)
+            if self.mtls:
+                await self._subscribe(SDS, set(SECRETS))
+            while True:
+                raw = await self._call.read()
+                if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    break
+                await self._handle(raw)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.totals.errors.append(f"{self.node.id}: {exc.code()} {exc.details()}")
+        except Exception as exc:  # a load tool reports, it does not crash
+            self.totals.errors.append(f"{self.node.id}: {type(exc).__name__}: {exc}")
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _handle(self, raw: bytes) -> None:
+        t = self.totals
+        t.responses += 1
+        t.bytes += len(raw)
+        if self.mode == "sotw":
+            r = discovery_pb2.DiscoveryResponse.FromString(raw)
+            type_url = r.type_url
+            values = [a.value for a in r.resources]
+            if type_url == CDS:
+                self.clusters = dict(cluster_info(v) for v in values)
+                self.held[CDS] = set(self.clusters)
+            elif type_url == LDS:
+                self.listeners = dict(listener_info(v) for v in values)
+                self.held[LDS] = set(self.listeners)
+            else:
+                # EDS, RDS and SDS responses carry the requested resources; absent ones are kept.
+                self.held[type_url].update(name_of(v) for v in values)
+        else:
+            r = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+            type_url = r.type_url
+            removed = set(r.removed_resources)
+            if type_url == CDS:
+                for name in removed:
+                    self.clusters.pop(name, None)
+                self.clusters.update(cluster_info(x.resource.value) for x in r.resources)
+                self.held[CDS] = set(self.clusters)
+            elif type_url == LDS:
+                for name in removed:
+                    self.listeners.pop(name, None)
+                self.listeners.update(listener_info(x.resource.value) for x in r.resources)
+                self.held[LDS] = set(self.listeners)
+            else:
+                held = self.held[type_url]
+                held -= removed
+                held.update(x.name for x in r.resources)
+        t.by_type[type_url] = t.by_type.get(type_url, 0) + 1
+        # Envoy requests the dependent types before it ACKs the response that named them.
+        if type_url == CDS:
+            await self._subscribe(EDS, {e for e in self.clusters.values() if e is not None})
+        elif type_url == LDS:
+            await self._subscribe(RDS, {name for routes in self.listeners.values() for name in routes})
+        if self.mode == "sotw":
+            self.version[type_url] = r.version_info
+            self.nonce[type_url] = r.nonce
+            await self._sotw(type_url, self.subscribed.get(type_url), r.version_info, r.nonce)
+        else:
+            await self._delta(type_url, nonce=r.nonce)
+        now = time.monotonic()
+        self.acked_types.add(type_url)
+        if type_url == EDS and self.on_eds is not None:
+            self.on_eds(self, raw, now)
+        if self.complete_at is None and self._complete():
+            self.complete_at = now
+            if self.on_complete is not None:
+                self.on_complete(self)
+
+    def _complete(self) -> bool:
+        if not {CDS, LDS} <= self.acked_types:
+            return False
+        if not self.subscribed[EDS] <= self.held[EDS] or not self.subscribed[RDS] <= self.held[RDS]:
+            return False
+        if self.subscribed[EDS] and EDS not in self.acked_types:
+            return False
+        return not self.mtls or set(SECRETS) <= self.held[SDS]

@@ -1,0 +1,569 @@
+"""Load benchmark: N simulated Envoys (ADS streams) against an xDS server; cold start and convergence.
+
+Workload: a mesh of C member clusters x S services x E endpoints per service and cluster, generated
+into a temp dir and served by isthmus (a subprocess, file source). Clients spread over the clusters
+(client i: cluster i % C, service (i // C) % S, so up to N distinct proxy keys).
+Measured: cold start (clients started -> every client holds an ACKed CDS, EDS for each EDS cluster,
+LDS, RDS and, with mTLS, SDS), convergence (one endpoint's address changed in one cluster, file
+written -> the last client of that cluster ACKed an EDS response with the new address; p50/p90/p99
+over M changes), the server's CPU seconds and peak RSS, the load tool's own CPU, bytes and responses.
+
+The file source polls its file every second (ServeSettings.mesh_poll_interval, no flag), which puts
+a uniform 0-1 s floor under convergence. ``--poll-interval`` (default 1.0 = `isthmus serve` as
+shipped) runs the server through a shim that only changes that setting; the floor is printed.
+
+Usage: python -m bench.load [--quick] [--clients N] [--clusters C] [--services S] [--endpoints E]
+       [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
+       [--profile-server FILE.prof] [--csv FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import functools
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from bench.adsclient import EDS, SimEnvoy, Totals, make_node, open_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- workload -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    clients: int
+    clusters: int
+    services: int
+    endpoints: int
+
+    @property
+    def total_endpoints(self) -> int:
+        return self.clusters * self.services * self.endpoints
+
+
+def member(c: int) -> str:
+    return f"m{c}"
+
+
+def region(c: int) -> str:
+    return f"region-{c}"
+
+
+def service_name(s: int) -> str:
+    return f"svc{s}"
+
+
+def namespace(s: int) -> str:
+    return f"ns{s % 10}"
+
+
+def _endpoint_line(c: int, s: int, address: str) -> str:
+    return (
+        f"      - {{cluster: {member(c)}, address: {address}, service_account: {service_name(s)}, "
+        "sidecar_port: 15006}\n"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One endpoint's new address: the member cluster whose clients must see it, and its wire marker."""
+
+    index: int
+    cluster: str
+    address: str
+
+    @property
+    def marker(self) -> bytes:
+        # SocketAddress.address is field 2 (tag 0x12), length-prefixed: no prefix collisions.
+        raw = self.address.encode()
+        return b"\x12" + bytes([len(raw)]) + raw
+
+
+class MeshFile:
+    """The mesh YAML as lines, so one endpoint can be rewritten without regenerating the rest."""
+
+    def __init__(self, shape: Shape, path: Path) -> None:
+        self.shape = shape
+        self.path = path
+        self.lines: list[str] = ["clusters:\n"]
+        for c in range(shape.clusters):
+            self.lines.append(
+                f"  - {{name: {member(c)}, region: {region(c)}, zone: {region(c)}-a, "
+                f"gateway: {{address: 127.100.{c}.1, port: 15443}}}}\n"
+            )
+        self.lines.append("services:\n")
+        self.where: dict[tuple[int, int, int], int] = {}
+        for s in range(shape.services):
+            self.lines += [
+                f"  - name: {service_name(s)}\n",
+                f"    namespace: {namespace(s)}\n",
+                "    ports: [{name: http, port: 80, target_port: 8080, protocol: http}]\n",
+                "    endpoints:\n",
+            ]
+            for c in range(shape.clusters):
+                for e in range(shape.endpoints):
+                    n = s * shape.endpoints + e
+                    self.where[(c, s, e)] = len(self.lines)
+                    self.lines.append(_endpoint_line(c, s, f"127.{c + 1}.{n // 250}.{n % 250 + 1}"))
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(self.lines))
+        os.replace(tmp, self.path)
+
+    def change(self, i: int) -> Change:
+        """Change i: a new, unique address for one endpoint of cluster i % C (not yet written)."""
+        sh = self.shape
+        c, s, e = i % sh.clusters, (i * 7919) % sh.services, (i * 31) % sh.endpoints
+        address = f"127.{200 + c % 50}.{i // 250}.{i % 250 + 1}"
+        self.lines[self.where[(c, s, e)]] = _endpoint_line(c, s, address)
+        return Change(i, member(c), address)
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+
+class Target(Protocol):
+    """An xDS server under test. A second implementation (go-control-plane behind an HTTP snapshot
+    API) only needs these."""
+
+    name: str
+    xds_address: str
+
+    async def start(self) -> None:
+        """Serve the workload; return once the server accepts ADS streams with a complete config."""
+
+    async def apply_change(self, i: int) -> tuple[Change, float]:
+        """Make change i; return it and the monotonic time it became visible to the server."""
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds so far, peak RSS bytes) of the server process."""
+
+    async def stop(self) -> None: ...
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        hwm = 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+        return cpu, hwm
+    except (OSError, ValueError):
+        return float("nan"), 0
+
+
+class IsthmusTarget:
+    name = "isthmus"
+
+    def __init__(
+        self, mesh: MeshFile, workdir: Path, *, poll: float, mtls: bool, profile: Path | None
+    ) -> None:
+        self.mesh = mesh
+        self.workdir = workdir
+        self.poll = poll
+        self.mtls = mtls
+        self.profile = profile
+        self.xds_address = f"127.0.0.1:{free_port()}"
+        self.admin_address = f"127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0
+        self._usage = (0.0, 0)
+
+    def command(self) -> list[str]:
+        serve = [
+            "--log-level",
+            "warning",
+            "serve",
+            "--mesh",
+            str(self.mesh.path),
+            "--xds-address",
+            self.xds_address,
+            "--admin-address",
+            self.admin_address,
+            "--debounce",
+            "0.05",
+        ]
+        if not self.mtls:
+            serve.append("--no-mtls")
+        shim = self.poll != 1.0
+        if self.profile is not None:
+            head = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m"]
+            if shim:
+                return [*head, "bench.load", "serve-shim", str(self.poll), *serve]
+            return [*head, "isthmus.cli", *serve]
+        if shim:
+            return [sys.executable, "-m", "bench.load", "serve-shim", str(self.poll), *serve]
+        return [str(VENV_BIN / "isthmus"), *serve]
+
+    async def start(self) -> None:
+        self.mesh.write()
+        t0 = time.monotonic()
+        self.log = (self.workdir / "isthmus.log").open("wb")
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
+            self.command(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"isthmus exited ({self.proc.returncode}); see {self.workdir}/isthmus.log")
+            if await asyncio.to_thread(self._ready):
+                break
+            await asyncio.sleep(0.05)
+        self.startup_s = time.monotonic() - t0
+
+    def _ready(self) -> bool:
+        url = f"http://{self.admin_address}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    async def apply_change(self, i: int) -> tuple[Change, float]:
+        change = self.mesh.change(i)
+        await asyncio.to_thread(self.mesh.write)
+        return change, time.monotonic()
+
+    def usage(self) -> tuple[float, int]:
+        if self.proc is not None and self.proc.poll() is None:
+            self._usage = proc_usage(self.proc.pid)
+        return self._usage
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.usage()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(self.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def serve_shim(argv: list[str]) -> int:
+    """`isthmus serve` with ServeSettings.mesh_poll_interval set (no CLI flag exists for it)."""
+    from isthmus import cli, settings
+
+    poll = float(argv[0])
+    setattr(cli, "ServeSettings", functools.partial(settings.ServeSettings, mesh_poll_interval=poll))  # noqa: B010
+    return cli.main(argv[1:])
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pending:
+    change: Change
+    written: float
+    remaining: set[int]
+    acks: dict[int, float] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Tracker:
+    """Matches EDS responses against the changes in flight."""
+
+    def __init__(self) -> None:
+        self.pending: list[Pending] = []
+
+    def on_eds(self, client: SimEnvoy, raw: bytes, now: float) -> None:
+        for p in self.pending:
+            if client.index in p.remaining and client.member == p.change.cluster and p.change.marker in raw:
+                p.remaining.discard(client.index)
+                p.acks[client.index] = now
+                if not p.remaining:
+                    p.done.set()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[str, Any]:
+    totals = Totals()
+    tracker = Tracker()
+    row: dict[str, Any] = {}
+    await target.start()
+    row["server_startup_s"] = getattr(target, "startup_s", float("nan"))
+    cpu0, _ = target.usage()
+
+    options = [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    channels = [
+        grpc.aio.insecure_channel(target.xds_address, options=[*options, ("bench.channel", k)])
+        for k in range(args.channels)
+    ]
+    streams = [open_stream(ch, args.mode) for ch in channels]
+    all_complete = asyncio.Event()
+    completed = 0
+
+    def on_complete(_: SimEnvoy) -> None:
+        nonlocal completed
+        completed += 1
+        if completed == shape.clients:
+            all_complete.set()
+
+    clients: list[SimEnvoy] = []
+    for i in range(shape.clients):
+        c, s = i % shape.clusters, (i // shape.clusters) % shape.services
+        node = make_node(
+            f"sidecar~{service_name(s)}.{namespace(s)}~{member(c)}~{i}",
+            cluster=member(c),
+            region=region(c),
+            zone=f"{region(c)}-a",
+            namespace=namespace(s),
+            service=service_name(s),
+        )
+        clients.append(
+            SimEnvoy(
+                i,
+                node,
+                member(c),
+                args.mode,
+                streams[i % len(streams)],
+                totals,
+                mtls=args.mtls,
+                on_eds=tracker.on_eds,
+                on_complete=on_complete,
+            )
+        )
+
+    own0 = time.process_time()
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(cl.run()) for cl in clients]
+    try:
+        await asyncio.wait_for(all_complete.wait(), args.timeout)
+    except TimeoutError:
+        totals.errors.append(f"cold start: only {completed}/{shape.clients} complete after {args.timeout}s")
+    cold_times = [cl.complete_at - t0 for cl in clients if cl.complete_at is not None]
+    row["cold_start_s"] = max(cold_times) if len(cold_times) == shape.clients else float("nan")
+    row["cold_p50_s"] = pct(cold_times, 50)
+    row["cold_complete"] = len(cold_times)
+    cpu1, _ = target.usage()
+    row["cold_server_cpu_s"] = cpu1 - cpu0
+    row["cold_tool_cpu_s"] = time.process_time() - own0
+    row["cold_responses"] = totals.responses
+    row["cold_mb"] = totals.bytes / 1e6
+    await asyncio.sleep(0.5)  # let stragglers (late re-pushes) settle before changes
+
+    # ---- convergence ----
+    by_cluster: dict[str, set[int]] = {}
+    for cl in clients:
+        by_cluster.setdefault(cl.member, set()).add(cl.index)
+    conv: list[float] = []
+    first: list[float] = []
+    resp0, bytes0, eds0 = totals.responses, totals.bytes, totals.by_type.get(EDS, 0)
+    cpu2, _ = target.usage()
+    own2 = time.process_time()
+    for i in range(args.changes):
+        # Registered before the write, so an EDS response cannot slip past between write and watch.
+        pending = Pending(Change(i, "", ""), 0.0, set())
+        tracker.pending.append(pending)
+        change, written = await target.apply_change(i)
+        pending.change, pending.written = change, written
+        pending.remaining = set(by_cluster.get(change.cluster, set()))
+        try:
+            await asyncio.wait_for(pending.done.wait(), args.change_timeout)
+            conv.append(max(pending.acks.values()) - written)
+            first.append(min(pending.acks.values()) - written)
+        except TimeoutError:
+            totals.errors.append(
+                f"change {i}: {len(pending.remaining)} clients of {change.cluster} "
+                f"never ACKed {change.address}"
+            )
+        tracker.pending.remove(pending)
+        # A random pause: changes land at random phases of the file poll, not locked to one.
+        await asyncio.sleep(args.gap + random.uniform(0, args.poll_interval))
+    cpu3, rss = target.usage()
+    row["conv_n"] = len(conv)
+    row["conv_p50_ms"] = pct(conv, 50) * 1e3
+    row["conv_p90_ms"] = pct(conv, 90) * 1e3
+    row["conv_p99_ms"] = pct(conv, 99) * 1e3
+    row["conv_max_ms"] = max(conv) * 1e3 if conv else float("nan")
+    row["conv_first_p50_ms"] = pct(first, 50) * 1e3
+    row["conv_server_cpu_per_change_ms"] = (cpu3 - cpu2) / max(1, args.changes) * 1e3
+    row["conv_tool_cpu_per_change_ms"] = (time.process_time() - own2) / max(1, args.changes) * 1e3
+    row["conv_responses_per_change"] = (totals.responses - resp0) / max(1, args.changes)
+    row["conv_eds_per_change"] = (totals.by_type.get(EDS, 0) - eds0) / max(1, args.changes)
+    row["conv_mb_per_change"] = (totals.bytes - bytes0) / 1e6 / max(1, args.changes)
+    row["server_cpu_total_s"] = cpu3
+    row["server_peak_rss_mib"] = rss / 2**20
+    row["tool_cpu_total_s"] = time.process_time()
+    row["tool_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["responses"] = totals.responses
+    row["mb_received"] = totals.bytes / 1e6
+
+    for cl in clients:
+        cl.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for ch in channels:
+        await ch.close(None)
+    await target.stop()
+    row["errors"] = len(totals.errors)
+    for e in totals.errors[:10]:
+        print("error:", e, file=sys.stderr)
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="N=20, 3x20x3, 5 changes")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--clusters", type=int, default=3)
+    p.add_argument("--services", type=int, default=100)
+    p.add_argument("--endpoints", type=int, default=10)
+    p.add_argument("--changes", type=int, default=20)
+    p.add_argument("--mode", choices=("sotw", "delta"), default="sotw")
+    p.add_argument("--channels", type=int, default=1, help="gRPC channels the clients share (round-robin)")
+    p.add_argument(
+        "--poll-interval", type=float, default=1.0, help="the file source's poll (1.0 = as shipped)"
+    )
+    p.add_argument("--no-mtls", dest="mtls", action="store_false")
+    p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=300.0, help="cold start limit (s)")
+    p.add_argument("--change-timeout", type=float, default=30.0)
+    p.add_argument("--profile-server", type=Path, help="run the server under cProfile, stats to this file")
+    p.add_argument("--csv", type=Path, help="append one row per run to this CSV file")
+    args = p.parse_args(argv)
+    random.seed(args.seed)
+    if args.quick:
+        args.clients, args.clusters, args.services, args.endpoints, args.changes = 20, 3, 20, 3, 5
+    if args.clients < args.clusters:
+        p.error("--clients must be at least --clusters (every cluster needs clients)")
+    return args
+
+
+def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
+    def f(key: str, digits: int = 2) -> str:
+        v = row[key]
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = [
+        ("target / mode", f"{row['target']} / {args.mode}, mTLS {'on' if args.mtls else 'off'}"),
+        (
+            "workload",
+            f"{shape.clients} clients, {shape.clusters} x {shape.services} x {shape.endpoints} "
+            f"({shape.total_endpoints} endpoints), {args.channels} channel(s)",
+        ),
+        ("server startup (spawn -> /readyz)", f"{f('server_startup_s')} s"),
+        ("cold start: all clients complete", f"{f('cold_start_s')} s (p50 {f('cold_p50_s')} s)"),
+        ("cold start: server CPU / tool CPU", f"{f('cold_server_cpu_s')} s / {f('cold_tool_cpu_s')} s"),
+        ("cold start: responses / MB received", f"{row['cold_responses']} / {f('cold_mb', 1)}"),
+        (
+            f"convergence, n={row['conv_n']}: p50 / p90 / p99 / max",
+            f"{f('conv_p50_ms', 0)} / {f('conv_p90_ms', 0)} / {f('conv_p99_ms', 0)} / "
+            f"{f('conv_max_ms', 0)} ms",
+        ),
+        ("convergence: first client ACK p50", f"{f('conv_first_p50_ms', 0)} ms"),
+        (
+            "file poll floor (uniform 0..interval)",
+            f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}",
+        ),
+        (
+            "per change: server CPU / tool CPU",
+            f"{f('conv_server_cpu_per_change_ms', 0)} ms / {f('conv_tool_cpu_per_change_ms', 0)} ms",
+        ),
+        (
+            "per change: responses (EDS) / MB",
+            f"{f('conv_responses_per_change', 1)} ({f('conv_eds_per_change', 1)}) / "
+            f"{f('conv_mb_per_change', 2)}",
+        ),
+        ("server: CPU total / peak RSS", f"{f('server_cpu_total_s')} s / {f('server_peak_rss_mib', 0)} MiB"),
+        ("load tool: CPU total / peak RSS", f"{f('tool_cpu_total_s')} s / {f('tool_peak_rss_mib', 0)} MiB"),
+        ("responses / MB received (total)", f"{row['responses']} / {f('mb_received', 1)}"),
+        ("errors", str(row["errors"])),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-shim"]:
+        return serve_shim(argv[1:])
+    args = parse_args(argv)
+    shape = Shape(args.clients, args.clusters, args.services, args.endpoints)
+    with tempfile.TemporaryDirectory(prefix="isthmus-load-") as tmp:
+        work = Path(tmp)
+        mesh = MeshFile(shape, work / "mesh.yaml")
+        target = IsthmusTarget(
+            mesh, work, poll=args.poll_interval, mtls=args.mtls, profile=args.profile_server
+        )
+        try:
+            row = asyncio.run(run(args, shape, target))
+        except BaseException:
+            log = work / "isthmus.log"
+            if log.exists():
+                sys.stderr.write(log.read_text()[-3000:])
+            raise
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "target": target.name,
+        "mode": args.mode,
+        "mtls": args.mtls,
+        "clients": shape.clients,
+        "clusters": shape.clusters,
+        "services": shape.services,
+        "endpoints": shape.endpoints,
+        "changes": args.changes,
+        "channels": args.channels,
+        "poll_interval_s": args.poll_interval,
+        **row,
+    }
+    report(args, shape, row)
+    if args.csv is not None:
+        new = not args.csv.exists() or args.csv.stat().st_size == 0
+        with args.csv.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+    return 1 if row["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
