@@ -1,5 +1,5 @@
-"""Shared bytes: proxies in the same group (Proxy.for_type) get the same ResourceSet and Resource objects, each resource
-is serialized once per mesh version, and streams send exactly those bytes."""
+"""Shared bytes: proxies in the same group (Proxy.for_type) get the same ResourceSet and Resource
+objects, each resource is serialized once per mesh version, and streams send exactly those bytes."""
 
 from __future__ import annotations
 
