@@ -51,6 +51,7 @@ test: lint typecheck layers unit ## everything CI runs: quality gates, then the 
 bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asserted)
 	$(BIN)/python -m bench.serialize
 	$(BIN)/python -m bench.discovery
+	$(BIN)/python -m bench.load --quick
 
 .PHONY: bench-peer
 bench-peer: ## build the go-control-plane peer (bench/peers/gcp; needs Go)
