@@ -23,6 +23,7 @@ from isthmus.drain import Drains
 from isthmus.settings import ServeSettings, parse_hostport
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
+from isthmus.xds.proxy import Role
 from isthmus.xds.server import AdsServer, Limits
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class ControlPlane:
         liveness = GatewayLiveness(self.settings.gateway_grace)
         while True:
             await asyncio.sleep(min(1.0, self.settings.gateway_grace / 3))
-            connected = {p.cluster for p in self.ads.status() if p.role == "gateway"}
+            connected = self.ads.connected_clusters(Role.GATEWAY)
             with_gateway = {n for n, c in self.cache.view.clusters.items() if c.gateway is not None}
             down = liveness.observe(connected, with_gateway)
             if down != self._gateways_down:

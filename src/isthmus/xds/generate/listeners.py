@@ -90,8 +90,7 @@ def outbound_tcp_listeners(view: MeshView, proxy: Proxy) -> list[Any]:
     gets it (and a port equal to the proxy's own outbound or inbound port is skipped)."""
     taken = {proxy.outbound_port, proxy.inbound_port}
     out = []
-    for key in sorted(view.services):
-        service = view.services[key]
+    for service in view.services.values():  # in namespace/name order (a MeshView guarantee)
         for port in service.ports:
             if port.protocol.is_http or port.port in taken:
                 continue

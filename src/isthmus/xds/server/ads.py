@@ -18,6 +18,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from isthmus.xds.cache import ConfigCache
+from isthmus.xds.proxy import Role
 from isthmus.xds.server.delta import DeltaStream
 from isthmus.xds.server.sotw import SotwStream
 from isthmus.xds.server.status import ProxyStatus
@@ -106,6 +107,12 @@ class AdsServer:
     def status(self) -> list[ProxyStatus]:
         """A copy of every connected stream's status, by stream id."""
         return [s.status.snapshot() for _, s in sorted(self._streams.items())]
+
+    def connected_clusters(self, role: Role) -> set[str]:
+        """Member clusters with at least one connected proxy of ``role`` (cheap: copies nothing)."""
+        return {
+            s.proxy.cluster for s in self._streams.values() if s.proxy is not None and s.proxy.role is role
+        }
 
     def lagging(self, type_url: str) -> list[str]:
         """Node ids of the proxies that have not yet been sent, and ACKed, the current resources
