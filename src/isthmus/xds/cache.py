@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
-from isthmus.discovery.model import MeshView
+from isthmus.discovery.model import MeshView, Service, ServiceKey
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
-from isthmus.xds.generate import GENERATORS, PARTS, Generator, placeholder
+from isthmus.xds.generate import GENERATORS, PARTS, PER_SERVICE, Generator, placeholder
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.resources import Resource, state_version
@@ -70,6 +71,10 @@ class ConfigCache:
         self._memo: dict[tuple[str, Proxy], ResourceSet] = {}
         self._previous: dict[tuple[str, Proxy], ResourceSet] = {}
         self._merged: dict[tuple[str, Proxy], tuple[tuple[ResourceSet, ...], ResourceSet]] = {}
+        # Per group, for types generated service by service: (context, {service: (Service, resources)}).
+        self._services: dict[
+            tuple[str, Proxy], tuple[Any, dict[ServiceKey, tuple[Service, dict[str, Resource]]]]
+        ] = {}
         self._merged_before: dict[tuple[str, Proxy], tuple[tuple[ResourceSet, ...], ResourceSet]] = {}
         self._interned: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
@@ -186,11 +191,14 @@ class ConfigCache:
             return cached
         previous = self._previous.get(key)
         try:
-            messages = generator(self._view, shared, self._identity_for(type_url, proxy))
-            by_name: dict[str, Resource] = {}
-            for name, message in messages.items():
-                self.serializations += 1
-                by_name[name] = self._intern(type_url, name, message.SerializeToString(deterministic=True))
+            identity = self._identity_for(type_url, proxy)
+            per_service = PER_SERVICE.get(type_url) if generator is GENERATORS.get(type_url) else None
+            if per_service is not None:
+                by_name = self._by_service(key, type_url, shared, identity, *per_service)
+            else:
+                by_name = {}
+                for name, message in generator(self._view, shared, identity).items():
+                    by_name[name] = self._serialize(type_url, name, message)
         except Exception:
             # A generator bug must not take streams down: keep serving the last good set.
             log.exception("generator for %s failed for proxy %s", group, proxy.node_id)
@@ -203,6 +211,36 @@ class ConfigCache:
             result = previous
         self._memo[key] = result
         return result
+
+    def _serialize(self, type_url: str, name: str, message: Any) -> Resource:
+        self.serializations += 1
+        return self._intern(type_url, name, message.SerializeToString(deterministic=True))
+
+    def _by_service(
+        self,
+        key: tuple[str, Proxy],
+        type_url: str,
+        proxy: Proxy,
+        identity: MeshIdentity,
+        context: Callable[..., Any],
+        for_service: Callable[..., Mapping[str, Any]],
+    ) -> dict[str, Resource]:
+        """Generate service by service, reusing the resources of every service whose Service object
+        is the one generated last time, as long as the context (the rest of the view) is equal."""
+        ctx = context(self._view, proxy, identity)
+        known_ctx, known = self._services.get(key, (None, {}))
+        reusable = known if known_ctx == ctx else {}
+        table: dict[ServiceKey, tuple[Service, dict[str, Resource]]] = {}
+        by_name: dict[str, Resource] = {}
+        for service in self._view.services.values():
+            hit = reusable.get(service.key)
+            if hit is None or hit[0] is not service:
+                messages = for_service(service, proxy, ctx)
+                hit = (service, {n: self._serialize(type_url, n, m) for n, m in messages.items()})
+            table[service.key] = hit
+            by_name.update(hit[1])
+        self._services[key] = (ctx, table)
+        return by_name
 
     def placeholder(self, type_url: str, name: str) -> Resource:
         """The empty resource answering a request for an EDS/RDS name that does not exist."""

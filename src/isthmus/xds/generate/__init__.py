@@ -34,6 +34,13 @@ PARTS: Mapping[str, tuple[tuple[str, Generator], ...]] = {
 }
 
 
+# Types generated service by service: (context of the view, generator of one service's resources).
+# The cache regenerates only services whose Service object changed, while the context is equal.
+PER_SERVICE: Mapping[str, tuple[Callable[..., Any], Callable[..., Mapping[str, Any]]]] = {
+    types.ENDPOINT: (endpoints.context, endpoints.for_service),
+}
+
+
 def placeholder(type_url: str, name: str) -> Any:
     """The empty resource sent for a requested EDS/RDS name that does not exist (yet)."""
     if type_url == types.ENDPOINT:

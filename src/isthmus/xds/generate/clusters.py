@@ -151,9 +151,14 @@ def gateway_services(view: MeshView, proxy: Proxy) -> list[tuple[Service, Servic
     """Service ports a gateway forwards: those with sidecar endpoints in the gateway's own cluster."""
     out: list[tuple[Service, ServicePort]] = []
     for service in view.services.values():
-        if any(e.sidecar_port and e.locality.cluster == proxy.cluster for e in service.endpoints):
+        if exported_through_gateway(service, proxy.cluster):
             out.extend((service, port) for port in service.ports)
     return out
+
+
+def exported_through_gateway(service: Service, cluster: str) -> bool:
+    """Whether ``cluster``'s east-west gateway forwards to this service: it has sidecars there."""
+    return any(e.sidecar_port and e.locality.cluster == cluster for e in service.endpoints)
 
 
 def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:

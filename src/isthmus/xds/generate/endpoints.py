@@ -41,7 +41,7 @@ from isthmus.discovery.model import (
 )
 from isthmus.xds import naming
 from isthmus.xds.generate import tls
-from isthmus.xds.generate.clusters import gateway_services
+from isthmus.xds.generate.clusters import exported_through_gateway
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.proxy import Proxy, Role
 
@@ -231,16 +231,29 @@ def gateway_assignment(service: Service, port: ServicePort, proxy: Proxy) -> Any
 
 
 def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    reach = context(view, proxy, identity)
+    out: dict[str, Any] = {}
+    for service in view.services.values():
+        out.update(for_service(service, proxy, reach))
+    return out
+
+
+def context(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> Reach:
+    """Everything besides one service that its assignments depend on (see ``for_service``)."""
+    return Reach.of(view, identity.mtls)
+
+
+def for_service(service: Service, proxy: Proxy, reach: Reach) -> dict[str, Any]:
+    """The assignments of one service's ports: a function of (service, proxy, reach) only, so the
+    cache reuses them while the Service object and the reach stay the same."""
     out: dict[str, Any] = {}
     if proxy.role is Role.GATEWAY:
-        if identity.mtls:
-            for service, port in gateway_services(view, proxy):
+        if reach.mtls and exported_through_gateway(service, proxy.cluster):
+            for port in service.ports:
                 cla = gateway_assignment(service, port, proxy)
                 out[cla.cluster_name] = cla
         return out
-    reach = Reach.of(view, identity.mtls)
-    for service in view.services.values():
-        for port in service.ports:
-            cla = assignment(service, port, proxy, reach)
-            out[cla.cluster_name] = cla
+    for port in service.ports:
+        cla = assignment(service, port, proxy, reach)
+        out[cla.cluster_name] = cla
     return out
