@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from datapath.harness import DataPath, NsEnvoy, envoy_binary
-from datapath.scenario import Stream, meshed, pods, start_sidecars
+from datapath.scenario import meshed, pods, start_sidecars, stream_around
 
 
 def say(text: str) -> None:
@@ -74,16 +74,11 @@ async def demo(workdir: Path) -> None:
         await show(client, "api.shop", 10)
 
         say("Killing web in east (its process stops; nothing tells the control plane)")
-        stream = Stream(client, "web.shop")
-        stream.start()
-        await asyncio.sleep(1.0)
-        killed = time.monotonic()
-        await dp.agent("east").stop_app("web-east")
-        await asyncio.sleep(3.0)
-        await stream.stop()
-        after = stream.after(killed)
+        stream, killed = await stream_around(
+            client, "web.shop", lambda: dp.agent("east").stop_app("web-east")
+        )
+        after, failed = stream.after(killed), len(stream.failed_after(killed))
         moved = stream.recovered_at(killed, "web-west")
-        failed = sum(1 for s in after if not s.ok)
         print(f"   a steady stream of {len(after)} requests since the kill: {failed} failed", flush=True)
         if moved is not None:
             print(f"   all answered by west from {1000 * (moved - killed):.0f} ms after the kill", flush=True)

@@ -25,6 +25,7 @@ from isthmus.xds.server import AdsServer
 log = logging.getLogger(__name__)
 
 DRAIN_STEPS = (75, 50, 25, 0)
+UNDRAIN_STEPS = (*reversed(DRAIN_STEPS[:-1]), FULL_WEIGHT)  # 25, 50, 75, 100
 
 
 @dataclass(slots=True)
@@ -57,9 +58,7 @@ class Drains:
         """Begin draining (or undraining) ``cluster``; a running operation on it is replaced."""
         current = self.progress.get(cluster)
         weight = current.weight if current is not None else FULL_WEIGHT
-        steps = (
-            [w for w in DRAIN_STEPS if w < weight] if drain else [w for w in (25, 50, 75, 100) if w > weight]
-        )
+        steps = [w for w in DRAIN_STEPS if w < weight] if drain else [w for w in UNDRAIN_STEPS if w > weight]
         previous = self._tasks.pop(cluster, None)
         if previous is not None:
             previous.cancel()

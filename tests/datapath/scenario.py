@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,9 @@ class Stream:
     def after(self, t: float) -> list[Sample]:
         return [s for s in self.samples if s.at >= t]
 
+    def failed_after(self, t: float) -> list[Sample]:
+        return [s for s in self.after(t) if not s.ok]
+
     def recovered_at(self, t: float, app: str) -> float | None:
         """When, after ``t``, ``app`` began to answer every request (None: it never did)."""
         later = self.after(t)
@@ -102,3 +106,18 @@ class Stream:
             if all(s.ok and s.app == app for s in later[i:]):
                 return sample.at
         return None
+
+
+async def stream_around(
+    client: NsEnvoy, host: str, event: Callable[[], Awaitable[object]], lead: float = 1.0, settle: float = 3.0
+) -> tuple[Stream, float]:
+    """A steady stream to ``host`` for ``lead`` seconds, then ``event()``, then ``settle`` seconds more;
+    returns the stopped stream and the time the event started (time.monotonic())."""
+    stream = Stream(client, host)
+    stream.start()
+    await asyncio.sleep(lead)
+    started = time.monotonic()
+    await event()
+    await asyncio.sleep(settle)
+    await stream.stop()
+    return stream, started

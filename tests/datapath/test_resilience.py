@@ -12,7 +12,7 @@ import time
 import pytest
 
 from datapath.harness import DataPath, eventually
-from datapath.scenario import Stream, answered_by, meshed, pods, start_sidecars
+from datapath.scenario import Stream, answered_by, meshed, pods, start_sidecars, stream_around
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 
@@ -32,16 +32,10 @@ async def test_endpoint_failure_moves_traffic_to_the_other_cluster(dp: DataPath)
         assert await answered_by(client, "web.shop", count=10) == {"web-east": 10}
 
     await eventually(east_serves, what="east serves east", within=20)
-    stream = Stream(client, "web.shop")
-    stream.start()
-    await asyncio.sleep(1.0)
-    killed = time.monotonic()
-    await dp.agent("east").stop_app("web-east")
-    await asyncio.sleep(4.0)
-    await stream.stop()
-
-    after = stream.after(killed)
-    failed = [s for s in after if not s.ok]
+    stream, killed = await stream_around(
+        client, "web.shop", lambda: dp.agent("east").stop_app("web-east"), settle=4.0
+    )
+    after, failed = stream.after(killed), stream.failed_after(killed)
     recovered = stream.recovered_at(killed, "web-west")
     print(
         f"\nendpoint failure: {len(failed)} failed of {len(after)} requests after the kill; "
@@ -138,8 +132,7 @@ async def test_cluster_loss_dead_gateway_moves_traffic_and_is_marked(make_datapa
     marked = time.monotonic()
     await asyncio.sleep(1.0)
     await stream.stop()
-    after = stream.after(killed)
-    failed = [s for s in after if not s.ok]
+    after, failed = stream.after(killed), stream.failed_after(killed)
     moved = stream.recovered_at(killed, "web-east")
     moved_after = None if moved is None else round(moved - killed, 3)
     print(

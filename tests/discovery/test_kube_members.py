@@ -4,7 +4,7 @@ membership, 410 relists, outages that keep the last known endpoints, refused kub
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,14 @@ def service(name: str = "web") -> dict[str, Any]:
     }
 
 
-def endpoint_slice(name: str, addresses: list[str], svc: str = "web") -> dict[str, Any]:
+def endpoint_slice(name: str, addresses: Iterable[str], svc: str = "web") -> dict[str, Any]:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": svc}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in sorted(addresses)],
     }
 
 

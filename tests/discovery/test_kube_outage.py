@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_kube_members import endpoint_slice, service
 
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.members import Members
@@ -57,26 +58,6 @@ B_GHOSTS = B0 - B1
 
 
 # ---- objects --------------------------------------------------------------------------------------
-
-
-def service(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }
-
-
-def endpoint_slice(name: str, addresses: set[str], svc: str = "web") -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in sorted(addresses)],
-    }
 
 
 # ---- reading views -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ endpoints are used directly. Gateways get only their own cluster's sidecars.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,13 @@ def priority_class(proxy: Locality, endpoint: Locality, stale: frozenset[str] = 
 
 def stale_clusters(view: MeshView) -> frozenset[str]:
     return frozenset(name for name, c in view.clusters.items() if c.state is ClusterState.STALE)
+
+
+def _by_locality(endpoints: Iterable[Endpoint]) -> dict[Locality, list[Endpoint]]:
+    grouped: dict[Locality, list[Endpoint]] = defaultdict(list)
+    for endpoint in endpoints:
+        grouped[endpoint.locality].append(endpoint)
+    return grouped
 
 
 def _mtls_metadata() -> Any:
@@ -180,9 +187,7 @@ def assignment(
 ) -> Any:
     """The ClusterLoadAssignment of one service port as ``proxy`` sees it (the proxy's own cluster
     is always reached directly; other clusters through their gateway when they have one)."""
-    by_locality: dict[Locality, list[Endpoint]] = defaultdict(list)
-    for ep in service.endpoints:
-        by_locality[ep.locality].append(ep)
+    by_locality = _by_locality(service.endpoints)
     groups = []
     for loc in sorted(by_locality):
         gateway = reach.gateways.get(loc.cluster) if loc.cluster != proxy.cluster else None
@@ -212,10 +217,9 @@ def assignment(
 def gateway_assignment(service: Service, port: ServicePort, proxy: Proxy) -> Any:
     """A gateway's view: only the sidecars of its own cluster, at their inbound (mTLS) port."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=naming.sni(service, port))
-    by_locality: dict[Locality, list[Endpoint]] = defaultdict(list)
-    for ep in service.endpoints:
-        if ep.locality.cluster == proxy.cluster and ep.sidecar_port:
-            by_locality[ep.locality].append(ep)
+    by_locality = _by_locality(
+        e for e in service.endpoints if e.locality.cluster == proxy.cluster and e.sidecar_port
+    )
     for loc in sorted(by_locality):
         eps = by_locality[loc]
         cla.endpoints.append(
