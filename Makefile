@@ -31,8 +31,8 @@ run: $(STAMP) ## run the control plane on the built-in example mesh (no Kubernet
 	$(BIN)/isthmus serve --xds-address $(XDS_ADDRESS) --admin-address $(ADMIN_ADDRESS)
 
 lint: $(STAMP) ## ruff (lint and format check)
-	$(BIN)/ruff check src tests demo
-	$(BIN)/ruff format --check src tests demo
+	$(BIN)/ruff check src tests demo bench
+	$(BIN)/ruff format --check src tests demo bench
 
 typecheck: $(STAMP) ## mypy --strict on src/
 	$(BIN)/mypy

@@ -117,7 +117,14 @@ EdsHook = Callable[["SimEnvoy", bytes, float], None]
 
 
 def make_node(
-    node_id: str, *, cluster: str, region: str, zone: str, namespace: str, service: str
+    node_id: str,
+    *,
+    cluster: str,
+    region: str,
+    zone: str,
+    namespace: str,
+    service: str,
+    service_account: str | None = None,
 ) -> base_pb2.Node:
     node = base_pb2.Node(id=node_id, cluster=service)
     node.locality.region = region
@@ -130,7 +137,7 @@ def make_node(
                 "cluster": cluster,
                 "namespace": namespace,
                 "service": service,
-                "service_account": service,
+                "service_account": service_account or service,
                 "listen_address": "0.0.0.0",
                 "outbound_port": 15001,
                 "inbound_port": 15006,

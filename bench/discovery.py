@@ -36,6 +36,7 @@ from typing import Any
 
 from isthmus.discovery.aggregate import Aggregator, Shard, merge
 from isthmus.discovery.kube.convert import REGION_LABEL, SERVICE_NAME_LABEL, ZONE_LABEL
+from isthmus.discovery.kube.gateway import INBOUND_PORT_ANNOTATION
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.model import ClusterState, Health, MeshView, ServiceKey
 
@@ -75,11 +76,15 @@ def namespace(s: int) -> str:
     return f"bench-{s % NAMESPACES}"
 
 
-def endpoint_slice(shape: Shape, c: int, s: int, unready: int | None = None) -> Obj:
+def endpoint_slice(
+    shape: Shape, c: int, s: int, unready: int | None = None, moved: dict[int, str] | None = None
+) -> Obj:
+    """Service s's slice in cluster c; ``moved`` gives endpoints a new address (endpoint -> address)."""
     ns = namespace(s)
+    moved = moved or {}
     endpoints = [
         {
-            "addresses": [shape.address(c, s, e)],
+            "addresses": [moved.get(e) or shape.address(c, s, e)],
             "conditions": {"ready": e != unready, "serving": True, "terminating": False},
             "nodeName": shape.node(s, e),
             "targetRef": {"kind": "Pod", "namespace": ns, "name": f"svc-{s}-{e}"},
@@ -92,7 +97,9 @@ def endpoint_slice(shape: Shape, c: int, s: int, unready: int | None = None) -> 
     return head | {"addressType": "IPv4", "ports": ports, "endpoints": endpoints}
 
 
-def seed(api: FakeKubeApi, shape: Shape, c: int) -> None:
+def seed(api: FakeKubeApi, shape: Shape, c: int, sidecar_port: int | None = None) -> None:
+    """Cluster c's objects; with ``sidecar_port``, every pod has a sidecar (mTLS endpoints)."""
+
     def create(kind: str, meta: Obj, **body: Any) -> None:
         api.create({"apiVersion": "v1", "kind": kind, "metadata": meta, **body})
 
@@ -106,16 +113,19 @@ def seed(api: FakeKubeApi, shape: Shape, c: int) -> None:
         api.create(endpoint_slice(shape, c, s))
         for e in range(shape.endpoints):
             spec = {"serviceAccountName": f"sa-{s}", "nodeName": shape.node(s, e)}
-            create("Pod", {"name": f"svc-{s}-{e}", "namespace": namespace(s)}, spec=spec)
+            meta = {"name": f"svc-{s}-{e}", "namespace": namespace(s)}
+            if sidecar_port is not None:
+                meta["annotations"] = {INBOUND_PORT_ANNOTATION: str(sidecar_port)}
+            create("Pod", meta, spec=spec)
 
 
-def serve(conn: Connection, shape: Shape) -> None:
+def serve(conn: Connection, shape: Shape, sidecar_port: int | None = None) -> None:
     """Child process: the fake API servers; applies ``(cluster, object)`` updates sent by the parent."""
 
     async def run() -> None:
         apis = [FakeKubeApi() for _ in range(shape.clusters)]
         for c, api in enumerate(apis):
-            seed(api, shape, c)
+            seed(api, shape, c, sidecar_port)
             await api.start()
         conn.send([(api.url, api.token) for api in apis])
         stop = asyncio.Event()

@@ -1,19 +1,22 @@
 """Load benchmark: N simulated Envoys (ADS streams) against an xDS server; cold start and convergence.
 
-Workload: a mesh of C member clusters x S services x E endpoints per service and cluster, generated
-into a temp dir and served by isthmus (a subprocess, file source). Clients spread over the clusters
-(client i: cluster i % C, service (i // C) % S, so up to N distinct proxy keys).
+Workload: a mesh of C member clusters x S services x E endpoints per service and cluster, served by
+isthmus (a subprocess) from fake Kubernetes API servers (bench.discovery's objects, in a child
+process; ``--source kube``, the default) or from a generated mesh file (``--source file``).
+Clients spread over the clusters (client i: cluster i % C, service (i // C) % S, so up to N
+distinct proxy keys).
 Measured: cold start (clients started -> every client holds an ACKed CDS, EDS for each EDS cluster,
-LDS, RDS and, with mTLS, SDS), convergence (one endpoint's address changed in one cluster, file
-written -> the last client of that cluster ACKed an EDS response with the new address; p50/p90/p99
-over M changes), the server's CPU seconds and peak RSS, the load tool's own CPU, bytes and responses.
+LDS, RDS and, with mTLS, SDS), convergence (one endpoint's address changed in one cluster, API write
+or file write -> the last client of that cluster ACKed an EDS response with the new address;
+p50/p90/p99 over M changes, the debounce included), the server's CPU seconds and peak RSS, the load
+tool's own CPU, bytes and responses.
 
 The file source polls its file every second (ServeSettings.mesh_poll_interval, no flag), which puts
-a uniform 0-1 s floor under convergence. ``--poll-interval`` (default 1.0 = `isthmus serve` as
-shipped) runs the server through a shim that only changes that setting; the floor is printed.
+a uniform 0-1 s floor under convergence, and re-reads the whole file. ``--poll-interval`` (default
+1.0 = `isthmus serve` as shipped) runs the server through a shim that only changes that setting.
 
-Usage: python -m bench.load [--quick] [--clients N] [--clusters C] [--services S] [--endpoints E]
-       [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
+Usage: python -m bench.load [--quick] [--source kube|file] [--clients N] [--clusters C] [--services S]
+       [--endpoints E] [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
        [--profile-server FILE.prof] [--csv FILE]
 """
 
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import csv
 import functools
+import multiprocessing
 import os
 import platform
 import random
@@ -35,16 +39,21 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 
+from bench import discovery
 from bench.adsclient import EDS, SimEnvoy, Totals, make_node, open_stream
+from bench.discovery import namespace, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SIDECAR_PORT = 15006
 
 
 # ---- workload -------------------------------------------------------------------------------
@@ -67,22 +76,38 @@ def member(c: int) -> str:
 
 
 def region(c: int) -> str:
-    return f"region-{c}"
+    return f"r{c}"
+
+
+def zone(c: int) -> str:
+    return f"r{c}-z0"
 
 
 def service_name(s: int) -> str:
-    return f"svc{s}"
+    return f"svc-{s}"  # the names of bench.discovery's Kubernetes objects
 
 
-def namespace(s: int) -> str:
-    return f"ns{s % 10}"
+def service_account(s: int) -> str:
+    return f"sa-{s}"
 
 
-def _endpoint_line(c: int, s: int, address: str) -> str:
-    return (
-        f"      - {{cluster: {member(c)}, address: {address}, service_account: {service_name(s)}, "
-        "sidecar_port: 15006}\n"
+def gateway(c: int) -> str:
+    return f"127.100.{c}.1:15443"
+
+
+def client_node(shape: Shape, i: int) -> tuple[str, base_pb2.Node]:
+    """Client i: (its member cluster, its node). Cluster i % C, service (i // C) % S."""
+    c, s = i % shape.clusters, (i // shape.clusters) % shape.services
+    node = make_node(
+        f"sidecar~{service_name(s)}.{namespace(s)}~{member(c)}~{i}",
+        cluster=member(c),
+        region=region(c),
+        zone=zone(c),
+        namespace=namespace(s),
+        service=service_name(s),
+        service_account=service_account(s),
     )
+    return member(c), node
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +125,39 @@ class Change:
         return b"\x12" + bytes([len(raw)]) + raw
 
 
-class MeshFile:
-    """The mesh YAML as lines, so one endpoint can be rewritten without regenerating the rest."""
+class Workload:
+    """The mesh's endpoint addresses (those of bench.discovery's Kubernetes objects) and its changes."""
 
-    def __init__(self, shape: Shape, path: Path) -> None:
+    def __init__(self, shape: Shape) -> None:
         self.shape = shape
+        self.kube = discovery.Shape(shape.clusters, shape.services, shape.endpoints)
+        self.moved: dict[tuple[int, int], dict[int, str]] = {}
+
+    def address(self, c: int, s: int, e: int) -> str:
+        return self.moved.get((c, s), {}).get(e) or self.kube.address(c, s, e)
+
+    def change(self, i: int) -> tuple[Change, int, int]:
+        """Change i: a new, unique address for one endpoint of cluster i % C; returns it, c and s."""
+        sh = self.shape
+        c, s, e = i % sh.clusters, (i * 7919) % sh.services, (i * 31) % sh.endpoints
+        address = f"10.{100 + c % 100}.{i // 250 % 256}.{i % 250 + 1}"
+        self.moved.setdefault((c, s), {})[e] = address
+        return Change(i, member(c), address), c, s
+
+
+class MeshFile:
+    """The workload as the file source's YAML, kept as lines so a change rewrites one line."""
+
+    def __init__(self, workload: Workload, path: Path) -> None:
+        self.workload = workload
         self.path = path
+        shape = workload.shape
         self.lines: list[str] = ["clusters:\n"]
         for c in range(shape.clusters):
+            host, port = gateway(c).split(":")
             self.lines.append(
-                f"  - {{name: {member(c)}, region: {region(c)}, zone: {region(c)}-a, "
-                f"gateway: {{address: 127.100.{c}.1, port: 15443}}}}\n"
+                f"  - {{name: {member(c)}, region: {region(c)}, zone: {zone(c)}, "
+                f"gateway: {{address: {host}, port: {port}}}}}\n"
             )
         self.lines.append("services:\n")
         self.where: dict[tuple[int, int, int], int] = {}
@@ -123,22 +170,30 @@ class MeshFile:
             ]
             for c in range(shape.clusters):
                 for e in range(shape.endpoints):
-                    n = s * shape.endpoints + e
                     self.where[(c, s, e)] = len(self.lines)
-                    self.lines.append(_endpoint_line(c, s, f"127.{c + 1}.{n // 250}.{n % 250 + 1}"))
+                    self.lines.append(self._line(c, s, e))
+
+    def _line(self, c: int, s: int, e: int) -> str:
+        address = self.workload.address(c, s, e)
+        return (
+            f"      - {{cluster: {member(c)}, address: {address}, "
+            f"service_account: {service_account(s)}, sidecar_port: {SIDECAR_PORT}}}\n"
+        )
+
+    def text(self) -> str:
+        return "".join(self.lines)
 
     def write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(self.lines))
+        tmp.write_text(self.text())
         os.replace(tmp, self.path)
 
     def change(self, i: int) -> Change:
-        """Change i: a new, unique address for one endpoint of cluster i % C (not yet written)."""
-        sh = self.shape
-        c, s, e = i % sh.clusters, (i * 7919) % sh.services, (i * 31) % sh.endpoints
-        address = f"127.{200 + c % 50}.{i // 250}.{i % 250 + 1}"
-        self.lines[self.where[(c, s, e)]] = _endpoint_line(c, s, address)
-        return Change(i, member(c), address)
+        """Apply change i to the lines (not yet written)."""
+        change, c, s = self.workload.change(i)
+        for e in range(self.workload.shape.endpoints):
+            self.lines[self.where[(c, s, e)]] = self._line(c, s, e)
+        return change
 
 
 # ---- targets --------------------------------------------------------------------------------
@@ -184,39 +239,53 @@ def proc_usage(pid: int) -> tuple[float, int]:
 
 
 class IsthmusTarget:
+    """`isthmus serve` in a child process, fed by the file source or by fake Kubernetes API servers."""
+
     name = "isthmus"
 
-    def __init__(
-        self, mesh: MeshFile, workdir: Path, *, poll: float, mtls: bool, profile: Path | None
-    ) -> None:
-        self.mesh = mesh
+    def __init__(self, workload: Workload, workdir: Path, args: argparse.Namespace) -> None:
+        self.workload = workload
         self.workdir = workdir
-        self.poll = poll
-        self.mtls = mtls
-        self.profile = profile
+        self.source: str = args.source
+        self.poll: float = args.poll_interval
+        self.mtls: bool = args.mtls
+        self.debounce: float | None = args.debounce
+        self.profile: Path | None = args.profile_server
+        self.mesh = MeshFile(workload, workdir / "mesh.yaml")
         self.xds_address = f"127.0.0.1:{free_port()}"
         self.admin_address = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.apis: multiprocessing.Process | None = None
+        self.conn: Connection | None = None
         self.startup_s = 0.0
         self._usage = (0.0, 0)
 
-    def command(self) -> list[str]:
-        serve = [
-            "--log-level",
-            "warning",
-            "serve",
-            "--mesh",
-            str(self.mesh.path),
-            "--xds-address",
-            self.xds_address,
-            "--admin-address",
-            self.admin_address,
-            "--debounce",
-            "0.05",
-        ]
+    def _source_args(self) -> list[str]:
+        if self.source == "file":
+            self.mesh.write()
+            return ["--mesh", str(self.mesh.path)]
+        # Fake API servers in a child process (bench.discovery), so their JSON is not the server's CPU.
+        self.conn, child = multiprocessing.Pipe()
+        sidecar = SIDECAR_PORT if self.mtls else None
+        self.apis = multiprocessing.Process(
+            target=discovery.serve, args=(child, self.workload.kube, sidecar), daemon=True
+        )
+        self.apis.start()
+        urls = self.conn.recv()
+        argv = []
+        for c, (url, token) in enumerate(urls):
+            path = write_kubeconfig(self.workdir / f"{member(c)}.kubeconfig", url, token, member(c))
+            argv += ["--cluster", f"{member(c)}={path}", "--cluster-gateway", f"{member(c)}={gateway(c)}"]
+        return argv
+
+    def command(self, source: list[str]) -> list[str]:
+        serve = ["--log-level", "warning", "serve", *source]
+        serve += ["--xds-address", self.xds_address, "--admin-address", self.admin_address]
+        if self.debounce is not None:
+            serve += ["--debounce", str(self.debounce)]
         if not self.mtls:
             serve.append("--no-mtls")
-        shim = self.poll != 1.0
+        shim = self.source == "file" and self.poll != 1.0
         if self.profile is not None:
             head = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m"]
             if shim:
@@ -227,11 +296,11 @@ class IsthmusTarget:
         return [str(VENV_BIN / "isthmus"), *serve]
 
     async def start(self) -> None:
-        self.mesh.write()
+        command = self.command(await asyncio.to_thread(self._source_args))
         t0 = time.monotonic()
         self.log = (self.workdir / "isthmus.log").open("wb")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
-            self.command(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
         while True:
             if self.proc.poll() is not None:
@@ -250,8 +319,14 @@ class IsthmusTarget:
             return False
 
     async def apply_change(self, i: int) -> tuple[Change, float]:
-        change = self.mesh.change(i)
-        await asyncio.to_thread(self.mesh.write)
+        if self.conn is None:
+            change = self.mesh.change(i)
+            await asyncio.to_thread(self.mesh.write)
+            return change, time.monotonic()
+        change, c, s = self.workload.change(i)
+        self.conn.send(
+            (c, discovery.endpoint_slice(self.workload.kube, c, s, moved=self.workload.moved[(c, s)]))
+        )
         return change, time.monotonic()
 
     def usage(self) -> tuple[float, int]:
@@ -260,16 +335,20 @@ class IsthmusTarget:
         return self._usage
 
     async def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.usage()
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            await asyncio.to_thread(self.proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        if self.proc is not None:
+            self.usage()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.to_thread(self.proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+        if self.apis is not None and self.conn is not None:
+            self.conn.send(None)
+            self.apis.join(10)
+            if self.apis.is_alive():
+                self.apis.terminate()
 
 
 def serve_shim(argv: list[str]) -> int:
@@ -345,20 +424,12 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
 
     clients: list[SimEnvoy] = []
     for i in range(shape.clients):
-        c, s = i % shape.clusters, (i // shape.clusters) % shape.services
-        node = make_node(
-            f"sidecar~{service_name(s)}.{namespace(s)}~{member(c)}~{i}",
-            cluster=member(c),
-            region=region(c),
-            zone=f"{region(c)}-a",
-            namespace=namespace(s),
-            service=service_name(s),
-        )
+        cluster, node = client_node(shape, i)
         clients.append(
             SimEnvoy(
                 i,
                 node,
-                member(c),
+                cluster,
                 args.mode,
                 streams[i % len(streams)],
                 totals,
@@ -413,7 +484,8 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
             )
         tracker.pending.remove(pending)
         # A random pause: changes land at random phases of the file poll, not locked to one.
-        await asyncio.sleep(args.gap + random.uniform(0, args.poll_interval))
+        jitter = args.poll_interval if args.source == "file" else 0.1
+        await asyncio.sleep(args.gap + random.uniform(0, jitter))
     cpu3, rss = target.usage()
     row["conv_n"] = len(conv)
     row["conv_p50_ms"] = pct(conv, 50) * 1e3
@@ -458,6 +530,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--poll-interval", type=float, default=1.0, help="the file source's poll (1.0 = as shipped)"
     )
+    p.add_argument(
+        "--source",
+        choices=("kube", "file"),
+        default="kube",
+        help="isthmus's discovery: fake Kubernetes API servers (incremental, default) or the mesh file",
+    )
+    p.add_argument(
+        "--debounce", type=float, default=None, help="isthmus --debounce (default: as shipped, 0.1 s)"
+    )
     p.add_argument("--no-mtls", dest="mtls", action="store_false")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")
     p.add_argument("--seed", type=int, default=1)
@@ -497,8 +578,10 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         ),
         ("convergence: first client ACK p50", f"{f('conv_first_p50_ms', 0)} ms"),
         (
-            "file poll floor (uniform 0..interval)",
-            f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}",
+            "floor: file poll (uniform 0..interval)" if args.source == "file" else "floor: debounce",
+            f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}"
+            if args.source == "file"
+            else f"{(args.debounce or 0.1) * 1e3:.0f} ms quiet + 10 ms watch coalescing",
         ),
         (
             "per change: server CPU / tool CPU",
@@ -527,10 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(args.clients, args.clusters, args.services, args.endpoints)
     with tempfile.TemporaryDirectory(prefix="isthmus-load-") as tmp:
         work = Path(tmp)
-        mesh = MeshFile(shape, work / "mesh.yaml")
-        target = IsthmusTarget(
-            mesh, work, poll=args.poll_interval, mtls=args.mtls, profile=args.profile_server
-        )
+        target = IsthmusTarget(Workload(shape), work, args)
         try:
             row = asyncio.run(run(args, shape, target))
         except BaseException:
@@ -551,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         "endpoints": shape.endpoints,
         "changes": args.changes,
         "channels": args.channels,
+        "source": args.source,
+        "debounce_s": args.debounce,
         "poll_interval_s": args.poll_interval,
         **row,
     }

@@ -36,7 +36,9 @@ def build_mesh(clusters: int, services: int, endpoints: int, bump: int = 0) -> M
         for c in range(clusters):
             for e in range(endpoints):
                 host = (s * endpoints + e + (bump if s == 0 and e == 0 and c == 0 else 0)) % 65000
-                eps.append(Endpoint(f"127.{c}.{host // 256}.{host % 256}", Locality(f"r{c % 2}", f"z{c}", f"c{c}")))
+                eps.append(
+                    Endpoint(f"127.{c}.{host // 256}.{host % 256}", Locality(f"r{c % 2}", f"z{c}", f"c{c}"))
+                )
         svcs.append(Service(ServiceKey("bench", f"svc-{s}"), (ServicePort("http", 80, 8080),), tuple(eps)))
     return MeshView.build(svcs, members)
 
@@ -83,7 +85,10 @@ def main() -> None:
     t_eds = timed(lambda: sotw_response(types.ENDPOINT, "v", "1", eds), 20)
     size = len(sotw_response(types.ENDPOINT, "v", "1", eds))
     print(f"frame full CDS response from shared bytes ({len(cds)} clusters): {t_cds * 1e6:.0f} us")
-    print(f"frame full EDS response from shared bytes ({len(eds)} CLAs, {size / 1e6:.1f} MB): {t_eds * 1e6:.0f} us")
+    print(
+        f"frame full EDS response from shared bytes ({len(eds)} CLAs, {size / 1e6:.1f} MB): "
+        f"{t_eds * 1e6:.0f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -14,14 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("mode", ["sotw", "delta"])
-def test_quick_load_run_completes(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "source"), [("sotw", "kube"), ("delta", "kube"), ("sotw", "file")])
+def test_quick_load_run_completes(tmp_path: Path, mode: str, source: str) -> None:
     out = tmp_path / "runs.csv"
-    argv = [sys.executable, "-m", "bench.load", "--quick", "--mode", mode, "--csv", str(out)]
+    argv = [sys.executable, "-m", "bench.load", "--quick", "--mode", mode, "--source", source]
+    argv += ["--csv", str(out)]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     [row] = list(csv.DictReader(out.open()))
-    assert row["mode"] == mode
+    assert (row["mode"], row["source"]) == (mode, source)
     assert int(row["cold_complete"]) == int(row["clients"]) == 20
     assert int(row["conv_n"]) == int(row["changes"]) == 5
     assert int(row["errors"]) == 0
