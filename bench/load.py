@@ -360,6 +360,31 @@ def serve_shim(argv: list[str]) -> int:
     return cli.main(argv[1:])
 
 
+class Sampler:
+    """py-spy attached to the server for one phase of the run (raw collapsed stacks, all threads)."""
+
+    def __init__(self, prefix: Path | None, pid: int | None) -> None:
+        self.prefix, self.pid = prefix, pid
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, phase: str) -> None:
+        if self.prefix is None or self.pid is None:
+            return
+        out = self.prefix.with_name(f"{self.prefix.name}-{phase}.txt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--rate", "200", "--nonblocking"]
+        self.proc = subprocess.Popen(
+            [*argv, "--pid", str(self.pid), "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(30)
+            self.proc = None
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 
@@ -439,6 +464,8 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
             )
         )
 
+    sampler = Sampler(args.py_spy, getattr(getattr(target, "proc", None), "pid", None))
+    sampler.start("cold")
     own0 = time.process_time()
     t0 = time.monotonic()
     tasks = [asyncio.create_task(cl.run()) for cl in clients]
@@ -451,6 +478,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     row["cold_p50_s"] = pct(cold_times, 50)
     row["cold_complete"] = len(cold_times)
     cpu1, _ = target.usage()
+    sampler.stop()
     row["cold_server_cpu_s"] = cpu1 - cpu0
     row["cold_tool_cpu_s"] = time.process_time() - own0
     row["cold_responses"] = totals.responses
@@ -465,6 +493,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     first: list[float] = []
     resp0, bytes0, eds0 = totals.responses, totals.bytes, totals.by_type.get(EDS, 0)
     cpu2, _ = target.usage()
+    sampler.start("churn")
     own2 = time.process_time()
     for i in range(args.changes):
         # Registered before the write, so an EDS response cannot slip past between write and watch.
@@ -487,6 +516,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         jitter = args.poll_interval if args.source == "file" else 0.1
         await asyncio.sleep(args.gap + random.uniform(0, jitter))
     cpu3, rss = target.usage()
+    sampler.stop()
     row["conv_n"] = len(conv)
     row["conv_p50_ms"] = pct(conv, 50) * 1e3
     row["conv_p90_ms"] = pct(conv, 90) * 1e3
@@ -545,6 +575,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="cold start limit (s)")
     p.add_argument("--change-timeout", type=float, default=30.0)
     p.add_argument("--profile-server", type=Path, help="run the server under cProfile, stats to this file")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="PREFIX",
+        help="sample the server with py-spy during cold start and churn: PREFIX-cold.txt, PREFIX-churn.txt",
+    )
     p.add_argument("--csv", type=Path, help="append one row per run to this CSV file")
     args = p.parse_args(argv)
     random.seed(args.seed)

@@ -25,7 +25,7 @@ from typing import Any
 from isthmus.discovery.model import MeshView, Service, ServiceKey
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
-from isthmus.xds.generate import GENERATORS, PARTS, PER_SERVICE, Generator, placeholder
+from isthmus.xds.generate import GENERATORS, INPUTS, PARTS, PER_SERVICE, Generator, placeholder
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.resources import Resource, state_version
@@ -35,11 +35,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ResourceSet(Mapping[str, Resource]):
-    """All resources of one type for one proxy group, by name, with a version for the whole set."""
+    """All resources of one type for one proxy group, by name, with a version for the whole set.
+
+    A set generated after another one for the same proxies says what differs from it: ``base`` is
+    that set's version, ``changed`` the names added or changed, ``removed`` the names gone. A stream
+    that planned against ``base`` looks at these names only, not at every name it subscribes to.
+    """
 
     type_url: str
     by_name: Mapping[str, Resource]
     version: str
+    base: str = ""
+    changed: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+
+    @classmethod
+    def after(cls, type_url: str, by_name: dict[str, Resource], previous: ResourceSet | None) -> ResourceSet:
+        """The set of ``by_name``; ``previous`` itself if the contents are the same, else diffed from it."""
+        version = state_version(by_name.values())
+        if previous is None:
+            return cls(type_url, MappingProxyType(by_name), version)
+        if version == previous.version and by_name.keys() == previous.by_name.keys():
+            return previous
+        old = previous.by_name
+        # Identical bytes are one interned Resource, so identity tells what changed.
+        changed = frozenset(n for n, r in by_name.items() if old.get(n) is not r)
+        removed = frozenset(n for n in old if n not in by_name)
+        return cls(type_url, MappingProxyType(by_name), version, previous.version, changed, removed)
 
     def __getitem__(self, name: str) -> Resource:
         return self.by_name[name]
@@ -50,8 +72,28 @@ class ResourceSet(Mapping[str, Resource]):
     def __len__(self) -> int:
         return len(self.by_name)
 
-    def same_contents(self, other: ResourceSet) -> bool:
-        return self.version == other.version and self.by_name.keys() == other.by_name.keys()
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """How the current view differs from the one before: services whose content changed (by key),
+    and which type groups (INPUTS keys) read nothing that changed."""
+
+    before: MeshView
+    keys: frozenset[ServiceKey]
+    unaffected: frozenset[str]
+
+
+def _change(before: MeshView, after: MeshView) -> _Change:
+    old, new = before.services, after.services
+    keys = [k for k, s in new.items() if (o := old.get(k)) is not s and (o is None or o.digest != s.digest)]
+    keys += [k for k in old if k not in new]
+    unaffected = frozenset(
+        group
+        for group, inputs in INPUTS.items()
+        if not (inputs.splits and before.splits != after.splits)
+        and all(inputs.service(old.get(k)) == inputs.service(new.get(k)) for k in keys)
+    )
+    return _Change(before, frozenset(keys), unaffected)
 
 
 class ConfigCache:
@@ -80,6 +122,7 @@ class ConfigCache:
             weakref.WeakValueDictionary()
         )
         self._watchers: set[asyncio.Event] = set()
+        self._change: _Change | None = None  # since the last view; None: regenerate everything
         self.serializations = 0  # resources serialized, for tests and metrics
 
     @property
@@ -98,12 +141,14 @@ class ConfigCache:
         """Install a new MeshView. Returns False (and wakes nobody) when nothing changed."""
         if view.version and view.version == self._view.version:
             return False
+        self._change = _change(self._view, view)
         self._view = view
         self._bump()
         return True
 
     def invalidate(self) -> None:
         """Regenerate everything (used when generators' inputs change outside the view)."""
+        self._change = None
         self._bump()
 
     def _bump(self, only: str | None = None) -> None:
@@ -125,6 +170,7 @@ class ConfigCache:
         """Turn mTLS on with this CA (at startup): every type is regenerated."""
         self.ca = ca
         self._identity = ca.identity()
+        self._change = None
         self._bump()
 
     def rotate_certificates(self) -> int:
@@ -176,11 +222,23 @@ class ConfigCache:
         by_name: dict[str, Resource] = {}
         for part_set in sets:
             by_name.update(part_set.by_name)
-        result = ResourceSet(type_url, MappingProxyType(by_name), state_version(by_name.values()))
-        if known is not None and known[1].same_contents(result):
-            result = known[1]
+        result = ResourceSet.after(type_url, by_name, known[1] if known is not None else None)
         self._merged[key] = (sets, result)
         return result
+
+    def _unaffected(self, group: str, proxy: Proxy) -> bool:
+        """Whether the last view change left the resources of ``group`` for ``proxy`` as they were."""
+        change, inputs = self._change, INPUTS.get(group)
+        if change is None or inputs is None or group not in change.unaffected:
+            return False
+        if inputs.own is None:
+            return True
+        own = ServiceKey(proxy.namespace, proxy.service)
+        if own not in change.keys:
+            return True
+        return inputs.own(change.before.services.get(own), proxy) == inputs.own(
+            self._view.services.get(own), proxy
+        )
 
     def _generate(self, group: str, type_url: str, generator: Generator, proxy: Proxy) -> ResourceSet:
         """One generation for the proxies of ``proxy.for_type(group)``, memoized per mesh version."""
@@ -190,6 +248,10 @@ class ConfigCache:
         if cached is not None:
             return cached
         previous = self._previous.get(key)
+        standard = self._generators[type_url] is GENERATORS.get(type_url)
+        if previous is not None and standard and self._unaffected(group, shared):
+            self._memo[key] = previous
+            return previous
         try:
             identity = self._identity_for(type_url, proxy)
             per_service = PER_SERVICE.get(type_url) if generator is GENERATORS.get(type_url) else None
@@ -206,9 +268,7 @@ class ConfigCache:
                 self._memo[key] = previous
                 return previous
             by_name = {}
-        result = ResourceSet(type_url, MappingProxyType(by_name), state_version(by_name.values()))
-        if previous is not None and previous.same_contents(result):
-            result = previous
+        result = ResourceSet.after(type_url, by_name, previous)
         self._memo[key] = result
         return result
 

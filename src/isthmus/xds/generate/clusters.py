@@ -4,6 +4,7 @@ to its own application; a gateway's SNI-named passthrough clusters."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -193,3 +194,24 @@ def generate_own(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEX
             c = inbound_cluster(port, proxy, mine)
             out[c.name] = c
     return out
+
+
+# What CDS reads of a service (see generate.INPUTS): the shared part reads its ports, the accounts
+# of its sidecar endpoints (SAN matching) and the clusters where it has sidecars (gateways); a
+# pod's own part reads its own service's ports and its own endpoint. Not endpoint addresses.
+def shared_inputs(service: Service | None) -> Hashable:
+    if service is None:
+        return None
+    sidecars = [e for e in service.endpoints if e.sidecar_port]
+    return (
+        service.ports,
+        frozenset(e.service_account for e in sidecars),
+        frozenset(e.locality.cluster for e in sidecars),
+    )
+
+
+def own_inputs(service: Service | None, proxy: Proxy) -> Hashable:
+    if service is None:
+        return None
+    mine = own_endpoint(service, proxy)
+    return service.ports, mine.ports if mine is not None else None

@@ -15,6 +15,7 @@ per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
@@ -28,7 +29,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Service, ServicePort
 from isthmus.xds import naming
-from isthmus.xds.generate.clusters import gateway_services
+from isthmus.xds.generate.clusters import gateway_services, shared_inputs
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.generate.tls import downstream_socket
 from isthmus.xds.generate.tls import pack as _pack
@@ -208,3 +209,9 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
         inbound = inbound_listener(own, proxy, identity)
         out[inbound.name] = inbound
     return out
+
+
+def inputs(service: Service | None) -> Hashable:
+    """What LDS reads of a service (see generate.INPUTS): its ports (TCP listeners, a pod's inbound
+    listener) and, for gateways, the clusters where it has sidecars. Not endpoint addresses."""
+    return shared_inputs(service)

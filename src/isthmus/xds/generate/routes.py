@@ -11,6 +11,7 @@ HTTP port.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -131,3 +132,8 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
         return {}
     config = outbound_routes(view, proxy)
     return {config.name: config}
+
+
+def inputs(service: Service | None) -> Hashable:
+    """What RDS reads of a service (see generate.INPUTS): that it exists, and its ports."""
+    return None if service is None else service.ports

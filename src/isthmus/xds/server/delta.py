@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from isthmus.xds.cache import ResourceSet
-from isthmus.xds.resources import delta_response, state_version
-from isthmus.xds.server.stream import Plan, Stream, TypeState
+from isthmus.xds.resources import Resource, delta_response
+from isthmus.xds.server.stream import Plan, Stream, TypeState, response_version
 
 
 class DeltaStream(Stream):
@@ -35,9 +35,10 @@ class DeltaStream(Stream):
                 self._nack(state, nonce, request.error_detail)
             else:
                 self._ack(state, state.status.last_sent_version, nonce)
+        changed = False
         if not state.started:
             state.started = True
-            state.dirty = True
+            changed = True
             state.legacy_wildcard = not subscribe
             state.wildcard = state.legacy_wildcard
             self._check_names(len(state.known) + len(request.initial_resource_versions))
@@ -47,7 +48,7 @@ class DeltaStream(Stream):
                 state.wildcard = True
             elif name not in state.names:
                 state.names.add(name)
-                state.dirty = True
+                changed = True
         for name in unsubscribe:
             if name == "*":
                 state.wildcard = False
@@ -58,14 +59,55 @@ class DeltaStream(Stream):
                 state.known.pop(name, None)
             state.names.discard(name)
             state.missing_reported.discard(name)
-            state.dirty = True
-        if subscribe and "*" in subscribe:
-            state.dirty = True
+            changed = True
+        if changed or "*" in subscribe:
+            state.resubscribed()
         if len(state.names) > self.limits.max_resource_names:
             self._check_names(len(state.names))
-        self._sync_status(state)
 
     def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        names = self.candidates(state, current)
+        plan = (
+            self._plan_all(state, current, allow_removals)
+            if names is None
+            else self._plan_names(state, current, names, allow_removals)
+        )
+        if state.deferred_removals:
+            state.basis = ""  # the removals are found again by the next full plan
+        else:
+            self.planned(state, current)
+        return plan
+
+    def _plan_names(
+        self, state: TypeState, current: ResourceSet, names: set[str], allow_removals: bool
+    ) -> Plan | None:
+        updated: list[Resource] = []
+        gone: list[str] = []
+        missing: list[str] = []
+        for name in names:
+            resource = self.desired_one(state, current, name)
+            if resource is not None:
+                if state.known.get(name) != resource.version:
+                    updated.append(resource)
+            elif name in state.known:
+                gone.append(name)
+            elif name in state.names and name not in state.missing_reported:
+                missing.append(name)
+        if gone and not allow_removals:
+            state.deferred_removals = True
+            gone = []
+        if not updated and not gone and not missing:
+            return None
+        for r in updated:
+            state.known[r.name] = r.version
+            state.missing_reported.discard(r.name)
+        for name in gone:
+            del state.known[name]
+        state.missing_reported.update(missing)
+        version = response_version(state, current)
+        return Plan(updated, gone + missing, version, [r.name for r in updated])
+
+    def _plan_all(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
         desired = self.desired(state, current)
         updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
         gone = [name for name in state.known if name not in desired]
@@ -86,7 +128,7 @@ class DeltaStream(Stream):
         for name in gone:
             del state.known[name]
         state.missing_reported.update(missing)
-        return Plan([desired[n] for n in updated], removed, state_version(desired.values()), updated)
+        return Plan([desired[n] for n in updated], removed, response_version(state, current), updated)
 
     def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:
         return delta_response(state.type_url, plan.version, nonce, plan.resources, plan.removed)

@@ -16,8 +16,8 @@ from typing import Any
 
 from isthmus.xds import types
 from isthmus.xds.cache import ResourceSet
-from isthmus.xds.resources import sotw_response, state_version
-from isthmus.xds.server.stream import Plan, Stream, TypeState
+from isthmus.xds.resources import Resource, sotw_response, state_version
+from isthmus.xds.server.stream import Plan, Stream, TypeState, response_version
 
 
 class SotwStream(Stream):
@@ -42,11 +42,12 @@ class SotwStream(Stream):
         if not state.started:
             state.started = True
             state.legacy_wildcard = not names
-            state.dirty = True
+            state.resubscribed()
         elif names:
             state.legacy_wildcard = False  # once resources are named, an empty list means none
         wildcard = "*" in names or (not names and state.legacy_wildcard)
-        new_names = {n for n in names if n != "*"}
+        new_names = set(names)
+        new_names.discard("*")
         if wildcard != state.wildcard or new_names != state.names:
             state.wildcard = wildcard
             state.names = new_names
@@ -55,10 +56,56 @@ class SotwStream(Stream):
                 for name in list(state.known):
                     if name not in new_names and not wildcard:
                         del state.known[name]
-            state.dirty = True
-        self._sync_status(state)
+            state.resubscribed()
 
     def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        names = self.candidates(state, current)
+        if names is not None and state.type_url not in types.FULL_STATE:
+            return self._plan_names(state, current, names)
+        if names is not None and state.wildcard and not state.names:
+            # Full state from a successor set: every name is sent, but only candidates are compared.
+            removed = [n for n in names if n not in current.by_name and n in state.known]
+            if not removed or allow_removals:
+                return self._plan_full_state(state, current, names, removed)
+        plan = self._plan_all(state, current, allow_removals)
+        if state.deferred_removals:
+            state.basis = ""  # the removals are found again by the next full plan
+        else:
+            self.planned(state, current)
+        return plan
+
+    def _plan_names(self, state: TypeState, current: ResourceSet, names: set[str]) -> Plan | None:
+        """EDS, RDS, SDS: send the candidates whose version the client does not hold."""
+        updated: list[Resource] = []
+        for name in names:
+            resource = self.desired_one(state, current, name)
+            if resource is not None and state.known.get(name) != resource.version:
+                updated.append(resource)
+        self.planned(state, current)
+        if not updated:
+            return None
+        for r in updated:
+            state.known[r.name] = r.version
+        return Plan(updated, [], response_version(state, current), [r.name for r in updated])
+
+    def _plan_full_state(
+        self, state: TypeState, current: ResourceSet, names: set[str], removed: list[str]
+    ) -> Plan | None:
+        """CDS, LDS (wildcard): the whole set again, if any candidate changed for the client."""
+        updated = [
+            n for n in names if n in current.by_name and state.known.get(n) != current.by_name[n].version
+        ]
+        self.planned(state, current)
+        if not updated and not removed:
+            return None
+        for name in updated:
+            state.known[name] = current.by_name[name].version
+        for name in removed:
+            del state.known[name]
+        state.last_full = current.by_name
+        return Plan(list(current.by_name.values()), [], current.version, updated)
+
+    def _plan_all(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
         desired = self.desired(state, current)
         updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
         if state.type_url in types.FULL_STATE:
@@ -82,7 +129,7 @@ class SotwStream(Stream):
             return None
         for name in updated:
             state.known[name] = desired[name].version
-        return Plan([desired[n] for n in updated], [], state_version(desired.values()), updated)
+        return Plan([desired[n] for n in updated], [], response_version(state, current), updated)
 
     def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:
         return sotw_response(state.type_url, plan.version, nonce, plan.resources)

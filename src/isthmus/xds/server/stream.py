@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ class TypeState:
     # name -> version the client holds (or was last sent: a NACKed version stays here so it is
     # never resent in a loop). For SotW full-state types, last_full keeps the Resources sent.
     known: dict[str, str] = field(default_factory=dict)
-    last_full: dict[str, Resource] = field(default_factory=dict)
+    last_full: Mapping[str, Resource] = field(default_factory=dict)
     missing_reported: set[str] = field(default_factory=set)
     pending_nonce: str | None = None
     last_nonce: str = ""
@@ -80,6 +81,20 @@ class TypeState:
     responded: bool = False
     dirty: bool = False
     deferred_removals: bool = False
+    # Incremental planning: ``known`` is up to date with the ResourceSet of version ``basis``
+    # except for the ``touched`` names; "" when the subscription changed (plan every name).
+    basis: str = ""
+    touched: set[str] = field(default_factory=set)
+    subscription: str = ""  # a digest of wildcard and names, part of the response version
+
+    def resubscribed(self) -> None:
+        """The subscription changed: the next plan looks at every name."""
+        ordered = tuple(sorted(self.names))
+        self.basis = ""
+        self.subscription = names_digest(self.wildcard, ordered)
+        self.dirty = True
+        self.status.wildcard = self.wildcard
+        self.status.subscribed = ordered
 
 
 @dataclass(slots=True)
@@ -90,6 +105,22 @@ class Plan:
     removed: list[str]
     version: str
     updated: list[str] = field(default_factory=list)  # names whose version changed for the client
+
+
+def names_digest(wildcard: bool, ordered: tuple[str, ...]) -> str:
+    h = hashlib.blake2b(b"*" if wildcard else b"", digest_size=8)
+    for name in ordered:
+        h.update(name.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def response_version(state: TypeState, current: ResourceSet) -> str:
+    """The version of what a stream's subscription selects from ``current``: a function of the
+    set's version and the subscription, so computing it costs nothing per subscribed name."""
+    if state.wildcard and not state.names:
+        return current.version
+    return hashlib.blake2b(f"{current.version}/{state.subscription}".encode(), digest_size=8).hexdigest()
 
 
 class Stream:
@@ -115,7 +146,6 @@ class Stream:
         self.states: dict[str, TypeState] = {}
         self._wakeup = asyncio.Event()
         self._requests: asyncio.Queue[Any] = asyncio.Queue(maxsize=limits.request_queue)
-        self._generation = -1
         self._on_proxy = on_proxy
         self._reader_done = False
         self._reader_error: Exception | None = None
@@ -201,11 +231,31 @@ class Stream:
             error.message,
         )
 
-    def _sync_status(self, state: TypeState) -> None:
-        state.status.wildcard = state.wildcard
-        state.status.subscribed = tuple(sorted(state.names))
-
     # ---- desired state -------------------------------------------------------------------
+
+    def candidates(self, state: TypeState, current: ResourceSet) -> set[str] | None:
+        """The names whose desired resource may differ from what ``known`` says, or None for all
+        (the first plan, a new subscription, or a set that is not the successor of the last one)."""
+        if not state.basis:
+            return None
+        if state.basis == current.version:
+            names = set(state.touched)
+        elif state.basis == current.base:
+            names = set(current.changed | current.removed) | state.touched
+        else:
+            return None
+        return names if state.wildcard else names & state.names
+
+    def desired_one(self, state: TypeState, current: ResourceSet, name: str) -> Resource | None:
+        resource = current.by_name.get(name)
+        if resource is None and state.type_url in types.PLACEHOLDER_ON_MISSING and name in state.names:
+            resource = self.cache.placeholder(state.type_url, name)
+        return resource
+
+    def planned(self, state: TypeState, current: ResourceSet) -> None:
+        """``known`` now reflects ``current`` for every name."""
+        state.basis = current.version
+        state.touched.clear()
 
     def desired(self, state: TypeState, current: ResourceSet) -> dict[str, Resource]:
         wanted: dict[str, Resource] = dict(current.by_name) if state.wildcard else {}
@@ -261,11 +311,6 @@ class Stream:
 
     async def push(self) -> None:
         assert self.proxy is not None
-        generation = self.cache.generation
-        if generation != self._generation:
-            self._generation = generation
-            for state in self.states.values():
-                state.dirty = True
         # Pass 1: additions and updates in ADS order.
         for type_url in types.PUSH_ORDER:
             maybe = self.states.get(type_url)
@@ -322,4 +367,5 @@ class Stream:
             return
         for name in clusters:
             eds.known.pop(name, None)
+        eds.touched.update(clusters)
         eds.dirty = True
