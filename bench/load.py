@@ -165,7 +165,7 @@ class MeshFile:
             self.lines += [
                 f"  - name: {service_name(s)}\n",
                 f"    namespace: {namespace(s)}\n",
-                "    ports: [{name: http, port: 80, target_port: 8080, protocol: http}]\n",
+                "    ports: [{name: http, port: 8080, target_port: 8080, protocol: http}]\n",  # = Services
                 "    endpoints:\n",
             ]
             for c in range(shape.clusters):
@@ -464,7 +464,8 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
             )
         )
 
-    sampler = Sampler(args.py_spy, getattr(getattr(target, "proc", None), "pid", None))
+    pid = getattr(getattr(target, "proc", None), "pid", None) if target.name == "isthmus" else None
+    sampler = Sampler(args.py_spy, pid)
     sampler.start("cold")
     own0 = time.process_time()
     t0 = time.monotonic()
@@ -561,6 +562,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--poll-interval", type=float, default=1.0, help="the file source's poll (1.0 = as shipped)"
     )
     p.add_argument(
+        "--target",
+        choices=("isthmus", "gcp"),
+        default="isthmus",
+        help="the xDS server: isthmus, or go-control-plane serving isthmus's resources (make bench-peer)",
+    )
+    p.add_argument(
         "--source",
         choices=("kube", "file"),
         default="kube",
@@ -603,7 +610,7 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
             f"{shape.clients} clients, {shape.clusters} x {shape.services} x {shape.endpoints} "
             f"({shape.total_endpoints} endpoints), {args.channels} channel(s)",
         ),
-        ("server startup (spawn -> /readyz)", f"{f('server_startup_s')} s"),
+        ("server startup (spawn -> ready to serve)", f"{f('server_startup_s')} s"),
         ("cold start: all clients complete", f"{f('cold_start_s')} s (p50 {f('cold_p50_s')} s)"),
         ("cold start: server CPU / tool CPU", f"{f('cold_server_cpu_s')} s / {f('cold_tool_cpu_s')} s"),
         ("cold start: responses / MB received", f"{row['cold_responses']} / {f('cold_mb', 1)}"),
@@ -615,7 +622,9 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         ("convergence: first client ACK p50", f"{f('conv_first_p50_ms', 0)} ms"),
         (
             "floor: file poll (uniform 0..interval)" if args.source == "file" else "floor: debounce",
-            f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}"
+            "none (changes are set directly into the snapshot cache)"
+            if args.target == "gcp"
+            else f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}"
             if args.source == "file"
             else f"{(args.debounce or 0.1) * 1e3:.0f} ms quiet + 10 ms watch coalescing",
         ),
@@ -646,13 +655,19 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(args.clients, args.clusters, args.services, args.endpoints)
     with tempfile.TemporaryDirectory(prefix="isthmus-load-") as tmp:
         work = Path(tmp)
-        target = IsthmusTarget(Workload(shape), work, args)
+        target: Target
+        if args.target == "gcp":
+            from bench.peer import GcpTarget  # not at the top: bench.peer imports this module
+
+            target = GcpTarget(Workload(shape), work, args)
+        else:
+            target = IsthmusTarget(Workload(shape), work, args)
         try:
             row = asyncio.run(run(args, shape, target))
         except BaseException:
-            log = work / "isthmus.log"
-            if log.exists():
-                sys.stderr.write(log.read_text()[-3000:])
+            for log in (work / "isthmus.log", work / "gcp-peer.log"):
+                if log.exists():
+                    sys.stderr.write(log.read_text()[-3000:])
             raise
     row = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -667,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         "endpoints": shape.endpoints,
         "changes": args.changes,
         "channels": args.channels,
-        "source": args.source,
+        "source": args.source if args.target == "isthmus" else "file",
         "debounce_s": args.debounce,
         "poll_interval_s": args.poll_interval,
         **row,
