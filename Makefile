@@ -49,9 +49,16 @@ golden: $(STAMP) ## regenerate tests/golden/*.json from the generators (review t
 test: lint typecheck layers unit ## everything CI runs: quality gates, then the whole test suite
 
 bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asserted)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.serialize
 	$(BIN)/python -m bench.discovery
 	$(BIN)/python -m bench.load --quick
+
+.PHONY: bench-curves
+bench-curves: bench-peer ## scaling curves, isthmus and go-control-plane (~30 min; docs/bench/)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.curves --csv docs/bench/curves.csv
+	$(BIN)/python -m bench.plot docs/bench/curves.csv
 
 .PHONY: bench-peer
 bench-peer: ## build the go-control-plane peer (bench/peers/gcp; needs Go)

@@ -238,6 +238,17 @@ def proc_usage(pid: int) -> tuple[float, int]:
         return float("nan"), 0
 
 
+def proc_rss(pid: int | None) -> int:
+    """Resident set size now (bytes), 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class IsthmusTarget:
     """`isthmus serve` in a child process, fed by the file source or by fake Kubernetes API servers."""
 
@@ -478,8 +489,9 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     row["cold_start_s"] = max(cold_times) if len(cold_times) == shape.clients else float("nan")
     row["cold_p50_s"] = pct(cold_times, 50)
     row["cold_complete"] = len(cold_times)
-    cpu1, _ = target.usage()
+    cpu1, cold_rss = target.usage()
     sampler.stop()
+    row["cold_server_peak_rss_mib"] = cold_rss / 2**20
     row["cold_server_cpu_s"] = cpu1 - cpu0
     row["cold_tool_cpu_s"] = time.process_time() - own0
     row["cold_responses"] = totals.responses
@@ -531,6 +543,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     row["conv_mb_per_change"] = (totals.bytes - bytes0) / 1e6 / max(1, args.changes)
     row["server_cpu_total_s"] = cpu3
     row["server_peak_rss_mib"] = rss / 2**20
+    row["server_rss_end_mib"] = proc_rss(getattr(getattr(target, "proc", None), "pid", None)) / 2**20
     row["tool_cpu_total_s"] = time.process_time()
     row["tool_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["responses"] = totals.responses
@@ -637,7 +650,11 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
             f"{f('conv_responses_per_change', 1)} ({f('conv_eds_per_change', 1)}) / "
             f"{f('conv_mb_per_change', 2)}",
         ),
-        ("server: CPU total / peak RSS", f"{f('server_cpu_total_s')} s / {f('server_peak_rss_mib', 0)} MiB"),
+        (
+            "server: CPU total / peak RSS (after cold start, at the end)",
+            f"{f('server_cpu_total_s')} s / {f('server_peak_rss_mib', 0)} MiB "
+            f"({f('cold_server_peak_rss_mib', 0)}, {f('server_rss_end_mib', 0)} MiB)",
+        ),
         ("load tool: CPU total / peak RSS", f"{f('tool_cpu_total_s')} s / {f('tool_peak_rss_mib', 0)} MiB"),
         ("responses / MB received (total)", f"{row['responses']} / {f('mb_received', 1)}"),
         ("errors", str(row["errors"])),
