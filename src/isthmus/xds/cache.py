@@ -5,7 +5,9 @@ The cache owns versions; the server owns only the protocol. For each
 resource once, and interns the result by content hash so that identical
 resources generated for different proxy groups share one Resource (one set of
 bytes). A ResourceSet whose contents did not change keeps its identity across
-mesh versions, which lets a stream skip an unchanged type with one ``is`` test.
+mesh versions, which lets a stream skip an unchanged type with one ``is`` test;
+one that changed carries its diff from the set before it. A new view regenerates
+only the types whose declared inputs (generate.INPUTS) changed.
 
 With a mesh CA, generators also get the trust domain and bundle, and SDS the
 proxy's own certificate (issued on first use); ``rotate_certificates`` renews

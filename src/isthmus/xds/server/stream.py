@@ -10,7 +10,9 @@ wakeup it applies the queued requests, then pushes what changed, in ADS order:
 * a changed Cluster makes its ClusterLoadAssignment be sent again, because
   Envoy keeps a modified cluster warming until it receives one;
 * a NACKed version is never resent: the stream keeps it as "known" and pushes
-  again only when the desired resource changes.
+  again only when the desired resource changes;
+* a stream whose client holds the predecessor of the current set plans only the
+  names that set's diff lists (and the names it touched itself), not every name.
 
 SotW and Delta differ only in how requests are read and responses framed
 (sotw.py and delta.py); everything else lives here.
