@@ -570,7 +570,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--endpoints", type=int, default=10)
     p.add_argument("--changes", type=int, default=20)
     p.add_argument("--mode", choices=("sotw", "delta"), default="sotw")
-    p.add_argument("--channels", type=int, default=1, help="gRPC channels the clients share (round-robin)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        help="gRPC channels (HTTP/2 connections) the clients share, round-robin (default: one per 1,000 "
+        "clients; past about 1,800 streams one connection stalls)",
+    )
     p.add_argument(
         "--poll-interval", type=float, default=1.0, help="the file source's poll (1.0 = as shipped)"
     )
@@ -606,6 +612,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     random.seed(args.seed)
     if args.quick:
         args.clients, args.clusters, args.services, args.endpoints, args.changes = 20, 3, 20, 3, 5
+    if args.channels <= 0:
+        args.channels = -(-args.clients // 1000)
     if args.clients < args.clusters:
         p.error("--clients must be at least --clusters (every cluster needs clients)")
     return args

@@ -9,7 +9,7 @@ generator reads, so proxies that would get identical resources of a type share o
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from isthmus.discovery.model import Locality
@@ -45,6 +45,8 @@ class Proxy:
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
     envoy_version: str = ""
+    # for_type's results, computed once per proxy (every push asks for every type)
+    _groups: dict[str, Proxy] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @property
     def cluster(self) -> str:
@@ -57,11 +59,16 @@ class Proxy:
         generates once per distinct value: EDS once per (role, locality), not once per pod. Because
         the generator is given this reduced proxy, it cannot depend on a field left out.
         """
+        known = self._groups.get(type_url)
+        if known is not None:
+            return known
         kept = _FIELDS_BY_TYPE.get(type_url)
-        if kept is None:
-            return self
-        blank = Proxy("", self.role, "", "", "", Locality("", "", ""))
-        return replace(blank, **{name: getattr(self, name) for name in kept})
+        reduced = self
+        if kept is not None:
+            blank = Proxy("", self.role, "", "", "", Locality("", "", ""))
+            reduced = replace(blank, **{name: getattr(self, name) for name in kept})
+        self._groups[type_url] = reduced
+        return reduced
 
 
 def _int(meta: dict[str, Any], key: str, default: int) -> int:
