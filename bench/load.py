@@ -485,6 +485,13 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         await asyncio.wait_for(all_complete.wait(), args.timeout)
     except TimeoutError:
         totals.errors.append(f"cold start: only {completed}/{shape.clients} complete after {args.timeout}s")
+        for cl in [cl for cl in clients if cl.complete_at is None][:5]:
+            held = {t.rsplit(".", 1)[-1]: len(n) for t, n in cl.held.items()}
+            subscribed = {t.rsplit(".", 1)[-1]: len(n) for t, n in cl.subscribed.items()}
+            acked = sorted(t.rsplit(".", 1)[-1] for t in cl.acked_types)
+            totals.errors.append(
+                f"incomplete: {cl.node.id} acked {acked} held {held} subscribed {subscribed}"
+            )
     cold_times = [cl.complete_at - t0 for cl in clients if cl.complete_at is not None]
     row["cold_start_s"] = max(cold_times) if len(cold_times) == shape.clients else float("nan")
     row["cold_p50_s"] = pct(cold_times, 50)
