@@ -13,7 +13,13 @@ from pathlib import Path
 
 from isthmus.admin.app import DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
-from isthmus.discovery.file import example_mesh_text, load_mesh_file, parse_mesh, watch_mesh_file
+from isthmus.discovery.file import (
+    example_mesh_text,
+    file_stat,
+    load_mesh_file,
+    parse_mesh,
+    watch_mesh_file,
+)
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
@@ -101,11 +107,13 @@ class ControlPlane:
 
     async def run(self, stop: asyncio.Event) -> None:
         mesh: Path | None = self.settings.mesh
+        loaded: tuple[float, int] | None = None  # the mesh file version loaded here, not reloaded
         if mesh is None and self.members is None:
             log.info("no discovery configured: serving the built-in example mesh (see --mesh, --cluster)")
             self.load_file(parse_mesh(example_mesh_text(), "<built-in example mesh>"))
             self.aggregator.flush()
         elif mesh is not None:
+            loaded = file_stat(mesh)
             self.load_file(await asyncio.to_thread(load_mesh_file, mesh))
             if self.members is None:
                 self.aggregator.flush()
@@ -123,7 +131,7 @@ class ControlPlane:
                 tasks.create_task(self.aggregator.run(), name="aggregate")
                 if mesh is not None:
                     tasks.create_task(
-                        watch_mesh_file(mesh, self.load_file, self.settings.mesh_poll_interval),
+                        watch_mesh_file(mesh, self.load_file, self.settings.mesh_poll_interval, loaded),
                         name="mesh-file",
                     )
                 if self.members is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from isthmus.discovery.file import MeshFileError, example_mesh_text, parse_mesh, watch_mesh_file
+from isthmus.discovery.file import MeshFileError, example_mesh_text, file_stat, parse_mesh, watch_mesh_file
 from isthmus.discovery.model import Health, MeshView, Protocol, ServiceKey
 
 MESH = """
@@ -97,3 +97,18 @@ async def test_watch_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     assert first.version != second.version
     web = second.services[ServiceKey("shop", "web")]
     assert "127.0.1.7" in {e.address for e in web.endpoints}
+
+
+async def test_watch_does_not_reload_the_version_already_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH)
+    views: asyncio.Queue[MeshView] = asyncio.Queue()
+    task = asyncio.create_task(watch_mesh_file(path, views.put_nowait, 0.05, loaded=file_stat(path)))
+    try:
+        await asyncio.sleep(0.3)
+        assert views.empty(), "the version loaded before the watch started was parsed again"
+        path.write_text(MESH.replace("127.0.1.1", "127.0.1.8"))
+        changed = await asyncio.wait_for(views.get(), 5)
+    finally:
+        task.cancel()
+    assert "127.0.1.8" in {e.address for e in changed.services[ServiceKey("shop", "web")].endpoints}

@@ -201,18 +201,30 @@ def load_mesh_file(path: Path) -> MeshView:
     return parse_mesh(path.read_text(), str(path))
 
 
+def file_stat(path: Path) -> tuple[float, int] | None:
+    """What the watch compares to tell a changed file: (mtime, size), None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
+
+
 async def watch_mesh_file(
-    path: Path, on_view: Callable[[MeshView], Awaitable[None] | None], interval: float = 1.0
+    path: Path,
+    on_view: Callable[[MeshView], Awaitable[None] | None],
+    interval: float = 1.0,
+    loaded: tuple[float, int] | None = None,
 ) -> None:
-    """Poll ``path`` and call ``on_view`` with each new valid MeshView. Runs until cancelled."""
-    last_stat: tuple[float, int] | None = None
+    """Poll ``path`` and call ``on_view`` with each new valid MeshView. Runs until cancelled.
+
+    ``loaded``: the file_stat taken before the caller loaded the file itself; that version is
+    not loaded again (at mesh scale a parse costs seconds of CPU)."""
+    last_stat = loaded
     while True:
-        try:
-            st = os.stat(path)
-            stat = (st.st_mtime, st.st_size)
-        except OSError as exc:
-            log.warning("mesh file %s unreadable: %s (keeping the last good view)", path, exc)
-            stat = None
+        stat = file_stat(path)
+        if stat is None:
+            log.warning("mesh file %s unreadable (keeping the last good view)", path)
         if stat is not None and stat != last_stat:
             last_stat = stat
             try:
