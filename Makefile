@@ -53,6 +53,7 @@ bench: $(STAMP) ## benchmarks (figures go to docs/benchmarks.md; nothing is asse
 	$(BIN)/python -m bench.serialize
 	$(BIN)/python -m bench.discovery
 	$(BIN)/python -m bench.load --quick
+	$(BIN)/python -m bench.floor --quick
 
 .PHONY: bench-curves
 bench-curves: bench-peer ## scaling curves, isthmus and go-control-plane (~30 min; docs/bench/)
