@@ -6,12 +6,14 @@ quiet, what the client holds equals the server's current state for what it subsc
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from isthmus.xds import types
+from isthmus.xds.server import Limits
 
 from .client import AdsClient, Reply, cluster, endpoints, name_of
-from .conftest import Mesh
+from .conftest import Mesh, MeshFactory
 
 NAMES = [f"c{i}" for i in range(8)]
 
@@ -68,3 +70,20 @@ async def test_random_changes_converge_to_the_current_state(mesh: Mesh, mode: st
         assert all(name_of(m) for m in mesh.state[types.ENDPOINT].values())
     # Only what changed was sent: far fewer EDS resources than 60 full re-sends of the subscription.
     assert sends < 40 * len(NAMES)
+
+
+async def test_a_send_budget_smaller_than_any_response_still_serves_every_stream(
+    mesh_factory: MeshFactory, mode: str
+) -> None:
+    """With room for one response at a time, streams take turns; an ACK returns its bytes as soon as
+    it is read, even while its own stream waits to send the next type (else they would deadlock)."""
+    mesh = await mesh_factory(limits=Limits(send_budget=1))
+    clients = [await mesh.client(mode) for _ in range(3)]
+    for client in clients:
+        await client.subscribe(types.CLUSTER)
+        await client.subscribe(types.ENDPOINT, ["a", "b"])
+        await client.subscribe(types.LISTENER)
+    # Every client reads and ACKs at the same time, as Envoys do.
+    replies = await asyncio.gather(*(client.drain(within=0.5) for client in clients))
+    for got in replies:
+        assert {reply.type_url for reply in got} == {types.CLUSTER, types.ENDPOINT, types.LISTENER}

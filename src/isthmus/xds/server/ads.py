@@ -22,7 +22,7 @@ from isthmus.xds.proxy import Role
 from isthmus.xds.server.delta import DeltaStream
 from isthmus.xds.server.sotw import SotwStream
 from isthmus.xds.server.status import ProxyStatus
-from isthmus.xds.server.stream import Limits, Stream, StreamError
+from isthmus.xds.server.stream import Limits, SendBudget, Stream, StreamError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class AdsServer:
         self.cache = cache
         self.address = address
         self.limits = limits or Limits()
+        self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -146,7 +147,7 @@ class AdsServer:
     ) -> None:
         stream_id = next(self._ids)
         self.streams_opened += 1
-        stream = kind(stream_id, self.cache, context, self.limits, self._closing)
+        stream = kind(stream_id, self.cache, context, self.limits, self._closing, budget=self._budget)
         self._streams[stream_id] = stream
         try:
             await stream.run(requests)

@@ -21,6 +21,7 @@ SotW and Delta differ only in how requests are read and responses framed
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -51,6 +52,60 @@ class Limits:
     max_resource_names: int = 100_000
     request_queue: int = 64
     send_timeout: float = 30.0
+    # Bytes of responses sent and not yet ACKed, over all streams (see SendBudget).
+    send_budget: int = 64 * 2**20
+
+
+class SendBudget:
+    """Bounds the bytes of responses sent and not yet ACKed, over all streams.
+
+    Every response is framed into its own buffer (a full CDS or EDS at mesh scale is about 1 MB)
+    that gRPC keeps until the client has read it. When a thousand proxies connect at once, the
+    server frames responses faster than they are read; without a bound its memory grows with the
+    number of proxies times the size of their configuration. A response waits (first come, first
+    served) until the bytes in flight leave room for it; one larger than the whole budget waits
+    until nothing else is in flight. A response's bytes return on its ACK or NACK, or when its
+    stream ends. ACKs are taken off where requests are read, not in the stream's loop, which may
+    itself be waiting for budget.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self.limit)
+        if not self._waiting and (not self.used or self.used + size <= self.limit):
+            self.used += size
+            return size
+        ready = asyncio.get_running_loop().create_future()
+        entry = (size, ready)
+        self._waiting.append(entry)
+        try:
+            await ready
+        except asyncio.CancelledError:
+            if ready.done() and not ready.cancelled():
+                self.release(size)  # granted as we were cancelled: give it back
+            else:
+                self._waiting.remove(entry)
+                self._grant()
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting:
+            size, ready = self._waiting[0]
+            if self.used and self.used + size > self.limit:
+                return
+            self._waiting.popleft()
+            if not ready.done():
+                self.used += size
+                ready.set_result(None)
 
 
 class StreamError(Exception):
@@ -88,6 +143,7 @@ class TypeState:
     basis: str = ""
     touched: set[str] = field(default_factory=set)
     subscription: str = ""  # a digest of wildcard and names, part of the response version
+    held: int = 0  # bytes of the response in flight, taken from the SendBudget
 
     def resubscribed(self) -> None:
         """The subscription changed: the next plan looks at every name."""
@@ -138,10 +194,12 @@ class Stream:
         limits: Limits,
         closing: asyncio.Event,
         on_proxy: Callable[[Stream], None] | None = None,
+        budget: SendBudget | None = None,
     ) -> None:
         self.cache = cache
         self.context = context
         self.limits = limits
+        self.budget = budget if budget is not None else SendBudget(limits.send_budget)
         self.closing = closing
         self.proxy: Proxy | None = None
         self.status = ProxyStatus(stream_id=stream_id, mode=self.mode, peer=context.peer() or "")
@@ -208,13 +266,28 @@ class Stream:
                 f"{count} resource names in one request exceed the limit ({self.limits.max_resource_names})",
             )
 
+    def _answered(self, request: Any) -> None:
+        """An ACK or NACK returns its response's bytes to the budget as soon as it is read, even
+        while this stream's loop waits for budget itself (else streams could wait on each other)."""
+        state = self.states.get(request.type_url)
+        if state is not None and state.held and request.response_nonce == state.pending_nonce:
+            self._release(state)
+
+    def _release(self, state: TypeState) -> None:
+        """The bytes of ``state``'s last response are no longer in flight."""
+        if state.held:
+            self.budget.release(state.held)
+            state.held = 0
+
     def _ack(self, state: TypeState, version: str, nonce: str) -> None:
+        self._release(state)
         state.pending_nonce = None
         state.status.last_acked_version = version
         state.status.last_acked_nonce = nonce
         state.status.last_acked_at = time.time()
 
     def _nack(self, state: TypeState, nonce: str, error: Any) -> None:
+        self._release(state)
         state.pending_nonce = None
         state.status.nacks += 1
         state.status.last_nack = Nack(
@@ -276,6 +349,7 @@ class Stream:
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
             async for request in requests:
+                self._answered(request)
                 await self._requests.put(request)
                 self._wakeup.set()
         except asyncio.CancelledError:
@@ -306,6 +380,8 @@ class Stream:
                 if self.proxy is not None:
                     await self.push()
         finally:
+            for state in self.states.values():
+                self._release(state)
             self.cache.unwatch(self._wakeup)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -343,6 +419,8 @@ class Stream:
 
     async def send(self, state: TypeState, plan: Plan) -> None:
         nonce = f"{next(_nonces):x}"
+        self._release(state)
+        state.held = await self.budget.acquire(sum(len(r.body) for r in plan.resources))
         data = self.encode(state, plan, nonce)
         try:
             # asyncio.timeout, not wait_for: no task per write (wait_for's was 15 % of a change at W1)
