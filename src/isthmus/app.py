@@ -42,7 +42,8 @@ class ControlPlane:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.cache = ConfigCache()
-        self.ads = AdsServer(self.cache, settings.xds_address, Limits(send_timeout=settings.send_timeout))
+        limits = Limits(send_timeout=settings.send_timeout, send_budget=settings.send_budget)
+        self.ads = AdsServer(self.cache, settings.xds_address, limits)
         self.view_loaded = False
         self.started = asyncio.Event()
         self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)

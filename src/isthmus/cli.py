@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a stream whose Envoy does not read a response within this time",
     )
+    serve.add_argument(
+        "--send-budget-mib",
+        type=int,
+        default=64,
+        metavar="MIB",
+        help="responses sent and not yet ACKed, over all streams: bounds memory when many proxies "
+        "connect at once (a larger one may speed up their cold start)",
+    )
     ident = serve.add_argument_group("mTLS and the mesh CA (docs/security.md)")
     ident.add_argument("--no-mtls", action="store_true", help="no certificates, plain text everywhere")
     ident.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             admin_address=args.admin_address,
             mesh=args.mesh,
             send_timeout=args.send_timeout,
+            send_budget=args.send_budget_mib * 2**20,
             mtls=not args.no_mtls,
             trust_domain=args.trust_domain,
             ca_cert=args.ca_cert,

@@ -68,6 +68,7 @@ class ServeSettings:
     mesh: Path | None = None
     mesh_poll_interval: float = 1.0
     send_timeout: float = 30.0
+    send_budget: int = 64 * 2**20  # bytes sent and not yet ACKed, over all streams
     shutdown_grace: float = 5.0
     clusters: tuple[tuple[str, Path], ...] = ()  # --cluster NAME=KUBECONFIG
     kubeconfig_dir: Path | None = None
