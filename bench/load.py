@@ -67,8 +67,9 @@ class Shape:
     endpoints: int
 
     @property
-    def total_endpoints(self) -> int:
-        return self.clusters * self.services * self.endpoints
+    def mesh(self) -> discovery.Shape:
+        """The mesh without its clients: bench.discovery's objects and addresses."""
+        return discovery.Shape(self.clusters, self.services, self.endpoints)
 
 
 def member(c: int) -> str:
@@ -130,7 +131,7 @@ class Workload:
 
     def __init__(self, shape: Shape) -> None:
         self.shape = shape
-        self.kube = discovery.Shape(shape.clusters, shape.services, shape.endpoints)
+        self.kube = shape.mesh
         self.moved: dict[tuple[int, int], dict[int, str]] = {}
 
     def address(self, c: int, s: int, e: int) -> str:
@@ -224,29 +225,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def proc_usage(pid: int) -> tuple[float, int]:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        hwm = 0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-        return cpu, hwm
-    except (OSError, ValueError):
-        return float("nan"), 0
-
-
-def proc_rss(pid: int | None) -> int:
-    """Resident set size now (bytes), 0 if unknown."""
+def _status_bytes(pid: int | None, key: str) -> int:
+    """A memory line of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes, 0 if unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
     return 0
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, peak RSS bytes) of a process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, ValueError):
+        return float("nan"), 0
+    return cpu, _status_bytes(pid, "VmHWM")
+
+
+def proc_rss(pid: int | None) -> int:
+    """Resident set size now (bytes), 0 if unknown."""
+    return _status_bytes(pid, "VmRSS")
 
 
 class IsthmusTarget:
@@ -636,7 +639,7 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         (
             "workload",
             f"{shape.clients} clients, {shape.clusters} x {shape.services} x {shape.endpoints} "
-            f"({shape.total_endpoints} endpoints), {args.channels} channel(s)",
+            f"({shape.mesh.total} endpoints), {args.channels} channel(s)",
         ),
         ("server startup (spawn -> ready to serve)", f"{f('server_startup_s')} s"),
         ("cold start: all clients complete", f"{f('cold_start_s')} s (p50 {f('cold_p50_s')} s)"),

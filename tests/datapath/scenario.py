@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from datapath.harness import App, DataPath, NsEnvoy
+from datapath.harness import App, ControlPlane, DataPath, NsEnvoy
 
 SIDECAR_PORT = 15006
 
@@ -39,6 +39,31 @@ async def start_sidecars(dp: DataPath, service_of: dict[str, str], all_pods: dic
         pod.sidecar = await dp.sidecar(pod.app.cluster, service_of[name], app=pod.app)
 
     await asyncio.gather(*(one(name) for name in service_of))
+
+
+@dataclass
+class WebEastWest:
+    """web in east and in west, each pod with its sidecar; the control plane, gateways and a client."""
+
+    endpoints: list[dict[str, Any]]  # the mesh entries of web-east and web-west, in that order
+    control_plane: ControlPlane
+    gateways: dict[str, NsEnvoy]
+    client: NsEnvoy
+
+
+async def web_east_and_west(
+    dp: DataPath,
+    client_in: str = "east",
+    gateways: tuple[str, ...] = ("west",),
+    extra_args: tuple[str, ...] = (),
+) -> WebEastWest:
+    """The scenario most failover tests start from: web in two clusters, a client sidecar in one."""
+    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
+    both = [meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web")]
+    cp = await dp.control_plane(dp.mesh.service("web", *both), extra_args=extra_args)
+    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
+    started = {cluster: await dp.gateway(cluster) for cluster in gateways}
+    return WebEastWest(both, cp, started, await dp.sidecar(client_in, "client"))
 
 
 async def answered_by(client: NsEnvoy, host: str, count: int = 20) -> dict[str, int]:

@@ -14,7 +14,15 @@ import asyncio
 import pytest
 
 from datapath.harness import DataPath, eventually
-from datapath.scenario import SIDECAR_PORT, Stream, answered_by, meshed, pods, start_sidecars
+from datapath.scenario import (
+    SIDECAR_PORT,
+    Stream,
+    answered_by,
+    meshed,
+    pods,
+    start_sidecars,
+    web_east_and_west,
+)
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 
@@ -105,12 +113,8 @@ async def test_mtls_end_to_end_and_the_gateway_holds_no_key(dp: DataPath) -> Non
 async def test_failover_to_the_other_cluster_and_back(dp: DataPath) -> None:
     """web in east and west, called from east: east serves; east's endpoints removed: west serves
     (through west's gateway); restored: east again. No failed request in between."""
-    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
-    both = [meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web")]
-    await dp.control_plane(dp.mesh.service("web", *both))
-    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
-    await dp.gateway("west")
-    client = await dp.sidecar("east", "client")
+    web = await web_east_and_west(dp)
+    both, client = web.endpoints, web.client
 
     async def only(app: str) -> None:
         assert await answered_by(client, "web.shop", count=10) == {app: 10}

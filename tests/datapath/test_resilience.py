@@ -12,7 +12,15 @@ import time
 import pytest
 
 from datapath.harness import DataPath, eventually
-from datapath.scenario import Stream, answered_by, meshed, pods, start_sidecars, stream_around
+from datapath.scenario import (
+    Stream,
+    answered_by,
+    meshed,
+    pods,
+    start_sidecars,
+    stream_around,
+    web_east_and_west,
+)
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 
@@ -20,13 +28,7 @@ pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 async def test_endpoint_failure_moves_traffic_to_the_other_cluster(dp: DataPath) -> None:
     """Every endpoint of web in east dies (its process stops; the API still lists it). Retries and
     outlier detection move the stream to west; few or no requests fail."""
-    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
-    await dp.control_plane(
-        dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
-    )
-    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
-    await dp.gateway("west")
-    client = await dp.sidecar("east", "client")
+    client = (await web_east_and_west(dp)).client
 
     async def east_serves() -> None:
         assert await answered_by(client, "web.shop", count=10) == {"web-east": 10}
@@ -102,14 +104,8 @@ async def test_cluster_loss_dead_gateway_moves_traffic_and_is_marked(make_datapa
     dp.mesh.set_locality("east", "r1", "r1-a")
     dp.mesh.set_locality("west", "r2", "r2-a")
     dp.mesh.set_locality("north", "r2", "r2-b")
-    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
-    await dp.control_plane(
-        dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
-    )
-    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
-    await dp.gateway("east")
-    west_gateway = await dp.gateway("west")
-    client = await dp.sidecar("north", "client")
+    web = await web_east_and_west(dp, client_in="north", gateways=("east", "west"))
+    west_gateway, client = web.gateways["west"], web.client
 
     async def west_serves() -> None:
         assert await answered_by(client, "web.shop", count=10) == {"web-west": 10}
@@ -162,12 +158,8 @@ async def test_drain_moves_traffic_gradually_without_failures_and_undrain_brings
 ) -> None:
     """`isthmus drain east`: east's own client moves to west step by step (75, 50, 25, 0 %), every
     step ACKed by every proxy, 0 failed requests; `isthmus drain east --undo` brings it back."""
-    p = await pods(dp, ("east", "web-east"), ("west", "web-west"))
-    both = dp.mesh.service("web", meshed(dp, p["web-east"], "web"), meshed(dp, p["web-west"], "web"))
-    cp = await dp.control_plane(both, extra_args=("--drain-step", "1"))
-    await start_sidecars(dp, {"web-east": "web", "web-west": "web"}, p)
-    await dp.gateway("west")
-    client = await dp.sidecar("east", "client")
+    web = await web_east_and_west(dp, extra_args=("--drain-step", "1"))
+    cp, client = web.control_plane, web.client
 
     async def only(app: str) -> None:
         assert await answered_by(client, "web.shop", count=10) == {app: 10}
