@@ -3,7 +3,8 @@
 One instance is one member cluster; several run at once on different ports and share nothing. Tests
 change the cluster through the Python API (``create``/``update``/``apply``/``delete``; plain dicts in
 Kubernetes JSON form) and inject faults at runtime (``stop``/``start``, ``hang``, ``fail_with``,
-``slow``, ``drop_watches``, ``rotate_token``, ``forbid``, ``compact``, ``set_installed``). Clients
+``slow``, ``drop_watches``, ``rotate_token``, ``forbid``, ``throttle``, ``compact``,
+``set_installed``). Clients
 only read over HTTP: GET (get, list, watch) and discovery; other methods get 405 MethodNotAllowed.
 
 Semantics, as kube-apiserver with its watch cache behaves:
@@ -49,7 +50,9 @@ Semantics, as kube-apiserver with its watch cache behaves:
   Unauthorized without a valid bearer token (no anonymous access, as with
   ``--anonymous-auth=false``; checked before everything but faults), 403 Forbidden for a kind
   passed to ``forbid``, 404 for unknown paths and not-installed CRDs ("the server could not find
-  the requested resource"), 404 NotFound ``services "x" not found`` for a missing object.
+  the requested resource"), 429 TooManyRequests with Retry-After for a kind passed to
+  ``throttle`` (a real server's "storage is (re)initializing"), 404 NotFound ``services "x" not
+  found`` for a missing object.
 * A CRD (serviceexports) can be not installed: its paths 404, its group is absent from ``/apis``.
   Uninstalling at runtime deletes its objects (DELETED events), then ends its open watches cleanly.
 
@@ -454,6 +457,7 @@ class FakeKubeApi:
         self._floor: dict[str, int] = dict.fromkeys(self._types, 0)
         self._watchers: set[_Watcher] = set()
         self._forbidden: set[str] = set()
+        self._throttled: dict[str, tuple[float, int]] = {}  # plural ("*": all) -> (until, Retry-After)
         self._fail: tuple[int, str] | None = None
         self._delay = 0.0
         self._running = asyncio.Event()  # cleared while hung
@@ -560,6 +564,22 @@ class FakeKubeApi:
 
     def allow(self, plural: str) -> None:
         self._forbidden.discard(self._resolve(plural).plural)
+
+    def throttle(self, plural: str = "*", seconds: float = 5.0, retry_after: int = 1) -> None:
+        """For ``seconds`` from now, answer every GET of this kind ("*": every kind) with 429
+        TooManyRequests "storage is (re)initializing" and ``Retry-After``, as a real kube-apiserver
+        does for a CRD just installed and for every kind right after a restart (0 s: stop)."""
+        key = "*" if plural == "*" else self._resolve(plural).plural
+        loop = asyncio.get_running_loop()
+        self._throttled[key] = (loop.time() + seconds, retry_after)
+
+    def _throttle_of(self, plural: str) -> int | None:
+        now = asyncio.get_running_loop().time()
+        for key in (plural, "*"):
+            until, retry_after = self._throttled.get(key, (0.0, 0))
+            if now < until:
+                return retry_after
+        return None
 
     def hang(self, on: bool = True) -> None:
         """Accept connections but answer nothing; open watches freeze (no events, no bookmarks, no
@@ -937,6 +957,14 @@ class FakeKubeApi:
                 f'{plural}{"." + group if group else ""} is forbidden: User "{USER}" cannot {verb} resource '
                 f'"{plural}" in API group "{group}" {scope}',
                 details,
+            )
+        throttled = self._throttle_of(plural)
+        if throttled is not None:
+            return self._status_response(
+                status_body(
+                    429, "TooManyRequests", "storage is (re)initializing", {"retryAfterSeconds": throttled}
+                ),
+                {"Retry-After": str(throttled)},
             )
         rtype = self._types.get(plural)
         if (

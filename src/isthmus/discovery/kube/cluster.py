@@ -4,6 +4,13 @@ Health policy (docs/discovery.md):
 * SYNCING until every watched kind has listed once; then SYNCED.
 * Any reflector failing (refused, hung, 5xx, 401/403) makes the cluster UNREACHABLE "since T":
   its last known endpoints are kept (its workloads are most likely still running) and reported.
+  Not failures: a 429 (the server asks to wait; the reflector retries after Retry-After), and for
+  an optional kind (ServiceExport, TrafficSplit) a 404 (CRD not installed) or a 403 (the role does
+  not grant it): that feature is off for this cluster, reported once in the log and in
+  ``degraded``, and the kind is retried with backoff in case it appears.
+* While unreachable, the API server is asked for /version every ``probe_interval``; its first
+  answer wakes the reflectors from their backoff, so the cluster is synced again within about a
+  second of the server being back (not after a doubling backoff).
 * Unreachable for longer than ``demote_after``: STALE, endpoints demoted to the last priority.
 * Unreachable for longer than ``withdraw_after`` (if set): its endpoints are withdrawn.
 * Back in touch: the reflectors resume (or relist after a 410) and the cluster is SYNCED again.
@@ -55,6 +62,8 @@ OPTIONAL_CRDS = {MCS_PLURAL: "ServiceExport", SMI_PLURAL: "TrafficSplit"}  # abs
 # Kinds whose objects affect every service in some way, by the part of them that matters: a change
 # of that part rebuilds the whole shard, any other change (a Node's status) nothing.
 _SUMMARIES: dict[str, Callable[[Obj | None], object]] = {"nodes": node_locality, "namespaces": mesh_label}
+# Failures that say nothing about the server's will (it was not reached, or answered 5xx).
+_TRANSIENT = (None, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,7 @@ class ClusterWatcher:
         self._dirty = asyncio.Event()
         self._reflectors: dict[str, Reflector] = {}
         self._crds_missing: set[str] = set()
+        self.degraded: dict[str, str] = {}  # optional kind -> why this cluster's objects of it are unused
         self._published_withdrawn = False
         # Incremental shard: the content last built (None: rebuild it whole), with the policy it was
         # built with, the services to recompute, and what the change tracking needs.
@@ -106,12 +116,9 @@ class ClusterWatcher:
     # ---- health ---------------------------------------------------------------------------
 
     def _on_error(self, kind: str, exc: BaseException) -> None:
-        if kind in OPTIONAL_CRDS and getattr(exc, "status", None) == 404:
-            if kind not in self._crds_missing:
-                log.info("cluster %s: %s CRD not installed; none are seen", self.name, OPTIONAL_CRDS[kind])
-            self._crds_missing.add(kind)
-            self._reflectors[kind].synced.set()
-            self._on_ok(kind)  # an answer: the API server is reachable (it may have been down before)
+        status = getattr(exc, "status", None)
+        if kind in OPTIONAL_CRDS and status in (403, 404):
+            self._optional_unavailable(kind, status, exc)
             return
         self._failing.add(kind)
         reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -126,13 +133,57 @@ class ClusterWatcher:
             )
         self._dirty.set()
 
+    def _optional_unavailable(self, kind: str, status: int, exc: BaseException) -> None:
+        """An optional kind the server does not serve (404) or this cluster's role does not grant
+        (403): the feature is off for this cluster, which stays synced."""
+        name = OPTIONAL_CRDS[kind]
+        if status == 404:
+            if kind not in self._crds_missing:
+                log.info("cluster %s: %s CRD not installed; none are seen", self.name, name)
+            self._crds_missing.add(kind)
+        else:
+            why = (
+                f"{name}: 403 Forbidden: the credentials may not list and watch {kind}; this cluster's "
+                f"{name}s are ignored until get, list, watch on {kind} is granted"
+            )
+            if self.degraded.get(kind) != why:
+                log.warning("cluster %s: %s (%s)", self.name, why, getattr(exc, "reason", exc))
+            self.degraded[kind] = why
+        reflector = self._reflectors[kind]
+        if reflector.store:  # what was seen before is no longer known to be true
+            reflector.store.clear()
+            self._on_change(kind, None)
+        reflector.synced.set()
+        self._answered(kind)
+
+    def _on_wait(self, kind: str, exc: BaseException) -> None:
+        """A 429: the server is up and asks to wait; the reflector retries after Retry-After."""
+        log.debug("cluster %s: %s: %s; waiting as asked", self.name, kind, exc)
+        self._answered(kind)
+
     def _on_ok(self, kind: str) -> None:
+        if kind in self.degraded or kind in self._crds_missing:
+            log.info("cluster %s: %s are watched now", self.name, OPTIONAL_CRDS.get(kind, kind))
+            self.degraded.pop(kind, None)
+            self._crds_missing.discard(kind)
+        self._answered(kind)
+
+    def _answered(self, kind: str) -> None:
+        """The API server answered for ``kind``: the kind is not failing, and the others may retry now."""
         self._failing.discard(kind)
         if not self._failing and self.unreachable_since is not None:
             log.info("cluster %s: API server reachable again", self.name)
             self.unreachable_since = None
             self.detail = ""
+        self._wake_reflectors()
         self._dirty.set()
+
+    def _wake_reflectors(self) -> None:
+        """Cut short the backoff of reflectors that failed to reach the server (not of those it
+        refused: a 401 or 403 does not get better by asking more often)."""
+        for reflector in self._reflectors.values():
+            if reflector.backing_off and getattr(reflector.last_error, "status", None) in _TRANSIENT:
+                reflector.wake()
 
     def _current_state(self) -> ClusterState:
         if self.unreachable_since is not None:
@@ -255,7 +306,9 @@ class ClusterWatcher:
 
     def _reflector(self, kind: str, list_fn: ListFn) -> Reflector:
         on_change = functools.partial(self._on_change, kind)
-        reflector = Reflector(kind, list_fn, on_change, self._on_error, self._on_ok, self.timing)
+        reflector = Reflector(
+            kind, list_fn, on_change, self._on_error, self._on_ok, self.timing, on_wait=self._on_wait
+        )
         self._reflectors[kind] = reflector
         return reflector
 
@@ -265,6 +318,7 @@ class ClusterWatcher:
             core = client.CoreV1Api(api)
             discovery = client.DiscoveryV1Api(api)
             custom = client.CustomObjectsApi(api)
+            version = client.VersionApi(api)
 
             def crd(group: str, version: str, plural: str) -> ListFn:
                 def list_fn(**kw: object) -> Awaitable[Any]:
@@ -287,8 +341,31 @@ class ClusterWatcher:
                     tasks.create_task(r.run(), name=f"reflector-{self.name}-{r.kind}")
                 tasks.create_task(self._publisher(), name=f"publisher-{self.name}")
                 tasks.create_task(self._staleness_clock(), name=f"staleness-{self.name}")
+                tasks.create_task(self._prober(version), name=f"prober-{self.name}")
         finally:
             await api.close()
+
+    async def _prober(self, version: Any) -> None:
+        """While a reflector cannot reach the server, ask it for /version every ``probe_interval``
+        (cheap, granted to every authenticated user); an answer wakes the reflectors."""
+        while True:
+            await asyncio.sleep(self.timing.probe_interval)
+            waiting = [
+                r
+                for r in self._reflectors.values()
+                if r.backing_off and getattr(r.last_error, "status", None) in _TRANSIENT
+            ]
+            if not waiting:
+                continue
+            try:
+                await version.get_code(_request_timeout=self.timing.probe_interval * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue
+            log.debug("cluster %s: API server answers again; retrying now", self.name)
+            for reflector in waiting:
+                reflector.wake()
 
     async def _publisher(self) -> None:
         while True:

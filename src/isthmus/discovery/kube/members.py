@@ -184,6 +184,8 @@ class Members:
                 "rotating": name in self._warming,
                 "source": self.origins.get(name, ""),
             }
+            if w.degraded:
+                out[name]["degraded"] = dict(sorted(w.degraded.items()))
             if w.unreachable_since is not None:
                 out[name]["unreachable_since"] = _iso(time.time() - (time.monotonic() - w.unreachable_since))
         for name, error in self.errors.items():

@@ -16,8 +16,14 @@ whose silent 410 retry could go back in time:
   back to an older resourceVersion;
 * a watch that delivers nothing (not even a bookmark) for ``idle_timeout`` is
   treated as hung and restarted;
+* a 429 TooManyRequests (a real kube-apiserver answers it while its storage for a
+  kind is (re)initializing: after a restart, for a newly installed CRD) is a healthy
+  server asking to wait: the reflector tells its owner (``on_wait``, not a failure),
+  sleeps for the answer's Retry-After (1 s if absent, at most ``backoff_max``) and
+  retries without growing its backoff;
 * any other failure retries with jittered exponential backoff; the reflector
-  reports each failure and each recovery to its owner;
+  reports each failure and each recovery to its owner; ``wake()`` cuts a backoff
+  short (its owner calls it when the server is answering again);
 * timeouts use ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11,
   wait_for swallows a cancellation that arrives when the awaited line is already
   there (a bookmark), and the reflector would outlive its cancelled watcher.
@@ -26,6 +32,7 @@ whose silent 410 retry could go back in time:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -51,10 +58,21 @@ class WatchError(Exception):
 class HttpStatusError(Exception):
     """A non-2xx answer to a LIST or WATCH (401, 403, 404, 500, ...); ``status`` as in ApiException."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: str | None = None) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.headers = {"Retry-After": retry_after} if retry_after else {}
+
+
+def retry_after(exc: BaseException, default: float, most: float) -> float:
+    """The seconds a 429 answer asks to wait (its Retry-After header), within [0.1, ``most``]."""
+    headers = getattr(exc, "headers", None) or {}
+    try:
+        seconds = float(headers.get("Retry-After", default))
+    except (TypeError, ValueError):
+        seconds = default
+    return min(max(seconds, 0.1), most)
 
 
 async def _check(response: Any) -> None:
@@ -68,7 +86,8 @@ async def _check(response: Any) -> None:
         reason = getattr(response, "reason", "") or "error"
     finally:
         response.release()
-    raise HttpStatusError(status, reason)
+    headers = getattr(response, "headers", None) or {}
+    raise HttpStatusError(status, reason, headers.get("Retry-After"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +97,7 @@ class Timing:
     request_timeout: float = 30.0  # LIST and connection timeout
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    probe_interval: float = 1.0  # while unreachable, the owner asks the server this often if it is back
 
 
 def object_key(obj: Obj) -> str:
@@ -97,18 +117,38 @@ class Reflector:
         on_error: Callable[[str, BaseException], None] | None = None,
         on_ok: Callable[[str], None] | None = None,
         timing: Timing | None = None,
+        on_wait: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.kind = kind
         self._list_fn = list_fn
         self._on_change = on_change
         self._on_error = on_error
         self._on_ok = on_ok
+        self._on_wait = on_wait
+        self._wake = asyncio.Event()
         self.timing = timing or Timing()
         self.store: dict[str, Obj] = {}
         self.resource_version = ""
         self.synced = asyncio.Event()
         self.relists = 0
         self.events = 0
+        self.bookmarks = 0
+        self.backing_off = False
+        self.last_error: BaseException | None = None
+
+    def wake(self) -> None:
+        """Retry now if backing off (the server is known to answer again)."""
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        self.backing_off = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._wake.wait()
+        finally:
+            self.backing_off = False
 
     async def run(self) -> None:
         delay = self.timing.backoff_initial
@@ -126,13 +166,22 @@ class Reflector:
                 log.info("%s: resourceVersion %s expired; relisting", self.kind, self.resource_version)
                 need_list = True
             except Exception as exc:
-                if getattr(exc, "status", None) == 410:  # ApiException for a 410 response
+                status = getattr(exc, "status", None)
+                if status == 410:  # ApiException for a 410 response
                     need_list = True
                     continue
+                if status == 429:
+                    wait = retry_after(exc, 1.0, self.timing.backoff_max)
+                    if self._on_wait is not None:
+                        self._on_wait(self.kind, exc)
+                    log.debug("%s: %s; retrying in %.1fs as asked", self.kind, exc, wait)
+                    await asyncio.sleep(wait)  # the server's word, not cut short by wake()
+                    continue
+                self.last_error = exc
                 if self._on_error is not None:
                     self._on_error(self.kind, exc)
                 log.debug("%s: %r; retrying in %.1fs", self.kind, exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await self._sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.timing.backoff_max)
                 # A failure of unknown kind may hide a gap: the next attempt resumes the watch from
                 # the last resourceVersion, and a 410 from there relists.
@@ -195,6 +244,7 @@ class Reflector:
         if version:
             self.resource_version = version
         if kind == "BOOKMARK":
+            self.bookmarks += 1
             return
         self.events += 1
         key = object_key(obj)
