@@ -194,6 +194,13 @@ class ClusterWatcher:
             return ClusterState.SYNCED
         return ClusterState.SYNCING
 
+    def watch_stats(self) -> dict[str, dict[str, int]]:
+        """Per watched kind: relists (410 Gone and recoveries), watch events, bookmarks."""
+        return {
+            kind: {"relists": r.relists, "events": r.events, "bookmarks": r.bookmarks}
+            for kind, r in sorted(self._reflectors.items())
+        }
+
     def withdrawn(self) -> bool:
         return (
             self.unreachable_since is not None
