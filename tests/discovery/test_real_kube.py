@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,14 +28,17 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from kubernetes_asyncio import client
 from test_kube_members import Graph
 
 from isthmus.discovery.aggregate import Aggregator
+from isthmus.discovery.kube.kubeconfig import Credentials
 from isthmus.discovery.kube.members import Members
-from isthmus.discovery.kube.reflector import Timing
+from isthmus.discovery.kube.reflector import Reflector, Timing
 from isthmus.discovery.kube.secrets import MEMBER_LABEL, SecretMembers
 from isthmus.discovery.model import ClusterState, MeshView, ServiceKey
 from realkube.cluster import ISSUER, RealCluster
+from realkube.crds import TRAFFIC_SPLIT
 from realkube.fixtures import READER, READER_NAMESPACE, install_reader, reader_kubeconfig
 from realkube.rest import ApiError, Rest
 
@@ -237,7 +241,7 @@ async def test_membership_from_secrets_read_with_a_namespaced_role(
     members = Members(aggregator, secrets=secrets, timing=TIMING, poll_interval=0.2)
     async with running(members):
         await g.until(lambda v: {c for c, _ in endpoints(v, web)} == {"b", "c"}, timeout=30)
-        await home.admin.apply(await member_secret(("b",)))
+        await home.admin.replace(await member_secret(("b",)))  # key c is gone
         await g.until(lambda v: "c" not in v.clusters and {c for c, _ in endpoints(v, web)} == {"b"})
         assert members.status()["c"]["state"] == "removed"
     # That account cannot read Secrets anywhere else.
@@ -248,10 +252,10 @@ async def test_membership_from_secrets_read_with_a_namespaced_role(
 
 
 async def test_restart_with_writes_meanwhile_and_a_compacted_etcd(
-    real_cluster_factory: Callable[..., RealCluster], graph: tuple[Graph, Aggregator], tmp_path: Path
+    real_cluster_factory: Callable[..., list[RealCluster]], graph: tuple[Graph, Aggregator], tmp_path: Path
 ) -> None:
     g, aggregator = graph
-    cluster = real_cluster_factory("d")
+    [cluster] = real_cluster_factory("d")
     web = ServiceKey("shop", "web")
     await cluster.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
     await cluster.admin.create(service("shop"))
@@ -362,3 +366,88 @@ async def test_kubeconfigs_that_cannot_work_are_reported_for_their_cluster_only(
         )
         assert "401" in details["expired"], details
         assert "403" in details["no-rights"], details
+
+
+async def test_a_crd_installed_while_watched_keeps_the_cluster_synced(
+    real_cluster_factory: Callable[..., list[RealCluster]], graph: tuple[Graph, Aggregator], tmp_path: Path
+) -> None:
+    """A real API server answers 429 "storage is (re)initializing" for a new CRD's first requests."""
+    g, aggregator = graph
+    [cluster] = real_cluster_factory("e")
+    directory = tmp_path / "kubeconfigs"
+    directory.mkdir()
+    await reader_kubeconfig(cluster, directory / "e.yaml")
+    states: list[ClusterState | None] = []
+    inner = g.on_view
+
+    def record(view: MeshView) -> None:
+        states.append(state("e")(view))
+        inner(view)
+
+    aggregator.on_view = record  # type: ignore[assignment]
+    members = Members(aggregator, directory=directory, timing=TIMING, poll_interval=0.2)
+    async with running(members):
+        await g.until(lambda v: state("e")(v) is ClusterState.SYNCED, timeout=30)
+        await cluster.admin.create(TRAFFIC_SPLIT)
+        await cluster.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+        split = {
+            "apiVersion": "split.smi-spec.io/v1alpha2",
+            "kind": "TrafficSplit",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"service": "web", "backends": [{"service": "web-v2", "weight": 100}]},
+        }
+        deadline = time.monotonic() + 30
+        while True:  # the admin's own first writes may get the 429 too
+            try:
+                await cluster.admin.create(split)
+                break
+            except ApiError as exc:
+                if exc.status not in (404, 429) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await g.until(lambda v: ServiceKey("shop", "web") in v.splits, timeout=60)
+        assert ClusterState.UNREACHABLE not in states, states
+        assert members.status()["e"]["state"] == "synced"
+
+
+async def test_bookmarks_from_a_real_server_keep_the_watch_current(
+    real_clusters: dict[str, RealCluster], namespace: str, tmp_path: Path
+) -> None:
+    """A watch of one namespace's EndpointSlices gets bookmarks carrying the resourceVersion of
+    changes elsewhere, so it resumes from a current version without relisting."""
+    cluster = real_clusters["a"]
+    other = f"{namespace}-other"
+    await cluster.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": other}})
+    path = await reader_kubeconfig(cluster, tmp_path / "a.yaml")
+    api = await Credentials.parse("a", path.read_text(), str(path)).api_client()
+    changes: list[object] = []
+    try:
+        discovery = client.DiscoveryV1Api(api)
+        list_fn = functools.partial(discovery.list_namespaced_endpoint_slice, namespace)
+        # The server ends each watch after 4 s; its bookmarks come before that.
+        timing = Timing(watch_timeout=4, idle_timeout=30.0, request_timeout=5.0)
+        reflector = Reflector("endpointslices", list_fn, changes.append, timing=timing)
+        task = asyncio.create_task(reflector.run())
+        try:
+            await asyncio.wait_for(reflector.synced.wait(), 30)
+            listed = int(reflector.resource_version)
+            deadline = time.monotonic() + 40
+            i = 0
+            while reflector.bookmarks < 2 or int(reflector.resource_version) <= listed:
+                assert time.monotonic() < deadline, (reflector.bookmarks, reflector.resource_version, listed)
+                i += 1
+                await cluster.admin.apply(endpoint_slice(other, f"s{i % 3}", [f"10.7.1.{i % 250}"]))
+                await asyncio.sleep(0.3)
+            assert reflector.events == 0, "changes of another namespace were delivered"
+            assert reflector.relists == 1  # resuming from a bookmark's resourceVersion needs no relist
+            assert changes == [], changes
+            await cluster.admin.create(endpoint_slice(namespace, "web", ["10.7.0.1"]))
+            while reflector.events < 1:
+                assert time.monotonic() < deadline + 30
+                await asyncio.sleep(0.1)
+            assert f"{namespace}/web" in reflector.store
+        finally:
+            task.cancel()
+    finally:
+        await api.close()
+        await cluster.admin.delete("Namespace", None, other)

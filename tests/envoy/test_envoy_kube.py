@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOOPBACK, ControlPlaneProcess, isthmus_command
 
+from conftest import LOOPBACK, ControlPlaneProcess, isthmus_command
 from kubeapi.kubeconfig import write_kubeconfig
 from kubeapi.server import FakeKubeApi
 

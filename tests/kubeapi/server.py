@@ -49,8 +49,9 @@ Semantics, as kube-apiserver with its watch cache behaves:
 * Errors are ``Status`` bodies (``kind: Status``, ``status: Failure``, ``reason``, ``code``): 401
   Unauthorized without a valid bearer token (no anonymous access, as with
   ``--anonymous-auth=false``; checked before everything but faults), 403 Forbidden for a kind
-  passed to ``forbid``, 404 for unknown paths and not-installed CRDs ("the server could not find
-  the requested resource"), 429 TooManyRequests with Retry-After for a kind passed to
+  passed to ``forbid``, 404 for unknown paths ("the server could not find the requested
+  resource"), a plain-text ``404 page not found`` under a group/version nobody serves (a CRD not
+  installed), 429 TooManyRequests with Retry-After for a kind passed to
   ``throttle`` (a real server's "storage is (re)initializing"), 404 NotFound ``services "x" not
   found`` for a missing object.
 * A CRD (serviceexports) can be not installed: its paths 404, its group is absent from ``/apis``.
@@ -137,6 +138,7 @@ RESOURCES: tuple[ResourceType, ...] = (
         ),
     ),
     ResourceType("", "v1", "secrets", "secret", "Secret", True, fields=("type",)),
+    ResourceType("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", True, ("sa",)),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", True),
     ResourceType(
         "multicluster.x-k8s.io",
@@ -862,6 +864,8 @@ class FakeKubeApi:
             return self._json({"kind": "APIGroupList", "apiVersion": "v1", "groups": self._groups()})
         if parts == ["api", "v1"]:
             return self._json(self._resource_list("", "v1"))
+        if len(parts) == 3 and parts[0] == "apis" and not self._serves(parts[1], parts[2]):
+            return _page_not_found()
         if len(parts) == 2 and parts[0] == "apis":
             for group in self._groups():
                 if group["name"] == parts[1]:
@@ -893,6 +897,9 @@ class FakeKubeApi:
             "compiler": "gc",
             "platform": "linux/amd64",
         }
+
+    def _serves(self, group: str, version: str) -> bool:
+        return any((r.group, r.version) == (group, version) for r in self._served())
 
     def _served(self) -> list[ResourceType]:
         return [r for r in self._types.values() if self._installed[r.plural]]
@@ -966,6 +973,8 @@ class FakeKubeApi:
                 ),
                 {"Retry-After": str(throttled)},
             )
+        if group and not self._serves(group, version):
+            return _page_not_found()
         rtype = self._types.get(plural)
         if (
             rtype is None
@@ -1209,6 +1218,12 @@ def _int_param(query: Mapping[str, str], name: str) -> int:
         return int(text)
     except ValueError:
         raise KubeApiError(400, "BadRequest", f"invalid {name}: {text!r}") from None
+
+
+def _page_not_found() -> web.Response:
+    """What kube-apiserver's mux answers under a group/version nothing registered (a CRD not
+    installed): plain text, not a Status (after authorization, so a 403 comes first)."""
+    return web.Response(status=404, text="404 page not found\n")
 
 
 def _path_not_found() -> KubeApiError:

@@ -89,12 +89,14 @@ def _dedicated_clusters() -> Iterator[list[RealCluster]]:
 @pytest.fixture
 def real_cluster_factory(
     tmp_path: Path, _dedicated_clusters: list[RealCluster]
-) -> Callable[..., RealCluster]:
-    def make(name: str, **kwargs: Any) -> RealCluster:
-        cluster = RealCluster(name, tmp_path / f"cluster-{name}", kube_bin("control"), **kwargs)
-        _dedicated_clusters.append(cluster)
-        start_all([cluster])
-        return cluster
+) -> Callable[..., list[RealCluster]]:
+    """``make("d")`` or ``make("east", "west")``: clusters of this test only, started in parallel."""
+
+    def make(*names: str, **kwargs: Any) -> list[RealCluster]:
+        clusters = [RealCluster(n, tmp_path / f"cluster-{n}", kube_bin("control"), **kwargs) for n in names]
+        _dedicated_clusters.extend(clusters)
+        start_all(clusters)
+        return clusters
 
     return make
 

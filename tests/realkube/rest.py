@@ -67,12 +67,24 @@ class Rest:
         self.token = token
         self._ssl = ssl.create_default_context(cafile=ca_file)
 
-    async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Obj:
-        headers = {"Authorization": f"Bearer {self.token}"}
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Obj:
+        headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         timeout = aiohttp.ClientTimeout(total=30)
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.request(method, self.url + path, json=body, headers=headers, ssl=self._ssl) as resp,
+            session.request(
+                method,
+                self.url + path,
+                data=json.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json", **headers} if body is not None else headers,
+                ssl=self._ssl,
+            ) as resp,
         ):
             text = await resp.text()
             if resp.status >= 300:
@@ -115,11 +127,18 @@ class Rest:
             raise
 
     async def apply(self, obj: Mapping[str, Any]) -> Obj:
-        """Create, or replace the existing object (keeping nothing of it but its resourceVersion)."""
+        """Server-side apply (create, or change only the fields given; a no-op if they are as given)."""
+        kind, namespace, name = self._where(obj)
+        path = f"{path_of(kind, namespace, name)}?fieldManager=isthmus-tests&force=true"
+        headers = {"Content-Type": "application/apply-patch+yaml"}
+        return await self.request("PATCH", path, obj, headers)
+
+    async def replace(self, obj: Mapping[str, Any]) -> Obj:
+        """Replace the existing object whole (PUT at its current resourceVersion)."""
         kind, namespace, name = self._where(obj)
         current = await self.get(kind, namespace, name)
         if current is None:
-            return await self.create(obj)
+            raise ApiError(404, f"{kind} {namespace}/{name} not found")
         new = dict(obj)
         new["metadata"] = {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}
         return await self.request("PUT", path_of(kind, namespace, name), new)
