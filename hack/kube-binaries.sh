@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes binaries the test suite runs (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubelet, kube-proxy, kubectl) from the Go module proxy, into a cache outside the repository
-# keyed by version:  ${ISTHMUS_CACHE:-~/.cache/isthmus}/kube/<KUBE_VERSION>-etcd<ETCD_VERSION>/
+# kube-scheduler, kubelet, kube-proxy, kubectl) from the Go module proxy, and the test images' binary
+# (hack/images/testapp.go), into a cache outside the repository keyed by version:  ${ISTHMUS_CACHE:-~/.cache/isthmus}/kube/<KUBE_VERSION>-etcd<ETCD_VERSION>/
 # Does nothing when every binary is cached. Prints the bin directory on its last line.
 #
 #   hack/kube-binaries.sh            # all seven binaries (~13 min cold on 2 cores, then ~0 s)
@@ -25,6 +25,15 @@ case "$what" in
   all) cmds=("${control[@]}" "${node[@]}") ;;
   *) echo "usage: $0 [all|control]" >&2; exit 2 ;;
 esac
+
+# The test images' one binary (hack/images/testapp.go, standard library only): rebuilt when its
+# source is newer than the cached binary (about 2 s).
+if [[ "$what" == all && ( ! -x "$bin/testapp" || "$here/images/testapp.go" -nt "$bin/testapp" ) ]]; then
+  command -v go >/dev/null || { echo "kube-binaries: Go is needed to build testapp" >&2; exit 1; }
+  mkdir -p "$bin"
+  (cd "$here/images" && CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS= go build -trimpath -ldflags "-s -w" \
+    -o "$bin/testapp.tmp" testapp.go && mv "$bin/testapp.tmp" "$bin/testapp")
+fi
 
 missing=()
 [[ -x "$bin/etcd" ]] || missing+=(etcd)

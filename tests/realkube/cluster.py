@@ -5,7 +5,9 @@ token (``system:masters``); RBAC is on and anonymous requests get nothing but th
 endpoints. The API server listens on 127.0.0.1 only (``--endpoint-reconciler-type none``: it would
 otherwise publish its address as the ``kubernetes`` Service's endpoint, which the loopback address
 cannot be). kube-controller-manager runs only the controllers the tests rely on: service accounts
-and their tokens, namespace deletion, garbage collection, the root CA ConfigMap.
+and their tokens, namespace deletion, garbage collection, the root CA ConfigMap, Deployments,
+ReplicaSets, EndpointSlices and node lifecycle (a node's not-ready taint). ``start_scheduler`` adds a
+kube-scheduler, for clusters with a node (realkube.node).
 
 Lifecycle: ``start`` (blocking, from the test's main thread) brings all three up and waits for
 /readyz; ``stop`` stops them in order, controller manager and API server before etcd (the API server's
@@ -47,6 +49,10 @@ CONTROLLERS = (
     "namespace-controller",
     "garbage-collector-controller",
     "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "endpointslice-controller",
+    "node-lifecycle-controller",  # removes a new node's not-ready taint once it is Ready
 )
 
 # The audit log records, for the service accounts of isthmus-system (isthmus's own), every request
@@ -187,6 +193,7 @@ class RealCluster:
             self.dir / "kube-controller-manager.log",
         )
         self.admin = Rest(self.url, str(self.pki.ca_cert), self.admin_token)
+        self.scheduler: Process | None = None
 
     def _apiserver_process(self, port: int, name: str) -> Process:
         tokens = self.dir / "tokens.csv"
@@ -246,7 +253,22 @@ class RealCluster:
         return f"https://{LOOPBACK}:{self.port}"
 
     def processes(self) -> list[Process]:
-        return [self.etcd, self.apiserver, *self._spares, self.controller_manager]
+        extra = [self.scheduler] if self.scheduler is not None else []
+        return [self.etcd, self.apiserver, *self._spares, self.controller_manager, *extra]
+
+    def start_scheduler(self) -> None:
+        self.scheduler = Process(
+            "kube-scheduler",
+            [
+                str(self.bin / "kube-scheduler"),
+                f"--kubeconfig={self.admin_kubeconfig}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--v=1",
+            ],
+            self.dir / "kube-scheduler.log",
+        )
+        self.scheduler.start()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -257,6 +279,8 @@ class RealCluster:
         self.controller_manager.start()
 
     def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop(grace=5)
         self.controller_manager.stop(grace=5)
         for spare in self._spares:
             spare.stop(grace=10)
