@@ -102,7 +102,7 @@ def namespace_pids(netns: str) -> list[int]:
     return [int(p) for p in done.stdout.split() if p.isdigit()]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -132,14 +132,14 @@ def cleanup_stale() -> list[str]:
     if os.geteuid() == 0 and shutil.which("ip"):
         for name in list_namespaces():
             match = _OWNED.match(name)
-            if match is None or _pid_alive(int(match.group(1))):
+            if match is None or pid_alive(int(match.group(1))):
                 continue
             _kill_namespace_processes(name)
             _ip("netns", "del", name, check=False)
             removed.append(name)
     for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*"):
         match = _OWNED.match(directory.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(str(directory))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import subprocess
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,3 +53,16 @@ def write_image(
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
     return path
+
+
+def with_libraries(inside: str, binary: Path) -> dict[str, Path]:
+    """``binary`` at ``inside`` and the shared libraries it loads (per ``ldd``), at their own paths:
+    the files of an image that runs a dynamically linked program (Envoy) with nothing else."""
+    files = {inside: binary}
+    listing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
+    for line in listing.splitlines():
+        match = re.search(r"(/\S+) \(0x", line)
+        if match:
+            path = match.group(1)
+            files[path] = Path(path).resolve()
+    return files

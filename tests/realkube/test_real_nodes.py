@@ -1,10 +1,13 @@
 """Real nodes running real pods: two member clusters side by side, each with one node (containerd,
-kubelet, kube-proxy, a CNI bridge) in its own network namespace (realkube.node), images imported
-from tarballs the tests write.
+kubelet, kube-proxy, a CNI bridge; realkube.node) in its cluster's network namespace of the
+data-path topology (datapath.netns: the namespaces joined only by a transit bridge), images
+imported from tarballs the tests write.
 
 * A Deployment applied through the API server runs: its pod gets an address, passes its readiness
   probe and serves a request; a second pod reaches it by its Service's ClusterIP (kube-proxy).
-* The clusters are isolated: a pod address of one is unreachable from the other's namespace.
+* The clusters are reachable from each other only through what the tests route between them: a
+  host-network pod of west on its node's transit address (where an east-west gateway listens) is
+  reached from east; west's pod addresses are not.
 * isthmus discovers the real thing: the EndpointSlice the controller manager wrote for the pod, the
   pod's service account and its node's locality, read with the least-privilege role.
 """
@@ -12,6 +15,7 @@ from tarballs the tests write.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from datapath.netns import Topology
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reflector import Timing
@@ -26,7 +31,7 @@ from isthmus.discovery.model import MeshView, ServiceKey
 from realkube.binaries import kube_bin
 from realkube.cluster import RealCluster
 from realkube.fixtures import reader_kubeconfig, start_all
-from realkube.node import APP_IMAGE, Node, available
+from realkube.node import APP_IMAGE, ENVOY_IMAGE, Node, available
 
 pytestmark = [pytest.mark.realkube, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
@@ -49,12 +54,16 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
     binaries = kube_bin("all")
     base = tmp_path_factory.mktemp("realnodes")
     clusters = [RealCluster(name, base / name, binaries) for name in ("east", "west")]
-    start_all(clusters)
+    topology = Topology([c.name for c in clusters], mode="netns").create()
     made: dict[str, Node] = {}
     try:
-        for n, cluster in enumerate(clusters, start=1):
+        start_all(clusters)
+        for cluster in clusters:
+            net = topology[cluster.name]
             cluster.start_scheduler()
-            made[cluster.name] = Node(cluster, n, binaries)
+            made[cluster.name] = Node(
+                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
+            )
             made[cluster.name].start()
         yield made
     finally:
@@ -62,6 +71,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
             node.stop()
         for cluster in clusters:
             cluster.stop()
+        topology.close()
 
 
 def deployment(name: str, answer: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -132,7 +142,7 @@ async def test_a_deployment_runs_serves_and_is_reached_by_its_cluster_ip(nodes: 
     await east.cluster.admin.apply(deployment("web", "web-east"))
     pod = await ready_pod(east.cluster, "web")
     address = pod["status"]["podIP"]
-    assert address.startswith("10.1.1."), address  # east's pod range, on its CNI bridge
+    assert address.startswith(f"10.{east.n}.1."), address  # east's pod range, on its CNI bridge
     direct = east.run_in(str(east.bin / "testapp"), "get", f"http://{address}:8080/", "5")
     assert (direct.returncode, direct.stdout.strip()) == (0, "web-east"), direct.stderr
     # A second pod reaches the first through the Service's ClusterIP (kube-proxy's iptables rules).
@@ -168,19 +178,31 @@ async def test_a_deployment_runs_serves_and_is_reached_by_its_cluster_ip(nodes: 
     assert state["terminated"]["exitCode"] == 0
 
 
-async def test_clusters_side_by_side_cannot_reach_each_others_pods(nodes: dict[str, Node]) -> None:
+async def test_clusters_reach_each_other_only_through_what_is_routed(nodes: dict[str, Node]) -> None:
     east, west = nodes["east"], nodes["west"]
     for node in (east, west):
         await node_ready(node)
     await west.cluster.admin.apply(deployment("web", "web-west"))
     pod = await ready_pod(west.cluster, "web")
     address = pod["status"]["podIP"]
-    assert address.startswith("10.2.1."), address
+    assert address.startswith(f"10.{west.n}.1."), address
     mine = west.run_in(str(west.bin / "testapp"), "get", f"http://{address}:8080/")
     assert (mine.returncode, mine.stdout.strip()) == (0, "web-west"), mine.stderr
     other = east.run_in(str(east.bin / "testapp"), "get", f"http://{address}:8080/")
     assert other.returncode != 0, other.stdout
     assert "unreachable" in other.stderr, other.stderr
+    # West's node address is on the transit network: a host-network pod there (as an east-west
+    # gateway would be) is reached from east.
+    gateway = deployment("gateway", "west-gateway")
+    gateway["spec"]["template"]["spec"]["hostNetwork"] = True
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    container["args"] = ["serve", "west-gateway", f"{west.address}:15443"]
+    container["ports"] = [{"name": "tls", "containerPort": 15443}]
+    container["readinessProbe"] = {"tcpSocket": {"port": 15443}, "periodSeconds": 1}
+    await west.cluster.admin.apply(gateway)
+    await ready_pod(west.cluster, "gateway")
+    through = east.run_in(str(east.bin / "testapp"), "get", f"http://{west.address}:15443/", "5")
+    assert (through.returncode, through.stdout.strip()) == (0, "west-gateway"), through.stderr
 
 
 async def test_isthmus_discovers_real_pods_with_the_reader_role(
@@ -221,3 +243,102 @@ async def test_isthmus_discovers_real_pods_with_the_reader_role(
     finally:
         for task in tasks:
             task.cancel()
+
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+ENVOY_CONFIG = {
+    "static_resources": {
+        "listeners": [
+            {
+                "name": "inbound",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": {
+                                    "@type": HCM,
+                                    "stat_prefix": "inbound",
+                                    "route_config": {
+                                        "virtual_hosts": [
+                                            {
+                                                "name": "app",
+                                                "domains": ["*"],
+                                                "routes": [
+                                                    {"match": {"prefix": "/"}, "route": {"cluster": "app"}}
+                                                ],
+                                            }
+                                        ]
+                                    },
+                                    "http_filters": [
+                                        {
+                                            "name": "envoy.filters.http.router",
+                                            "typed_config": {"@type": ROUTER},
+                                        }
+                                    ],
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        ],
+        "clusters": [
+            {
+                "name": "app",
+                "type": "STATIC",
+                "load_assignment": {
+                    "cluster_name": "app",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {"address": "127.0.0.1", "port_value": 8080}
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        ],
+    }
+}
+
+
+async def test_envoy_from_a_local_image_proxies_for_the_app_in_its_pod(nodes: dict[str, Node]) -> None:
+    """The Envoy image (the wheel's Envoy 1.40 and its libraries) runs beside the sample app in one
+    pod, with its configuration from a ConfigMap volume, and answers for the app on its own port."""
+    west = nodes["west"]
+    await node_ready(west)
+    west.import_envoy()
+    await west.cluster.admin.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "envoy", "namespace": "default"},
+            "data": {"envoy.yaml": json.dumps(ENVOY_CONFIG)},  # JSON is YAML
+        }
+    )
+    pod = deployment("proxied", "proxied-west")
+    spec = pod["spec"]["template"]["spec"]
+    spec["containers"].append(
+        {
+            "name": "envoy",
+            "image": ENVOY_IMAGE,
+            "imagePullPolicy": "Never",
+            "args": ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warn"],
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/envoy"}],
+            "readinessProbe": {"tcpSocket": {"port": 15001}, "periodSeconds": 1},
+        }
+    )
+    spec["volumes"] = [{"name": "config", "configMap": {"name": "envoy"}}]
+    await west.cluster.admin.apply(pod)
+    ready = await ready_pod(west.cluster, "proxied")
+    through = west.run_in(str(west.bin / "testapp"), "get", f"http://{ready['status']['podIP']}:15001/", "5")
+    assert (through.returncode, through.stdout.strip()) == (0, "proxied-west"), through.stderr
