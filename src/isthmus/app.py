@@ -27,7 +27,14 @@ from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
-from isthmus.settings import ServeSettings, parse_hostport
+from isthmus.identity.xds_tls import ServingCredentials
+from isthmus.settings import (
+    INSECURE_PLAINTEXT_FLAG,
+    ServeSettings,
+    is_local,
+    parse_hostport,
+    parse_xds_address,
+)
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Role
@@ -44,6 +51,7 @@ class ControlPlane:
         self.cache = ConfigCache()
         limits = Limits(send_timeout=settings.send_timeout, send_budget=settings.send_budget)
         self.ads = AdsServer(self.cache, settings.xds_address, limits)
+        self.xds_tls: ServingCredentials | None = None
         self.view_loaded = False
         self.started = asyncio.Event()
         self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)
@@ -120,8 +128,23 @@ class ControlPlane:
             if self.members is None:
                 self.aggregator.flush()
         self._ready_deadline = asyncio.get_running_loop().time() + self.settings.ready_timeout
-        if self.settings.mtls:
-            self.cache.use_ca(await asyncio.to_thread(load_ca, self.settings))
+        ca = (
+            await asyncio.to_thread(load_ca, self.settings)
+            if self.settings.mtls or self.settings.xds_sans
+            else None
+        )
+        if ca is not None and self.settings.mtls:
+            self.cache.use_ca(ca)
+        if ca is not None and self.settings.xds_sans:
+            self.xds_tls = ServingCredentials(ca, self.settings.xds_sans)
+            self.ads.credentials = self.xds_tls.credentials()
+        elif not is_local(parse_xds_address(self.settings.xds_address, "--xds-address")):
+            log.warning(
+                "INSECURE: xDS is served in PLAIN TEXT on %s (%s): anyone on the network can read and "
+                "alter what proxies receive. Use --xds-san NAME to serve TLS.",
+                self.settings.xds_address,
+                INSECURE_PLAINTEXT_FLAG,
+            )
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)

@@ -22,6 +22,7 @@ from isthmus.app import ControlPlane
 from isthmus.discovery.file import MeshFileError
 from isthmus.settings import (
     INSECURE_KEYS_FLAG,
+    INSECURE_PLAINTEXT_FLAG,
     ServeSettings,
     SettingsError,
     parse_cluster,
@@ -88,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     ident.add_argument(
         "--cert-ttl", type=float, default=24 * 3600.0, metavar="SECONDS", help="workload certificate lifetime"
+    )
+    ident.add_argument(
+        "--xds-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="serve xDS over TLS with a mesh-CA certificate for this DNS name or IP (repeatable)",
+    )
+    ident.add_argument(
+        INSECURE_PLAINTEXT_FLAG,
+        dest="insecure_plaintext_xds",
+        action="store_true",
+        help="serve xDS in plain text on a non-loopback address (logged loudly)",
     )
     ident.add_argument(
         INSECURE_KEYS_FLAG,
@@ -210,6 +224,18 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT", help="or unix:/PATH (a socket file)"
     )
+    boot.add_argument(
+        "--xds-root-ca",
+        type=Path,
+        metavar="PEM",
+        help="connect over TLS, trusting this file (the mesh root, e.g. a mounted ConfigMap)",
+    )
+    boot.add_argument(
+        "--xds-server-name",
+        default="",
+        metavar="NAME",
+        help="with --xds-root-ca: the DNS name or IP the serving certificate must name (default: the host)",
+    )
     boot.add_argument("--admin-port", type=int, default=15000)
     boot.add_argument("--listen-address", default="0.0.0.0", help="address the proxy's listeners bind")
     boot.add_argument(
@@ -283,7 +309,11 @@ def _bootstrap(args: argparse.Namespace) -> int:
         app_address=args.app_address,
         outbound_port=args.outbound_port,
         inbound_port=args.inbound_port,
+        xds_root_ca=str(args.xds_root_ca) if args.xds_root_ca else "",
+        xds_server_name=args.xds_server_name,
     )
+    if opts.xds_root_ca and not (opts.xds_server_name or opts.xds_host):
+        raise SettingsError("--xds-root-ca over a Unix socket needs --xds-server-name (the SAN to expect)")
     fmt = args.format or ("yaml" if args.output and args.output.suffix in (".yaml", ".yml") else "json")
     data = bootstrap_dict(opts)
     text = yaml.safe_dump(data, sort_keys=False) if fmt == "yaml" else json.dumps(data, indent=2) + "\n"
@@ -327,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             ca_dir=args.ca_dir,
             cert_ttl=args.cert_ttl,
             insecure_keys_on_network=args.insecure_keys_on_network,
+            xds_sans=tuple(args.xds_san),
+            insecure_plaintext_xds=args.insecure_plaintext_xds,
             gateway_grace=args.gateway_grace,
             drain_step=args.drain_step,
             clusters=tuple(parse_cluster(c) for c in args.cluster),

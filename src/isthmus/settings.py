@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INSECURE_KEYS_FLAG = "--insecure-serve-private-keys-to-unauthenticated-proxies"
+INSECURE_PLAINTEXT_FLAG = "--insecure-plaintext-xds"
 
 
 class SettingsError(ValueError):
@@ -89,6 +90,8 @@ class ServeSettings:
     ca_dir: Path | None = None  # development root, generated there once
     cert_ttl: float = 24 * 3600.0
     insecure_keys_on_network: bool = False
+    xds_sans: tuple[str, ...] = ()  # DNS names and IPs of the xDS port's TLS certificate; () = no TLS
+    insecure_plaintext_xds: bool = False
     drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
     drain_ack_timeout: float = 30.0
     gateway_grace: float = 3.0  # a gateway's xDS stream gone this long: its endpoints are unhealthy
@@ -111,6 +114,12 @@ class ServeSettings:
             raise SettingsError("--ca-cert and --ca-key go together")
         if self.cert_ttl < 10:
             raise SettingsError("--cert-ttl must be at least 10 seconds")
+        if not is_local(xds) and not self.xds_sans and not self.insecure_plaintext_xds:
+            raise SettingsError(
+                f"--xds-address {self.xds_address} is not a loopback address or Unix socket: serve TLS "
+                "with --xds-san NAME (each DNS name or IP address proxies connect to), or accept plain "
+                f"text on the network with {INSECURE_PLAINTEXT_FLAG}."
+            )
         if self.mtls and not is_local(xds) and not self.insecure_keys_on_network:
             raise SettingsError(
                 f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies do "

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -342,12 +342,13 @@ class EnvoyProcess(ManagedProcess):
 class ControlPlaneProcess(ManagedProcess):
     """`isthmus serve --mesh FILE` on fixed loopback ports (so that a restart reuses them)."""
 
-    def __init__(self, mesh_path: Path, log_path: Path) -> None:
+    def __init__(self, mesh_path: Path, log_path: Path, extra_args: Sequence[str] = ()) -> None:
         super().__init__(log_path)
         self.name = "isthmus serve"
         self.mesh_path = mesh_path
         self.xds_port = free_port()
         self.admin_port = free_port()
+        self.extra_args = list(extra_args)
 
     def start(self) -> None:
         self._spawn(
@@ -362,6 +363,7 @@ class ControlPlaneProcess(ManagedProcess):
                 f"{LOOPBACK}:{self.xds_port}",
                 "--admin-address",
                 f"{LOOPBACK}:{self.admin_port}",
+                *self.extra_args,
             ]
         )
 
@@ -398,11 +400,12 @@ class Processes:
         fmt: str = "json",
         service: str = CLIENT_SERVICE,
         namespace: str = CLIENT_NAMESPACE,
+        extra: Sequence[str] = (),
     ) -> Bootstrap:
         """Write a bootstrap with the `isthmus bootstrap` CLI, on fresh loopback ports."""
         mode = "delta" if delta else "sotw"
         node_id = f"{role}~{service}-{mode}.{namespace}~{MEMBER_CLUSTER}"
-        path = self.directory / f"bootstrap-{role}-{service}-{mode}.{fmt}"
+        path = self.directory / f"bootstrap-{role}-{service}-{mode}-{len(extra)}.{fmt}"
         admin_port, outbound_port, inbound_port = free_port(), free_port(), free_port()
         argv = [
             *isthmus_command(),
@@ -421,6 +424,7 @@ class Processes:
             "--inbound-port", str(inbound_port),
             "-o", str(path),
             *(["--delta"] if delta else []),
+            *extra,
         ]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, f"isthmus bootstrap failed ({done.returncode}): {done.stderr}"
@@ -436,9 +440,9 @@ class Processes:
             check=False,
         )
 
-    async def control_plane(self, mesh_path: Path) -> ControlPlaneProcess:
-        """Start `isthmus serve` and wait until /readyz says it is serving."""
-        cp = ControlPlaneProcess(mesh_path, self.directory / f"isthmus-{len(self.started)}.log")
+    async def control_plane(self, mesh_path: Path, extra_args: Sequence[str] = ()) -> ControlPlaneProcess:
+        """Start `isthmus serve` (``extra_args`` after its own) and wait until /readyz says it serves."""
+        cp = ControlPlaneProcess(mesh_path, self.directory / f"isthmus-{len(self.started)}.log", extra_args)
         self.started.append(cp)
         cp.start()
         await cp.wait_ready()

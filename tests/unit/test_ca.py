@@ -16,7 +16,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from isthmus.discovery.file import parse_mesh
 from isthmus.discovery.model import Locality
-from isthmus.settings import INSECURE_KEYS_FLAG, ServeSettings, SettingsError
+from isthmus.settings import INSECURE_KEYS_FLAG, INSECURE_PLAINTEXT_FLAG, ServeSettings, SettingsError
 from isthmus.xds import types
 from isthmus.xds.ca import CAError, MeshCA
 from isthmus.xds.cache import ConfigCache
@@ -140,10 +140,10 @@ def test_sds_gives_each_sidecar_its_own_account_and_rotation_touches_sds_only(ro
         ("127.0.0.1:15010", {}, True),
         ("[::1]:15010", {}, True),
         ("unix:/run/isthmus/xds.sock", {}, True),
-        ("0.0.0.0:15010", {}, False),
-        ("10.0.0.5:15010", {}, False),
-        ("0.0.0.0:15010", {"insecure_keys_on_network": True}, True),
-        ("0.0.0.0:15010", {"mtls": False}, True),
+        ("0.0.0.0:15010", {"xds_sans": ("isthmus.example",)}, False),
+        ("10.0.0.5:15010", {"xds_sans": ("10.0.0.5",)}, False),
+        ("0.0.0.0:15010", {"xds_sans": ("isthmus.example",), "insecure_keys_on_network": True}, True),
+        ("0.0.0.0:15010", {"xds_sans": ("isthmus.example",), "mtls": False}, True),
     ],
 )
 def test_private_keys_are_served_to_the_network_only_when_asked(address: str, extra: dict, ok: bool) -> None:
@@ -152,3 +152,39 @@ def test_private_keys_are_served_to_the_network_only_when_asked(address: str, ex
     else:
         with pytest.raises(SettingsError, match=INSECURE_KEYS_FLAG):
             ServeSettings(xds_address=address, **extra)
+
+
+@pytest.mark.parametrize(
+    ("address", "extra", "ok"),
+    [
+        ("127.0.0.1:15010", {}, True),
+        ("unix:/run/isthmus/xds.sock", {}, True),
+        ("0.0.0.0:15010", {"mtls": False}, False),
+        ("0.0.0.0:15010", {"mtls": False, "xds_sans": ("isthmus.example",)}, True),
+        ("0.0.0.0:15010", {"mtls": False, "insecure_plaintext_xds": True}, True),
+    ],
+)
+def test_plain_text_xds_on_the_network_only_when_asked(address: str, extra: dict, ok: bool) -> None:
+    if ok:
+        ServeSettings(xds_address=address, **extra)
+    else:
+        with pytest.raises(SettingsError, match=INSECURE_PLAINTEXT_FLAG):
+            ServeSettings(xds_address=address, **extra)
+
+
+def test_the_serving_certificate_names_the_given_hosts_and_is_renewed_when_due() -> None:
+    now = [datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)]
+    ca = MeshCA(*MeshCA.generate_root(), ttl=datetime.timedelta(hours=2), clock=lambda: now[0])
+    names = ("isthmus.isthmus-system.svc", "10.0.0.5")
+    first = ca.serving_certificate(names)
+    cert = x509.load_pem_x509_certificate(first.cert_chain.encode())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["isthmus.isthmus-system.svc"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == []  # not a workload identity
+    assert ca.serving_certificate(names) is first
+    assert ca.rotate_due() == []  # workload rotation (and its SDS pushes) never sees it
+    now[0] += datetime.timedelta(hours=1, seconds=1)
+    assert ca.serving_certificate(names) is not first
+    with pytest.raises(CAError):
+        ca.serving_certificate(())

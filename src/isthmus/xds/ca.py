@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class MeshCA:
         self._clock = clock
         self.trust_bundle = root_cert.public_bytes(serialization.Encoding.PEM).decode()
         self._issued: dict[str, WorkloadCert] = {}
+        self._serving: dict[tuple[str, ...], WorkloadCert] = {}  # renewed on use, not by rotate_due
         self.issued_count = 0
 
     # ---- roots ---------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class MeshCA:
 
     # ---- workload certificates -----------------------------------------------------------------
 
-    def _issue(self, identity: str) -> WorkloadCert:
+    def _issue(self, identity: str, sans: list[x509.GeneralName] | None = None) -> WorkloadCert:
+        """A certificate for ``identity``: a SPIFFE ID as its one URI SAN, or the given ``sans``."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = self._clock()
         not_before = now - datetime.timedelta(minutes=1)  # tolerate small clock skew between hosts
@@ -197,7 +200,7 @@ class MeshCA:
                 critical=False,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True
+                x509.SubjectAlternativeName(sans or [x509.UniformResourceIdentifier(identity)]), critical=True
             )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()),
@@ -227,6 +230,22 @@ class MeshCA:
         cert = self._issued.get(identity)
         if cert is None or self._due(cert):
             cert = self._issued[identity] = self._issue(identity)
+        return cert
+
+    def serving_certificate(self, names: tuple[str, ...]) -> WorkloadCert:
+        """The control plane's own serving certificate for DNS names and IP addresses ``names``
+        (the xDS port's), issued on first use and again when due, like a workload's."""
+        if not names:
+            raise CAError("a serving certificate needs at least one DNS name or IP address")
+        cert = self._serving.get(names)
+        if cert is None or self._due(cert):
+            sans: list[x509.GeneralName] = []
+            for name in names:
+                try:
+                    sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+                except ValueError:
+                    sans.append(x509.DNSName(name))
+            cert = self._serving[names] = self._issue(",".join(names), sans)
         return cert
 
     def rotate_due(self) -> list[str]:

@@ -25,6 +25,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
 
+from isthmus.xds.generate.tls import xds_client_socket
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, METADATA_KEY, Role
 
 XDS_CLUSTER = "isthmus_xds"
@@ -43,6 +44,8 @@ class BootstrapOptions:
     xds_host: str = "127.0.0.1"
     xds_port: int = 15010
     xds_socket: str = ""  # a Unix domain socket path instead of host and port
+    xds_root_ca: str = ""  # TLS to the control plane, trusting this PEM file (the mesh root); "" = plain text
+    xds_server_name: str = ""  # the SAN expected in its certificate (and SNI); default: xds_host
     admin_address: str = "127.0.0.1"
     admin_port: int = 15000
     delta: bool = False
@@ -94,6 +97,10 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
     cluster.typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ].CopyFrom(packed)
+    if opts.xds_root_ca:
+        cluster.transport_socket.CopyFrom(
+            xds_client_socket(opts.xds_root_ca, opts.xds_server_name or opts.xds_host)
+        )
     return cluster
 
 

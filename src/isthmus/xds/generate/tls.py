@@ -8,6 +8,7 @@ server accepts any identity of the trust domain.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,3 +100,31 @@ def root_secret(identity: MeshIdentity) -> Any:
             trusted_ca=base_pb2.DataSource(inline_string=identity.trust_bundle)
         ),
     )
+
+
+def xds_client_socket(root_ca_file: str, server_name: str) -> Any:
+    """TLS to the control plane itself: the mesh root read from a file Envoy watches (a mounted
+    ConfigMap), the serving certificate's SAN checked (a DNS name, or an IP address), SNI for a name."""
+    try:
+        ipaddress.ip_address(server_name)
+        san_type, sni = common_pb2.SubjectAltNameMatcher.IP_ADDRESS, ""
+    except ValueError:
+        san_type, sni = common_pb2.SubjectAltNameMatcher.DNS, server_name
+    context = tls_pb2.UpstreamTlsContext(
+        sni=sni,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            tls_params=common_pb2.TlsParameters(
+                tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2
+            ),
+            alpn_protocols=["h2"],
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=root_ca_file),
+                match_typed_subject_alt_names=[
+                    common_pb2.SubjectAltNameMatcher(
+                        san_type=san_type, matcher=string_pb2.StringMatcher(exact=server_name)
+                    )
+                ],
+            ),
+        ),
+    )
+    return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))

@@ -46,9 +46,11 @@ class AdsServer:
         address: str = "127.0.0.1:15010",
         limits: Limits | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.cache = cache
         self.address = address
+        self.credentials = credentials  # TLS (identity.xds_tls); None: plain text
         self.limits = limits or Limits()
         self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
@@ -81,7 +83,10 @@ class AdsServer:
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = server.add_insecure_port(self.address)
+        if self.credentials is not None:
+            port = server.add_secure_port(self.address, self.credentials)
+        else:
+            port = server.add_insecure_port(self.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.address} for xDS")
         await server.start()
@@ -90,7 +95,11 @@ class AdsServer:
         where = (
             self.address if self.address.startswith("unix:") else self.address.rsplit(":", 1)[0] + f":{port}"
         )
-        log.info("xDS (ADS, SotW and Delta) listening on %s", where)
+        log.info(
+            "xDS (ADS, SotW and Delta) listening on %s (%s)",
+            where,
+            "TLS" if self.credentials else "plain text",
+        )
         return port
 
     async def stop(self, grace: float = 5.0) -> None:
