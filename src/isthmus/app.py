@@ -27,6 +27,7 @@ from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
+from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
 from isthmus.settings import (
     INSECURE_PLAINTEXT_FLAG,
@@ -113,6 +114,13 @@ class ControlPlane:
             "proxies": len(self.ads.status()),
             "member_clusters": self.members.status() if self.members is not None else {},
             "membership": self.members.membership_status() if self.members is not None else {},
+            "xds": {
+                "tls": list(self.settings.xds_sans) if self.settings.xds_sans else None,
+                "authentication": (
+                    f"token file {self.settings.xds_token_file}" if self.settings.xds_token_file else None
+                ),
+                "refused_streams": dict(sorted(self.ads.auth_failures.items())),  # by reason
+            },
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -145,6 +153,8 @@ class ControlPlane:
                 self.settings.xds_address,
                 INSECURE_PLAINTEXT_FLAG,
             )
+        if self.settings.xds_token_file is not None:
+            self.ads.authenticator = StaticTokens(self.settings.xds_token_file)
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)

@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve xDS over TLS with a mesh-CA certificate for this DNS name or IP (repeatable)",
     )
     ident.add_argument(
+        "--xds-token-file",
+        type=Path,
+        metavar="FILE",
+        help="authenticate proxies: lines token,namespace,service-account[,cluster] (re-read on change)",
+    )
+    ident.add_argument(
         INSECURE_PLAINTEXT_FLAG,
         dest="insecure_plaintext_xds",
         action="store_true",
@@ -236,6 +242,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="with --xds-root-ca: the DNS name or IP the serving certificate must name (default: the host)",
     )
+    boot.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="authenticate with the bearer token in FILE, sent as it is: no trailing newline (a projected "
+        "service-account token has none)",
+    )
     boot.add_argument("--admin-port", type=int, default=15000)
     boot.add_argument("--listen-address", default="0.0.0.0", help="address the proxy's listeners bind")
     boot.add_argument(
@@ -311,7 +324,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
         inbound_port=args.inbound_port,
         xds_root_ca=str(args.xds_root_ca) if args.xds_root_ca else "",
         xds_server_name=args.xds_server_name,
+        token_file=str(args.token_file) if args.token_file else "",
     )
+    if opts.token_file and not opts.xds_root_ca:
+        raise SettingsError("--token-file needs --xds-root-ca: a token is sent over TLS only")
     if opts.xds_root_ca and not (opts.xds_server_name or opts.xds_host):
         raise SettingsError("--xds-root-ca over a Unix socket needs --xds-server-name (the SAN to expect)")
     fmt = args.format or ("yaml" if args.output and args.output.suffix in (".yaml", ".yml") else "json")
@@ -358,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             cert_ttl=args.cert_ttl,
             insecure_keys_on_network=args.insecure_keys_on_network,
             xds_sans=tuple(args.xds_san),
+            xds_token_file=args.xds_token_file,
             insecure_plaintext_xds=args.insecure_plaintext_xds,
             gateway_grace=args.gateway_grace,
             drain_step=args.drain_step,

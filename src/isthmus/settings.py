@@ -91,6 +91,7 @@ class ServeSettings:
     cert_ttl: float = 24 * 3600.0
     insecure_keys_on_network: bool = False
     xds_sans: tuple[str, ...] = ()  # DNS names and IPs of the xDS port's TLS certificate; () = no TLS
+    xds_token_file: Path | None = None  # proxies authenticate with a token of this file
     insecure_plaintext_xds: bool = False
     drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
     drain_ack_timeout: float = 30.0
@@ -120,12 +121,15 @@ class ServeSettings:
                 "with --xds-san NAME (each DNS name or IP address proxies connect to), or accept plain "
                 f"text on the network with {INSECURE_PLAINTEXT_FLAG}."
             )
-        if self.mtls and not is_local(xds) and not self.insecure_keys_on_network:
+        if self.xds_token_file is not None and not self.xds_token_file.is_file():
+            raise SettingsError(f"--xds-token-file: {self.xds_token_file} is not a readable file")
+        authenticated = self.xds_token_file is not None
+        if self.mtls and not is_local(xds) and not authenticated and not self.insecure_keys_on_network:
             raise SettingsError(
-                f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies do "
-                "not authenticate to isthmus yet: anyone who can connect could ask for any workload's "
-                f"private key. Serve on loopback or unix:/PATH, pass --no-mtls, or accept the risk with "
-                f"{INSECURE_KEYS_FLAG}."
+                f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies are "
+                "not authenticated: anyone who can connect could ask for any workload's private key. "
+                "Authenticate them (--xds-token-file), serve on loopback or unix:/PATH, pass --no-mtls, "
+                f"or accept the risk with {INSECURE_KEYS_FLAG}."
             )
         parse_hostport(self.admin_address, "--admin-address")
         if self.mesh is not None and not self.mesh.is_file():

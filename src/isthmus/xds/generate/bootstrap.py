@@ -22,13 +22,15 @@ from envoy.config.core.v3 import (
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.grpc_credential.v3 import file_based_metadata_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
 
-from isthmus.xds.generate.tls import xds_client_socket
+from isthmus.xds.generate.tls import pack, xds_client_socket
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, METADATA_KEY, Role
 
 XDS_CLUSTER = "isthmus_xds"
+CLUSTER_HEADER = "isthmus-cluster"  # gRPC metadata: the member cluster a proxy says it runs in
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class BootstrapOptions:
     xds_socket: str = ""  # a Unix domain socket path instead of host and port
     xds_root_ca: str = ""  # TLS to the control plane, trusting this PEM file (the mesh root); "" = plain text
     xds_server_name: str = ""  # the SAN expected in its certificate (and SNI); default: xds_host
+    token_file: str = ""  # authenticate with the bearer token in this file (needs xds_root_ca)
     admin_address: str = "127.0.0.1"
     admin_port: int = 15000
     delta: bool = False
@@ -104,6 +107,57 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
     return cluster
 
 
+def _envoy_grpc() -> Any:
+    return grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+            cluster_name=XDS_CLUSTER,
+            # Reconnect within seconds of a control plane restart (Envoy's default
+            # backoff grows to 30 s): 0.25 s doubling up to 5 s, jittered.
+            retry_policy=base_pb2.RetryPolicy(
+                retry_back_off=backoff_pb2.BackoffStrategy(
+                    base_interval=duration_pb2.Duration(nanos=250_000_000),
+                    max_interval=duration_pb2.Duration(seconds=5),
+                )
+            ),
+        )
+    )
+
+
+def _google_grpc(opts: BootstrapOptions) -> Any:
+    """ADS through Envoy's gRPC client library, which can add call credentials: the token read from
+    ``token_file`` by the file_based_metadata plugin as ``authorization: Bearer ...``, and the
+    member cluster as ``isthmus-cluster``. TLS with the mesh root; the name checked is
+    ``xds_server_name`` (the target's host otherwise)."""
+    google = grpc_service_pb2.GrpcService.GoogleGrpc
+    target = f"unix:{opts.xds_socket}" if opts.xds_socket else f"{opts.xds_host}:{opts.xds_port}"
+    plugin = file_based_metadata_pb2.FileBasedMetadataConfig(
+        secret_data=base_pb2.DataSource(filename=opts.token_file),
+        header_key="authorization",
+        header_prefix="Bearer ",
+    )
+    channel = google(
+        target_uri=target,
+        stat_prefix=XDS_CLUSTER,
+        channel_credentials=google.ChannelCredentials(
+            ssl_credentials=google.SslCredentials(root_certs=base_pb2.DataSource(filename=opts.xds_root_ca))
+        ),
+        call_credentials=[
+            google.CallCredentials(
+                from_plugin=google.CallCredentials.MetadataCredentialsFromPlugin(
+                    name="envoy.grpc_credentials.file_based_metadata", typed_config=pack(plugin)
+                )
+            )
+        ],
+        credentials_factory_name="envoy.grpc_credentials.file_based_metadata",
+    )
+    if opts.xds_server_name:
+        channel.channel_args.args["grpc.ssl_target_name_override"].string_value = opts.xds_server_name
+    return grpc_service_pb2.GrpcService(
+        google_grpc=channel,
+        initial_metadata=[base_pb2.HeaderValue(key=CLUSTER_HEADER, value=opts.cluster)],
+    )
+
+
 def bootstrap(opts: BootstrapOptions) -> Any:
     metadata = struct_pb2.Struct()
     metadata.update(
@@ -139,21 +193,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
             ads_config=config_source_pb2.ApiConfigSource(
                 api_type=api_type,
                 transport_api_version=config_source_pb2.V3,
-                grpc_services=[
-                    grpc_service_pb2.GrpcService(
-                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                            cluster_name=XDS_CLUSTER,
-                            # Reconnect within seconds of a control plane restart (Envoy's default
-                            # backoff grows to 30 s): 0.25 s doubling up to 5 s, jittered.
-                            retry_policy=base_pb2.RetryPolicy(
-                                retry_back_off=backoff_pb2.BackoffStrategy(
-                                    base_interval=duration_pb2.Duration(nanos=250_000_000),
-                                    max_interval=duration_pb2.Duration(seconds=5),
-                                )
-                            ),
-                        )
-                    )
-                ],
+                grpc_services=[_google_grpc(opts) if opts.token_file else _envoy_grpc()],
                 set_node_on_first_message_only=True,
             ),
             cds_config=ads_source,

@@ -9,6 +9,7 @@ ends that stream with a gRPC status and nothing else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Role
+from isthmus.xds.server.auth import AuthFailure, StreamAuthenticator
 from isthmus.xds.server.delta import DeltaStream
 from isthmus.xds.server.sotw import SotwStream
 from isthmus.xds.server.status import ProxyStatus
@@ -47,10 +49,13 @@ class AdsServer:
         limits: Limits | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         credentials: grpc.ServerCredentials | None = None,
+        authenticator: StreamAuthenticator | None = None,
     ) -> None:
         self.cache = cache
         self.address = address
         self.credentials = credentials  # TLS (identity.xds_tls); None: plain text
+        self.authenticator = authenticator  # None: every stream is served (loopback, tests)
+        self.auth_failures: collections.Counter[str] = collections.Counter()  # by reason
         self.limits = limits or Limits()
         self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
@@ -156,11 +161,30 @@ class AdsServer:
     ) -> None:
         stream_id = next(self._ids)
         self.streams_opened += 1
-        stream = kind(stream_id, self.cache, context, self.limits, self._closing, budget=self._budget)
+        authorize = None
+        if self.authenticator is not None:  # before anything of the stream exists
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            try:
+                authorize = await self.authenticator(metadata)
+            except AuthFailure as exc:
+                self.auth_failures[exc.reason] += 1
+                log.warning("stream %d from %s refused: %s", stream_id, context.peer(), exc.details)
+                await context.abort(exc.code, exc.details)
+        stream = kind(
+            stream_id,
+            self.cache,
+            context,
+            self.limits,
+            self._closing,
+            budget=self._budget,
+            authorize=authorize,
+        )
         self._streams[stream_id] = stream
         try:
             await stream.run(requests)
         except StreamError as exc:
+            if exc.code is grpc.StatusCode.PERMISSION_DENIED:
+                self.auth_failures["node-mismatch"] += 1
             log.info(
                 "stream %d (%s) closed: %s %s",
                 stream_id,

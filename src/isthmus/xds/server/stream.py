@@ -38,6 +38,7 @@ from isthmus.xds import types
 from isthmus.xds.cache import ConfigCache, ResourceSet
 from isthmus.xds.proxy import InvalidNode, Proxy, proxy_from_node
 from isthmus.xds.resources import Resource
+from isthmus.xds.server.auth import AuthFailure
 from isthmus.xds.server.status import Nack, ProxyStatus, TypeStatus
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,10 @@ class Stream:
         closing: asyncio.Event,
         on_proxy: Callable[[Stream], None] | None = None,
         budget: SendBudget | None = None,
+        authorize: Callable[[Proxy], None] | None = None,
     ) -> None:
         self.cache = cache
+        self._authorize = authorize  # checks the Node against the stream's credentials (auth.py)
         self.context = context
         self.limits = limits
         self.budget = budget if budget is not None else SendBudget(limits.send_budget)
@@ -229,9 +232,16 @@ class Stream:
         if not request.HasField("node"):
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a Node")
         try:
-            self.proxy = proxy_from_node(request.node)
+            proxy = proxy_from_node(request.node)
         except InvalidNode as exc:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if self._authorize is not None:
+            try:
+                self._authorize(proxy)
+            except AuthFailure as exc:
+                log.warning("stream %d: %s refused: %s", self.status.stream_id, proxy.node_id, exc.details)
+                raise StreamError(exc.code, exc.details) from None
+        self.proxy = proxy
         self.status.node_id = self.proxy.node_id
         self.status.cluster = self.proxy.cluster
         self.status.role = self.proxy.role.value

@@ -1,0 +1,148 @@
+"""Proxy authentication by bearer token, for the xDS server's ``StreamAuthenticator``.
+
+A proxy sends ``authorization: Bearer <token>`` and ``isthmus-cluster: <member cluster>`` as gRPC
+metadata on its ADS stream (``isthmus bootstrap --token-file`` makes Envoy send both, reading the
+token from a file). The token says who the proxy is (namespace and service account, and for some
+the member cluster); the proxy's Node must then agree: its namespace, service account and member
+cluster equal the authenticated ones, else the stream ends with PERMISSION_DENIED naming the
+mismatch. No token or an unknown one: UNAUTHENTICATED, before anything is sent.
+
+``StaticTokens`` reads a credentials file for proxies outside Kubernetes (VMs, the file source, the
+demo), one per line, in the spirit of kube-apiserver's ``--token-auth-file``::
+
+    # token,namespace,service-account[,member-cluster]
+    3f2a...,shop,web,east
+
+It is re-read when it changes (checked at most once a second), so a token is added or revoked
+without a restart; a malformed line is reported and ignored, never taken for a credential. Tokens
+are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from isthmus.xds.generate.bootstrap import CLUSTER_HEADER
+from isthmus.xds.proxy import Proxy
+from isthmus.xds.server.auth import AuthFailure, Authorizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who authenticated: the identity the credentials prove, and how."""
+
+    namespace: str
+    service_account: str
+    cluster: str  # "" = any member cluster (the credential does not bind one)
+    via: str
+
+    def authorize(self, proxy: Proxy) -> None:
+        claimed = {"namespace": proxy.namespace, "service account": proxy.service_account}
+        proven = {"namespace": self.namespace, "service account": self.service_account}
+        if self.cluster:
+            claimed["member cluster"], proven["member cluster"] = proxy.cluster, self.cluster
+        wrong = [
+            f"{k} {claimed[k]!r} (credentials: {proven[k]!r})" for k in claimed if claimed[k] != proven[k]
+        ]
+        if wrong:
+            raise AuthFailure(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "node-mismatch",
+                f"node {proxy.node_id} claims {', '.join(wrong)}",
+            )
+
+
+def bearer(metadata: Mapping[str, str]) -> str:
+    value = metadata.get("authorization", "")
+    if not value:
+        raise AuthFailure(
+            grpc.StatusCode.UNAUTHENTICATED, "no-credentials", "no credentials: send a bearer token"
+        )
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthFailure(grpc.StatusCode.UNAUTHENTICATED, "malformed", "authorization is not a bearer token")
+    return token.strip()
+
+
+class StaticTokens:
+    """A credentials file of tokens and the identities they prove; a ``StreamAuthenticator``."""
+
+    def __init__(self, path: Path, check_every: float = 1.0) -> None:
+        self.path = path
+        self.check_every = check_every
+        self._tokens: dict[str, tuple[str, str, str]] = {}
+        self._stat: tuple[float, int] | None = None
+        self._checked = 0.0
+        self.errors: list[str] = []
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            stat = self.path.stat()
+            text = self.path.read_text()
+        except OSError as exc:
+            if self._stat is not None or not self.errors:
+                log.error("token file %s: %s; no token is accepted", self.path, exc)
+            self._tokens, self._stat, self.errors = {}, None, [str(exc)]
+            return
+        tokens: dict[str, tuple[str, str, str]] = {}
+        errors = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) not in (3, 4) or not all(fields[:3]):
+                errors.append(f"{self.path}:{number}: expected token,namespace,service-account[,cluster]")
+                continue
+            tokens[fields[0]] = (fields[1], fields[2], fields[3] if len(fields) == 4 else "")
+        for error in errors:
+            log.error("%s (line ignored)", error)
+        self._tokens, self.errors = tokens, errors
+        self._stat = (stat.st_mtime, stat.st_size)
+        log.info("token file %s: %d tokens", self.path, len(tokens))
+
+    def _fresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.check_every:
+            return
+        self._checked = now
+        try:
+            stat = self.path.stat()
+            current: tuple[float, int] | None = (stat.st_mtime, stat.st_size)
+        except OSError:
+            current = None
+        if current != self._stat:
+            self._reload()
+
+    def lookup(self, token: str) -> tuple[str, str, str] | None:
+        self._fresh()
+        found = None
+        for known, identity in self._tokens.items():  # constant time per comparison, all compared
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = identity
+        return found
+
+    async def __call__(self, metadata: Mapping[str, str]) -> Authorizer:
+        token = bearer(metadata)
+        identity = self.lookup(token)
+        if identity is None:
+            raise AuthFailure(grpc.StatusCode.UNAUTHENTICATED, "bad-token", "the token is not valid")
+        namespace, account, cluster = identity
+        claimed = metadata.get(CLUSTER_HEADER, "")
+        if cluster and claimed and claimed != cluster:
+            raise AuthFailure(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "cluster-mismatch",
+                f"the token is for member cluster {cluster!r}, presented as {claimed!r}",
+            )
+        return Peer(namespace, account, cluster or claimed, via=f"token file {self.path}").authorize

@@ -1,0 +1,108 @@
+"""Proxy authentication by token (identity.tokens): the credentials file, and the check that a
+proxy's Node claims the identity its token proves. No token, a malformed or unknown one:
+UNAUTHENTICATED; the right token with the wrong claims: PERMISSION_DENIED naming the mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from isthmus.discovery.model import Locality
+from isthmus.identity.tokens import StaticTokens, bearer
+from isthmus.xds.proxy import Proxy, Role
+from isthmus.xds.server.auth import AuthFailure
+
+TOKEN = "t0k3n-east-web"
+
+
+def proxy(namespace: str = "shop", account: str = "web", cluster: str = "east") -> Proxy:
+    return Proxy(
+        f"sidecar~web.{namespace}~{cluster}",
+        Role.SIDECAR,
+        namespace,
+        "web",
+        account,
+        Locality("r", "z", cluster),
+    )
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> StaticTokens:
+    path = tmp_path / "tokens.csv"
+    path.write_text(f"# comment\n{TOKEN},shop,web,east\nany-cluster,shop,api\nbroken line\n,shop,web\n")
+    return StaticTokens(path, check_every=0)
+
+
+async def admit(tokens: StaticTokens, metadata: dict[str, str], target: Proxy) -> None:
+    authorize = await tokens(metadata)
+    authorize(target)
+
+
+async def refused(tokens: StaticTokens, metadata: dict[str, str], target: Proxy | None = None) -> AuthFailure:
+    with pytest.raises(AuthFailure) as failure:
+        await admit(tokens, metadata, target or proxy())
+    return failure.value
+
+
+async def test_a_token_admits_the_node_it_proves(tokens: StaticTokens) -> None:
+    authorize = await tokens({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "east"})
+    authorize(proxy())  # does not raise
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({}, "no-credentials"),
+        ({"authorization": f"Basic {TOKEN}"}, "malformed"),
+        ({"authorization": "Bearer "}, "malformed"),
+        ({"authorization": "Bearer nope"}, "bad-token"),
+        ({"authorization": f"Bearer {TOKEN}x"}, "bad-token"),
+    ],
+)
+async def test_without_a_known_token_the_stream_is_unauthenticated(
+    tokens: StaticTokens, metadata: dict[str, str], reason: str
+) -> None:
+    failure = await refused(tokens, metadata)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAUTHENTICATED, reason)
+    assert TOKEN not in failure.details
+
+
+@pytest.mark.parametrize(
+    ("metadata", "node", "named"),
+    [
+        ({"isthmus-cluster": "east"}, proxy(account="admin"), "service account 'admin' (credentials: 'web')"),
+        ({"isthmus-cluster": "east"}, proxy(namespace="bank"), "namespace 'bank' (credentials: 'shop')"),
+        ({"isthmus-cluster": "west"}, proxy(), "for member cluster 'east', presented as 'west'"),
+        ({"isthmus-cluster": "east"}, proxy(cluster="west"), "member cluster 'west' (credentials: 'east')"),
+    ],
+)
+async def test_claims_other_than_the_tokens_are_denied(
+    tokens: StaticTokens, metadata: dict[str, str], node: Proxy, named: str
+) -> None:
+    failure = await refused(tokens, {"authorization": f"Bearer {TOKEN}", **metadata}, node)
+    assert failure.code is grpc.StatusCode.PERMISSION_DENIED
+    assert named in failure.details
+
+
+async def test_a_token_without_a_cluster_binds_the_cluster_header(tokens: StaticTokens) -> None:
+    authorize = await tokens({"authorization": "Bearer any-cluster", "isthmus-cluster": "west"})
+    authorize(proxy(account="api", cluster="west"))
+    with pytest.raises(AuthFailure, match="member cluster 'east'"):
+        authorize(proxy(account="api", cluster="east"))
+
+
+async def test_the_file_is_reread_when_it_changes_and_bad_lines_are_reported(
+    tokens: StaticTokens, tmp_path: Path
+) -> None:
+    assert len(tokens.errors) == 2  # "broken line" and the line without a token
+    (tmp_path / "tokens.csv").write_text("rotated-token-value,shop,web,east\n")
+    assert (await refused(tokens, {"authorization": f"Bearer {TOKEN}"})).reason == "bad-token"
+    await tokens({"authorization": "Bearer rotated-token-value"})
+    (tmp_path / "tokens.csv").unlink()  # fail closed
+    assert (await refused(tokens, {"authorization": "Bearer rotated-token-value"})).reason == "bad-token"
+
+
+def test_bearer_takes_the_token_after_the_scheme() -> None:
+    assert bearer({"authorization": "bearer  abc "}) == "abc"
