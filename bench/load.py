@@ -290,7 +290,7 @@ class IsthmusTarget:
         for c, (url, token) in enumerate(urls):
             path = write_kubeconfig(self.workdir / f"{member(c)}.kubeconfig", url, token, member(c))
             argv += ["--cluster", f"{member(c)}={path}", "--cluster-gateway", f"{member(c)}={gateway(c)}"]
-        return argv
+        return [*argv, "--insecure-unauthenticated-xds"]  # the simulated Envoys present no token
 
     def command(self, source: list[str]) -> list[str]:
         serve = ["--log-level", "warning", "serve", *source]

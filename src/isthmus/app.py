@@ -27,10 +27,12 @@ from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
+from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
 from isthmus.settings import (
     INSECURE_PLAINTEXT_FLAG,
+    INSECURE_UNAUTHENTICATED_FLAG,
     ServeSettings,
     is_local,
     parse_hostport,
@@ -40,6 +42,7 @@ from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Role
 from isthmus.xds.server import AdsServer, Limits
+from isthmus.xds.server.auth import StreamAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +119,30 @@ class ControlPlane:
             "membership": self.members.membership_status() if self.members is not None else {},
             "xds": {
                 "tls": list(self.settings.xds_sans) if self.settings.xds_sans else None,
-                "authentication": (
-                    f"token file {self.settings.xds_token_file}" if self.settings.xds_token_file else None
-                ),
+                "authentication": [
+                    *([f"token file {self.settings.xds_token_file}"] if self.settings.xds_token_file else []),
+                    *(
+                        [f"TokenReview (audience {self.settings.token_audience})"]
+                        if self.settings.kube_authentication
+                        else []
+                    ),
+                ],
                 "refused_streams": dict(sorted(self.ads.auth_failures.items())),  # by reason
             },
         }
+
+    def _authenticator(self) -> StreamAuthenticator | None:
+        static = StaticTokens(self.settings.xds_token_file) if self.settings.xds_token_file else None
+        if self.settings.kube_authentication and self.members is not None:
+            kube = KubeTokens(self.members.review, (self.settings.token_audience,))
+            return FirstOf(static, kube) if static is not None else kube
+        if self.settings.kubernetes:
+            log.warning(
+                "INSECURE: proxies are NOT authenticated (%s): anyone who can reach the xDS port may "
+                "claim any workload's identity.",
+                INSECURE_UNAUTHENTICATED_FLAG,
+            )
+        return static
 
     async def run(self, stop: asyncio.Event) -> None:
         mesh: Path | None = self.settings.mesh
@@ -153,8 +174,7 @@ class ControlPlane:
                 self.settings.xds_address,
                 INSECURE_PLAINTEXT_FLAG,
             )
-        if self.settings.xds_token_file is not None:
-            self.ads.authenticator = StaticTokens(self.settings.xds_token_file)
+        self.ads.authenticator = self._authenticator()
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)

@@ -23,6 +23,7 @@ from isthmus.discovery.file import MeshFileError
 from isthmus.settings import (
     INSECURE_KEYS_FLAG,
     INSECURE_PLAINTEXT_FLAG,
+    INSECURE_UNAUTHENTICATED_FLAG,
     ServeSettings,
     SettingsError,
     parse_cluster,
@@ -102,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="authenticate proxies: lines token,namespace,service-account[,cluster] (re-read on change)",
+    )
+    ident.add_argument(
+        "--token-audience",
+        default="isthmus",
+        help="audience of the service-account tokens proxies present (default %(default)s)",
+    )
+    ident.add_argument(
+        INSECURE_UNAUTHENTICATED_FLAG,
+        dest="insecure_unauthenticated_xds",
+        action="store_true",
+        help="with member clusters, serve proxies that present no token (logged loudly)",
     )
     ident.add_argument(
         INSECURE_PLAINTEXT_FLAG,
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             insecure_keys_on_network=args.insecure_keys_on_network,
             xds_sans=tuple(args.xds_san),
             xds_token_file=args.xds_token_file,
+            token_audience=args.token_audience,
+            insecure_unauthenticated_xds=args.insecure_unauthenticated_xds,
             insecure_plaintext_xds=args.insecure_plaintext_xds,
             gateway_grace=args.gateway_grace,
             drain_step=args.drain_step,

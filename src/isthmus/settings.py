@@ -8,6 +8,7 @@ from pathlib import Path
 
 INSECURE_KEYS_FLAG = "--insecure-serve-private-keys-to-unauthenticated-proxies"
 INSECURE_PLAINTEXT_FLAG = "--insecure-plaintext-xds"
+INSECURE_UNAUTHENTICATED_FLAG = "--insecure-unauthenticated-xds"
 
 
 class SettingsError(ValueError):
@@ -92,6 +93,8 @@ class ServeSettings:
     insecure_keys_on_network: bool = False
     xds_sans: tuple[str, ...] = ()  # DNS names and IPs of the xDS port's TLS certificate; () = no TLS
     xds_token_file: Path | None = None  # proxies authenticate with a token of this file
+    token_audience: str = "isthmus"  # of the service-account tokens Kubernetes proxies present
+    insecure_unauthenticated_xds: bool = False  # member clusters configured, yet no authentication
     insecure_plaintext_xds: bool = False
     drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
     drain_ack_timeout: float = 30.0
@@ -100,6 +103,15 @@ class ServeSettings:
     @property
     def kubernetes(self) -> bool:
         return bool(self.clusters) or self.kubeconfig_dir is not None or bool(self.cluster_secrets_namespace)
+
+    @property
+    def kube_authentication(self) -> bool:
+        """Kubernetes proxies authenticate with TokenReviews: on whenever member clusters are."""
+        return self.kubernetes and not self.insecure_unauthenticated_xds
+
+    @property
+    def authenticated(self) -> bool:
+        return self.xds_token_file is not None or self.kube_authentication
 
     def __post_init__(self) -> None:
         if self.export_policy not in ("all", "serviceexport"):
@@ -123,8 +135,7 @@ class ServeSettings:
             )
         if self.xds_token_file is not None and not self.xds_token_file.is_file():
             raise SettingsError(f"--xds-token-file: {self.xds_token_file} is not a readable file")
-        authenticated = self.xds_token_file is not None
-        if self.mtls and not is_local(xds) and not authenticated and not self.insecure_keys_on_network:
+        if self.mtls and not is_local(xds) and not self.authenticated and not self.insecure_keys_on_network:
             raise SettingsError(
                 f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies are "
                 "not authenticated: anyone who can connect could ask for any workload's private key. "

@@ -102,7 +102,14 @@ async def test_api_server_loss_keeps_traffic_demotes_then_reconciles(
         await declare(apis["east"], "web", p["web-east"].app)
         await declare(apis["west"], "web", p["web-west"].app)
         await declare(apis["west"], "api", p["api-west"].app)
-        args: list[str] = ["--max-staleness", str(MAX_STALENESS), "--ready-timeout", "5"]
+        # The data-path proxies present no token yet (they connect over a Unix socket).
+        args: list[str] = [
+            "--max-staleness",
+            str(MAX_STALENESS),
+            "--ready-timeout",
+            "5",
+            "--insecure-unauthenticated-xds",
+        ]
         for name, api in apis.items():
             kubeconfig = await api.kubeconfig(tmp_path / f"{name}.yaml")
             args += [

@@ -36,6 +36,7 @@ class KubeControlPlane(ControlPlaneProcess):
                 f"{LOOPBACK}:{self.admin_port}",
                 "--ready-timeout",
                 "20",
+                "--insecure-unauthenticated-xds",  # these proxies present no token
             ]
         )
 

@@ -25,6 +25,7 @@ from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.cluster import SOURCE, ClusterPolicy, ClusterWatcher
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.discovery.kube.reflector import Timing
+from isthmus.discovery.kube.reviews import Review, Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Members:
         self.errors: dict[str, str] = {}
         self.origins: dict[str, str] = {}
         self.removed: dict[str, str] = {}  # cluster -> when it was removed (ISO 8601, UTC)
+        self._reviewers: dict[str, Reviewer] = {}  # cluster -> TokenReviews with its credentials
 
     # ---- reading kubeconfigs ------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class Members:
         finally:
             for member in [*self.members.values(), *self._warming.values()]:
                 await _stop(member)
+            for reviewer in self._reviewers.values():
+                await reviewer.close()
 
     async def _reconcile_loop(self) -> None:
         """Reconcile every ``poll_interval`` (files), at once when the Secrets change, and while a
@@ -201,6 +205,19 @@ class Members:
         for name, when in self.removed.items():
             out.setdefault(name, {"state": "removed", "detail": f"removed at {when}", "rotating": False})
         return out
+
+    async def review(self, cluster: str, token: str, audiences: tuple[str, ...]) -> Review:
+        """Ask member cluster ``cluster``'s API server who ``token`` belongs to (a TokenReview with
+        the credentials isthmus watches it with)."""
+        member = self.members.get(cluster)
+        if member is None:
+            return Review(False, error=f"no member cluster named {cluster!r}")
+        reviewer = self._reviewers.get(cluster)
+        if reviewer is None or reviewer.credentials.digest != member.watcher.credentials.digest:
+            if reviewer is not None:
+                await reviewer.close()
+            reviewer = self._reviewers[cluster] = Reviewer(member.watcher.credentials)
+        return await reviewer.review(token, audiences)
 
     def membership_status(self) -> dict[str, object]:
         """Where member clusters come from, and whether the Secrets source is in touch."""
