@@ -286,7 +286,7 @@ def _close_live_topologies() -> None:
             topo.close()
 
 
-def _pdeathsig_prefix() -> list[str]:
+def pdeathsig_prefix() -> list[str]:
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
@@ -527,7 +527,7 @@ class Topology:
         if log_path is None:
             directory = self.log_dir or self.rundir
             log_path = directory / f"{len(self.processes):02d}-{label}-{net.name if net else 'root'}.log"
-        full = [*_pdeathsig_prefix(), *self.argv_in(net, argv)]
+        full = [*pdeathsig_prefix(), *self.argv_in(net, argv)]
         with log_path.open("ab") as out:
             out.write(f"---- started in {place}: {' '.join(full)}\n".encode())
             out.flush()

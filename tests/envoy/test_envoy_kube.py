@@ -11,6 +11,7 @@ import pytest
 from conftest import LOOPBACK, ControlPlaneProcess, isthmus_command
 from kubeapi.kubeconfig import write_kubeconfig
 from kubeapi.server import FakeKubeApi
+from realkube.fixtures import reader_kubeconfig
 
 pytestmark = pytest.mark.envoy
 
@@ -18,10 +19,11 @@ WEB = "outbound|80||web.shop.svc.cluster.local"
 
 
 class KubeControlPlane(ControlPlaneProcess):
-    """`isthmus serve --kubeconfig-dir DIR`."""
+    """`isthmus serve --kubeconfig-dir DIR` (plus ``extra_args``: then proxies must authenticate)."""
 
-    def __init__(self, directory: Path, log_path: Path) -> None:
+    def __init__(self, directory: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         super().__init__(directory, log_path)
+        self.auth_args = extra_args
 
     def start(self) -> None:
         self._spawn(
@@ -36,16 +38,17 @@ class KubeControlPlane(ControlPlaneProcess):
                 f"{LOOPBACK}:{self.admin_port}",
                 "--ready-timeout",
                 "20",
-                "--insecure-unauthenticated-xds",  # these proxies present no token
+                # Proxies present no token, unless the test gives the TLS arguments to check them.
+                *(self.auth_args if self.auth_args is not None else ["--insecure-unauthenticated-xds"]),
             ]
         )
 
 
-def web_service() -> dict[str, Any]:
+def web_service(namespace: str = "shop") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
+        "metadata": {"name": "web", "namespace": namespace},
         "spec": {"ports": [{"name": "http", "port": 80}]},
     }
 
@@ -106,3 +109,61 @@ async def test_envoy_receives_endpoints_of_two_clusters(
     finally:
         for api in apis.values():
             await api.stop()
+
+
+@pytest.mark.realkube
+async def test_envoy_authenticates_with_a_service_account_token_of_its_real_cluster(
+    procs, eventually, holds, tmp_path, real_clusters, namespace
+) -> None:
+    """xDS over TLS with a TokenRequest token (audience isthmus) in a file: isthmus verifies it with
+    a TokenReview in the Envoy's own member cluster (a real API server, the reader role) and serves
+    the Envoy; an Envoy with another service account's token gets nothing."""
+    east = real_clusters["a"]
+    await east.admin.create(web_service(namespace))
+    directory = tmp_path / "kubeconfigs"
+    directory.mkdir()
+    await reader_kubeconfig(east, directory / "east.yaml")
+    for account in ("default", "other"):
+        await east.admin.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": account, "namespace": namespace},
+            }
+        )
+    ca_dir = tmp_path / "ca"
+    cp = KubeControlPlane(
+        directory, tmp_path / "isthmus-auth.log", ["--xds-san", "localhost", "--ca-dir", str(ca_dir)]
+    )
+    procs.started.append(cp)
+    cp.start()
+    await cp.wait_ready()
+    tls = ["--xds-root-ca", str(ca_dir / "ca.crt"), "--xds-server-name", "localhost"]
+
+    async def envoy_with_token_of(account: str, service: str) -> Any:
+        path = tmp_path / f"{account}.token"
+        path.write_text(await east.admin.service_account_token(namespace, account, "isthmus", seconds=600))
+        boot = procs.bootstrap(
+            xds_port=cp.xds_port,
+            delta=True,
+            namespace=namespace,
+            service=service,
+            extra=[*tls, "--token-file", str(path)],
+        )
+        return await procs.envoy(boot)
+
+    good = await envoy_with_token_of("default", "client")  # the node claims service account "default"
+    impostor = await envoy_with_token_of("other", "client2")
+    cluster = f"outbound|80||web.{namespace}.svc.cluster.local"
+
+    async def served() -> None:
+        assert cluster in await good.admin.active_clusters()
+
+    await eventually(served, what="the Envoy with its own token is served")
+
+    async def nothing() -> None:
+        assert await impostor.admin.active_clusters() == {}
+
+    await holds(nothing, what="the Envoy with another account's token gets nothing", duration=2)
+    refused = (await cp.readyz())["xds"]["refused_streams"]
+    assert refused.get("node-mismatch", 0) >= 1, refused

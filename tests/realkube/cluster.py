@@ -12,7 +12,8 @@ kube-scheduler, for clusters with a node (realkube.node).
 Lifecycle: ``start`` (blocking, from the test's main thread) brings all three up and waits for
 /readyz; ``stop`` stops them in order, controller manager and API server before etcd (the API server's
 shutdown hangs for 45 s on etcd timeouts otherwise), and is safe to call twice. Every child is also
-tied to the test process with PR_SET_PDEATHSIG, so a killed test run leaves no process behind.
+tied to the test process with a parent-death signal (``setpriv --pdeathsig KILL``; spawn from the
+main thread only: the signal fires when the spawning thread ends), so a killed run leaves nothing.
 ``stop_apiserver``/``start_apiserver`` make an outage; ``compact`` compacts etcd to its current
 revision through etcd's own API, so watches from older resourceVersions get 410 Gone.
 """
@@ -20,7 +21,6 @@ revision through etcd's own API, so watches from older resourceVersions get 410 
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import signal
@@ -37,6 +37,7 @@ from typing import IO, Any
 import aiohttp
 import yaml
 
+from datapath.netns import pdeathsig_prefix
 from realkube.pki import ClusterPki, make_pki
 from realkube.rest import Rest
 
@@ -67,8 +68,6 @@ rules:
   - level: None
 """
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
 _handed_out: set[int] = set()
 
 
@@ -84,10 +83,6 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class Process:
     """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
 
@@ -100,12 +95,13 @@ class Process:
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")
+        # The parent-death signal comes from setpriv, not a preexec_fn: Python code in a forked child
+        # of a process where gRPC runs threads (the protocol tests) breaks the child.
         self.popen = subprocess.Popen(
-            self.argv,
+            [*pdeathsig_prefix(), *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # the tests spawn from the main thread only
             start_new_session=True,
         )
 
