@@ -27,6 +27,7 @@ from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
+from isthmus.identity.admin_tokens import AdminTokens
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
@@ -178,7 +179,8 @@ class ControlPlane:
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)
-        runner = await start_admin(make_admin_app(self.readiness, self.info, actions), host, port)
+        check = AdminTokens(self.settings.admin_token_file).check if self.settings.admin_token_file else None
+        runner = await start_admin(make_admin_app(self.readiness, self.info, actions, check), host, port)
         log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
         self.started.set()
         try:

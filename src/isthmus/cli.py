@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         help="authenticate proxies: lines token,namespace,service-account[,cluster] (re-read on change)",
     )
     ident.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="the admin API (but /healthz, /readyz) needs a token of FILE: lines token,name,read|drain",
+    )
+    ident.add_argument(
         "--token-audience",
         default="isthmus",
         help="audience of the service-account tokens proxies present (default %(default)s)",
@@ -229,6 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT")
     drain.add_argument("--no-wait", action="store_true", help="start it and return")
     drain.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    drain.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="bearer token for the admin API (--admin-token-file)"
+    )
 
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
     boot.add_argument("--role", choices=[r.value for r in Role], required=True)
@@ -280,7 +289,12 @@ def _drain(args: argparse.Namespace) -> int:
     base = f"http://{host}:{port}"
     action = "undrain" if args.undo else "drain"
     try:
-        progress = _admin_call("POST", f"{base}/{action}/{args.cluster}")
+        token = args.token_file.read_text().strip() if args.token_file else None
+    except OSError as exc:
+        print(f"isthmus: --token-file: {exc}", file=sys.stderr)
+        return 1
+    try:
+        progress = _admin_call("POST", f"{base}/{action}/{args.cluster}", token)
         shown = ""
         deadline = time.monotonic() + args.timeout
         while not args.no_wait and progress.get("state") == "running" and time.monotonic() < deadline:
@@ -291,7 +305,7 @@ def _drain(args: argparse.Namespace) -> int:
                 print(line, flush=True)
                 shown = line
             time.sleep(0.5)
-            progress = _admin_call("GET", f"{base}/drain")[args.cluster]
+            progress = _admin_call("GET", f"{base}/drain", token)[args.cluster]
     except urllib.error.HTTPError as exc:
         print(f"isthmus: {exc.read().decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -304,8 +318,9 @@ def _drain(args: argparse.Namespace) -> int:
     return 0 if progress.get("state") in ("done", "running") else 1
 
 
-def _admin_call(method: str, url: str) -> dict[str, Any]:
-    request = urllib.request.Request(url, method=method)
+def _admin_call(method: str, url: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         data: dict[str, Any] = json.loads(response.read())
     return data
@@ -388,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             xds_sans=tuple(args.xds_san),
             xds_token_file=args.xds_token_file,
             token_audience=args.token_audience,
+            admin_token_file=args.admin_token_file,
             insecure_unauthenticated_xds=args.insecure_unauthenticated_xds,
             insecure_plaintext_xds=args.insecure_plaintext_xds,
             gateway_grace=args.gateway_grace,

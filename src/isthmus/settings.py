@@ -93,6 +93,7 @@ class ServeSettings:
     insecure_keys_on_network: bool = False
     xds_sans: tuple[str, ...] = ()  # DNS names and IPs of the xDS port's TLS certificate; () = no TLS
     xds_token_file: Path | None = None  # proxies authenticate with a token of this file
+    admin_token_file: Path | None = None  # the admin API (but its probes) needs a token of this file
     token_audience: str = "isthmus"  # of the service-account tokens Kubernetes proxies present
     insecure_unauthenticated_xds: bool = False  # member clusters configured, yet no authentication
     insecure_plaintext_xds: bool = False

@@ -1,13 +1,20 @@
 """Admin endpoints: GET /healthz (the process is alive), GET /readyz (a mesh view is loaded and
 the xDS server is serving), both with a small JSON body for humans; and, when the wiring provides
-them, POST /drain/{cluster}, POST /undrain/{cluster} and GET /drain (progress)."""
+them, POST /drain/{cluster}, POST /undrain/{cluster} and GET /drain (progress).
+
+With an ``AdminCheck`` every endpoint but the probes needs ``authorization: Bearer <token>``: GET
+asks for the right ``read``, POST for ``drain``; 401 (with ``WWW-Authenticate: Bearer``) or 403,
+each with a JSON error, otherwise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+AdminCheck = Callable[[str | None, str], tuple[int, str]]  # (token, right) -> (200/401/403, who or why)
+PROBES = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +33,23 @@ def make_admin_app(
     readiness: Callable[[], Readiness],
     info: Callable[[], dict[str, object]],
     drains: DrainActions | None = None,
+    check: AdminCheck | None = None,
 ) -> web.Application:
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if check is None or request.path in PROBES:
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        right = "read" if request.method in ("GET", "HEAD") else "drain"
+        status, detail = check(token.strip() if scheme.lower() == "bearer" else None, right)
+        if status == 401:
+            return web.json_response({"error": detail}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        if status != 200:
+            return web.json_response({"error": detail}, status=status)
+        return await handler(request)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -35,7 +58,7 @@ def make_admin_app(
         body = {"ready": state.ready, "reason": state.reason, **info()}
         return web.json_response(body, status=200 if state.ready else 503)
 
-    app = web.Application()
+    app = web.Application(middlewares=[authenticate])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if drains is not None:

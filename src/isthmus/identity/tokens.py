@@ -73,13 +73,17 @@ def bearer(metadata: Mapping[str, str]) -> str:
     return token.strip()
 
 
-class StaticTokens:
-    """A credentials file of tokens and the identities they prove; a ``StreamAuthenticator``."""
+class TokenFile:
+    """A file of ``token,field,...`` lines (``#`` comments), re-read when it changes (checked at most
+    every ``check_every`` seconds); a malformed line is reported and ignored, a missing file holds no
+    token. ``lookup`` compares tokens in constant time and never logs them."""
 
-    def __init__(self, path: Path, check_every: float = 1.0) -> None:
+    def __init__(self, path: Path, fields: tuple[int, int], layout: str, check_every: float = 1.0) -> None:
         self.path = path
+        self.fields = fields  # how many fields after the token: at least, at most
+        self.layout = layout  # for messages: "token,namespace,service-account[,cluster]"
         self.check_every = check_every
-        self._tokens: dict[str, tuple[str, str, str]] = {}
+        self._tokens: dict[str, tuple[str, ...]] = {}
         self._stat: tuple[float, int] | None = None
         self._checked = 0.0
         self.errors: list[str] = []
@@ -94,17 +98,18 @@ class StaticTokens:
                 log.error("token file %s: %s; no token is accepted", self.path, exc)
             self._tokens, self._stat, self.errors = {}, None, [str(exc)]
             return
-        tokens: dict[str, tuple[str, str, str]] = {}
+        tokens: dict[str, tuple[str, ...]] = {}
         errors = []
+        least, most = self.fields
         for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             fields = [f.strip() for f in line.split(",")]
-            if len(fields) not in (3, 4) or not all(fields[:3]):
-                errors.append(f"{self.path}:{number}: expected token,namespace,service-account[,cluster]")
+            if not least + 1 <= len(fields) <= most + 1 or not all(fields[: least + 1]):
+                errors.append(f"{self.path}:{number}: expected {self.layout}")
                 continue
-            tokens[fields[0]] = (fields[1], fields[2], fields[3] if len(fields) == 4 else "")
+            tokens[fields[0]] = tuple(fields[1:]) + ("",) * (most + 1 - len(fields))
         for error in errors:
             log.error("%s (line ignored)", error)
         self._tokens, self.errors = tokens, errors
@@ -124,13 +129,28 @@ class StaticTokens:
         if current != self._stat:
             self._reload()
 
-    def lookup(self, token: str) -> tuple[str, str, str] | None:
+    def lookup(self, token: str) -> tuple[str, ...] | None:
         self._fresh()
         found = None
-        for known, identity in self._tokens.items():  # constant time per comparison, all compared
+        for known, record in self._tokens.items():  # constant time per comparison, all compared
             if hmac.compare_digest(known.encode(), token.encode()):
-                found = identity
+                found = record
         return found
+
+
+class StaticTokens:
+    """A credentials file of tokens and the identities they prove; a ``StreamAuthenticator``."""
+
+    def __init__(self, path: Path, check_every: float = 1.0) -> None:
+        self.file = TokenFile(path, (2, 3), "token,namespace,service-account[,cluster]", check_every)
+        self.path = path
+
+    @property
+    def errors(self) -> list[str]:
+        return self.file.errors
+
+    def lookup(self, token: str) -> tuple[str, ...] | None:
+        return self.file.lookup(token)
 
     async def __call__(self, metadata: Mapping[str, str]) -> Authorizer:
         token = bearer(metadata)

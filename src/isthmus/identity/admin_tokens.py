@@ -1,0 +1,30 @@
+"""Who may use the admin API beyond its probes: bearer tokens of a file, each with its rights.
+
+``--admin-token-file FILE``, one ``token,name,rights`` per line (``#`` comments), rights ``read``
+(status and progress) or ``drain`` (also start and undo drains; it implies ``read``), several joined
+with ``;``. Re-read when it changes. ``check`` answers the admin server's middleware: 200, 401 (no
+or unknown token) or 403 (the token lacks the right)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from isthmus.identity.tokens import TokenFile
+
+RIGHTS = {"read": {"read"}, "drain": {"read", "drain"}}
+
+
+class AdminTokens:
+    def __init__(self, path: Path, check_every: float = 1.0) -> None:
+        self.file = TokenFile(path, (2, 2), "token,name,rights (read or drain, ;-separated)", check_every)
+
+    def check(self, token: str | None, right: str) -> tuple[int, str]:
+        """(HTTP status, who or why) for ``token`` asking for ``right``."""
+        record = self.file.lookup(token) if token else None
+        if record is None:
+            return 401, "a valid bearer token is required"
+        name, rights = record
+        granted = set().union(*(RIGHTS.get(r.strip(), set()) for r in rights.split(";")))
+        if right not in granted:
+            return 403, f"{name} may not {right}"
+        return 200, name
