@@ -4,12 +4,14 @@ UNAUTHENTICATED; the right token with the wrong claims: PERMISSION_DENIED naming
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
 from isthmus.discovery.model import Locality
+from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.tokens import StaticTokens, bearer
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server.auth import AuthFailure
@@ -48,7 +50,9 @@ async def refused(tokens: StaticTokens, metadata: dict[str, str], target: Proxy 
 
 async def test_a_token_admits_the_node_it_proves(tokens: StaticTokens) -> None:
     authorize = await tokens({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "east"})
-    authorize(proxy())  # does not raise
+    assert authorize(proxy()) is None  # admitted: the check returns, it does not raise
+    with pytest.raises(AuthFailure):  # the same check refuses a node claiming more
+        authorize(proxy(account="admin"))
 
 
 @pytest.mark.parametrize(
@@ -106,3 +110,28 @@ async def test_the_file_is_reread_when_it_changes_and_bad_lines_are_reported(
 
 def test_bearer_takes_the_token_after_the_scheme() -> None:
     assert bearer({"authorization": "bearer  abc "}) == "abc"
+
+
+async def test_tokens_of_the_file_come_first_and_others_go_to_review(tokens: StaticTokens) -> None:
+    asked: list[str] = []
+
+    @dataclass(frozen=True)
+    class Answer:
+        authenticated: bool = True
+        username: str = "system:serviceaccount:shop:api"
+        error: str = ""
+        unavailable: bool = False
+
+    async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
+        asked.append(token)
+        return Answer()
+
+    chain = FirstOf(tokens, KubeTokens(review))
+    (await chain({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "east"}))(proxy())
+    assert asked == []  # the file's token: no review
+    (await chain({"authorization": "Bearer sa-token", "isthmus-cluster": "east"}))(proxy(account="api"))
+    assert asked == ["sa-token"]
+    with pytest.raises(AuthFailure) as failure:  # the file's token misused is not retried by review
+        await chain({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "west"})
+    assert failure.value.reason == "cluster-mismatch"
+    assert asked == ["sa-token"]

@@ -152,7 +152,9 @@ class FirstOf:
         self.static, self.kube = static, kube
 
     async def __call__(self, metadata: Mapping[str, str]) -> Authorizer:
-        token = bearer(metadata)
-        if self.static.lookup(token) is not None:
+        try:
             return await self.static(metadata)
+        except AuthFailure as exc:
+            if exc.reason != "bad-token":  # no token, malformed, or the file's token misused
+                raise
         return await self.kube(metadata)

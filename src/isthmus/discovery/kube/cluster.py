@@ -66,6 +66,11 @@ _SUMMARIES: dict[str, Callable[[Obj | None], object]] = {"nodes": node_locality,
 _TRANSIENT = (None, 500, 502, 503, 504)
 
 
+def _unreached(reflector: Reflector) -> bool:
+    """Backing off after failing to reach the server (not after being refused by it)."""
+    return reflector.backing_off and getattr(reflector.last_error, "status", None) in _TRANSIENT
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterPolicy:
     export: ExportPolicy = ExportPolicy.ALL
@@ -182,7 +187,7 @@ class ClusterWatcher:
         """Cut short the backoff of reflectors that failed to reach the server (not of those it
         refused: a 401 or 403 does not get better by asking more often)."""
         for reflector in self._reflectors.values():
-            if reflector.backing_off and getattr(reflector.last_error, "status", None) in _TRANSIENT:
+            if _unreached(reflector):
                 reflector.wake()
 
     def _current_state(self) -> ClusterState:
@@ -357,11 +362,7 @@ class ClusterWatcher:
         (cheap, granted to every authenticated user); an answer wakes the reflectors."""
         while True:
             await asyncio.sleep(self.timing.probe_interval)
-            waiting = [
-                r
-                for r in self._reflectors.values()
-                if r.backing_off and getattr(r.last_error, "status", None) in _TRANSIENT
-            ]
+            waiting = [r for r in self._reflectors.values() if _unreached(r)]
             if not waiting:
                 continue
             try:

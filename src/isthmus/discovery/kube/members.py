@@ -128,6 +128,9 @@ class Members:
             if warming is not None:
                 await _stop(warming)
             self.aggregator.remove_shard(SOURCE, name)
+            reviewer = self._reviewers.pop(name, None)
+            if reviewer is not None:
+                await reviewer.close()
         for name, credentials in wanted.items():
             current = self.members.get(name)
             if current is None:
