@@ -29,6 +29,7 @@ from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_tokens import AdminTokens
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
+from isthmus.identity.pod_bindings import PodBindings
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
 from isthmus.settings import (
@@ -57,6 +58,7 @@ class ControlPlane:
         limits = Limits(send_timeout=settings.send_timeout, send_budget=settings.send_budget)
         self.ads = AdsServer(self.cache, settings.xds_address, limits)
         self.xds_tls: ServingCredentials | None = None
+        self.pod_bindings: PodBindings | None = None  # streams of pod-bound tokens (kube authentication)
         self.view_loaded = False
         self.started = asyncio.Event()
         self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)
@@ -129,13 +131,18 @@ class ControlPlane:
                     ),
                 ],
                 "refused_streams": dict(sorted(self.ads.auth_failures.items())),  # by reason
+                "pod_bound_streams": len(self.pod_bindings) if self.pod_bindings is not None else 0,
             },
         }
 
     def _authenticator(self) -> StreamAuthenticator | None:
         static = StaticTokens(self.settings.xds_token_file) if self.settings.xds_token_file else None
         if self.settings.kube_authentication and self.members is not None:
-            kube = KubeTokens(self.members.review, (self.settings.token_audience,))
+            self.pod_bindings = PodBindings(self.members.pod_uid)
+            self.members.on_pods = self.pod_bindings.pods_changed
+            kube = KubeTokens(
+                self.members.review, (self.settings.token_audience,), bindings=self.pod_bindings
+            )
             return FirstOf(static, kube) if static is not None else kube
         if self.settings.kubernetes:
             log.warning(

@@ -111,14 +111,12 @@ async def test_envoy_receives_endpoints_of_two_clusters(
             await api.stop()
 
 
-@pytest.mark.realkube
-async def test_envoy_authenticates_with_a_service_account_token_of_its_real_cluster(
-    procs, eventually, holds, tmp_path, real_clusters, namespace
-) -> None:
-    """xDS over TLS with a TokenRequest token (audience isthmus) in a file: isthmus verifies it with
-    a TokenReview in the Envoy's own member cluster (a real API server, the reader role) and serves
-    the Envoy; an Envoy with another service account's token gets nothing."""
-    east = real_clusters["a"]
+async def authenticating_control_plane(
+    procs: Any, east: Any, namespace: str, tmp_path: Path
+) -> tuple[KubeControlPlane, list[str]]:
+    """`isthmus serve` over TLS watching real cluster ``east`` with the reader role (so proxies
+    authenticate by TokenReview), with Service web and service accounts default and other in
+    ``namespace``; and the bootstrap arguments for its TLS."""
     await east.admin.create(web_service(namespace))
     directory = tmp_path / "kubeconfigs"
     directory.mkdir()
@@ -138,7 +136,18 @@ async def test_envoy_authenticates_with_a_service_account_token_of_its_real_clus
     procs.started.append(cp)
     cp.start()
     await cp.wait_ready()
-    tls = ["--xds-root-ca", str(ca_dir / "ca.crt"), "--xds-server-name", "localhost"]
+    return cp, ["--xds-root-ca", str(ca_dir / "ca.crt"), "--xds-server-name", "localhost"]
+
+
+@pytest.mark.realkube
+async def test_envoy_authenticates_with_a_service_account_token_of_its_real_cluster(
+    procs, eventually, holds, tmp_path, real_clusters, namespace
+) -> None:
+    """xDS over TLS with a TokenRequest token (audience isthmus) in a file: isthmus verifies it with
+    a TokenReview in the Envoy's own member cluster (a real API server, the reader role) and serves
+    the Envoy; an Envoy with another service account's token gets nothing."""
+    east = real_clusters["a"]
+    cp, tls = await authenticating_control_plane(procs, east, namespace, tmp_path)
 
     async def envoy_with_token_of(account: str, service: str) -> Any:
         path = tmp_path / f"{account}.token"
@@ -167,3 +176,64 @@ async def test_envoy_authenticates_with_a_service_account_token_of_its_real_clus
     await holds(nothing, what="the Envoy with another account's token gets nothing", duration=2)
     refused = (await cp.readyz())["xds"]["refused_streams"]
     assert refused.get("node-mismatch", 0) >= 1, refused
+
+
+@pytest.mark.realkube
+async def test_the_stream_of_a_pod_bound_token_ends_when_its_pod_is_deleted(
+    procs, eventually, holds, tmp_path, real_clusters, namespace
+) -> None:
+    """A token bound to a pod (as the kubelet projects it) admits the Envoy that names that pod;
+    when the pod is deleted, isthmus closes the open stream (the pod watch of the member cluster)
+    and the reconnect is refused (the API server no longer accepts the token)."""
+    east = real_clusters["a"]
+    cp, tls = await authenticating_control_plane(procs, east, namespace, tmp_path)
+    pod = await east.admin.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "client-1", "namespace": namespace},
+            "spec": {"containers": [{"name": "app", "image": "unscheduled.invalid/app"}]},
+        }
+    )
+    bound = (pod["metadata"]["name"], pod["metadata"]["uid"])
+    path = tmp_path / "pod.token"
+    path.write_text(await east.admin.service_account_token(namespace, "default", "isthmus", 600, bound))
+    token = ["--token-file", str(path)]
+    boot = procs.bootstrap(
+        xds_port=cp.xds_port, delta=True, namespace=namespace, extra=[*tls, *token, "--pod-name", "client-1"]
+    )
+    envoy = await procs.envoy(boot)
+    cluster = f"outbound|80||web.{namespace}.svc.cluster.local"
+
+    async def served() -> None:
+        assert cluster in await envoy.admin.active_clusters()
+        assert (await cp.readyz())["xds"]["pod_bound_streams"] == 1
+
+    await eventually(served, what="the Envoy of pod client-1 is served")
+    # The same token in an Envoy that names another pod is refused.
+    other = procs.bootstrap(
+        xds_port=cp.xds_port,
+        delta=False,
+        namespace=namespace,
+        service="other",
+        extra=[*tls, *token, "--pod-name", "client-2"],
+    )
+    impostor = await procs.envoy(other)
+    await east.admin.delete("Pod", namespace, "client-1")
+
+    async def closed() -> None:
+        status = await cp.readyz()
+        assert status["xds"]["refused_streams"].get("pod-deleted", 0) >= 1, status["xds"]
+        assert status["proxies"] == 0, status
+
+    await eventually(closed, what="the stream of the deleted pod is closed")
+    assert "client-1 (uid " + bound[1] + ") of member cluster 'east' was deleted" in cp.log_path.read_text()
+
+    async def reconnect_refused() -> None:
+        # The API server still accepts the token for a few seconds (its token cache); isthmus does not.
+        assert (await cp.readyz())["xds"]["refused_streams"].get("pod-deleted", 0) >= 2
+
+    await eventually(reconnect_refused, what="the Envoy's reconnect is refused")
+    await holds(closed, what="the deleted pod's Envoy is not admitted again", duration=2)
+    assert (await cp.readyz())["xds"]["refused_streams"].get("node-mismatch", 0) >= 1  # naming client-2
+    assert await impostor.admin.active_clusters() == {}

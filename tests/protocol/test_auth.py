@@ -5,6 +5,7 @@ UNAUTHENTICATED or PERMISSION_DENIED and receives no response at all (SotW and D
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from isthmus.identity.tokens import StaticTokens
 from isthmus.xds import types
+from isthmus.xds.server.auth import AuthFailure, Authorizer, Revocation
 
 from .client import make_node
 from .conftest import MeshFactory
@@ -90,3 +92,36 @@ async def test_an_authenticated_stream_is_served(
     responses, _ = await exchange(mesh.port, mode, make_node(), [("authorization", f"Bearer {TOKEN}")])
     assert len(responses) == 1
     assert responses[0].type_url == types.CLUSTER
+
+
+async def test_a_stream_whose_credentials_are_revoked_ends_unauthenticated(
+    mesh_factory: MeshFactory, mode: str
+) -> None:
+    """A pod-bound token's pod deleted (identity.pod_bindings) revokes the credentials of an open
+    stream: it ends at once with the revocation's status, while another stream goes on."""
+    revocations: list[Revocation] = []
+
+    def authorize(proxy: Any) -> Revocation:
+        revocations.append(Revocation())
+        return revocations[-1]
+
+    async def authenticator(metadata: Mapping[str, str]) -> Authorizer:
+        return authorize
+
+    mesh = await mesh_factory(authenticator=authenticator)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.port}") as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        method = stub.StreamAggregatedResources if mode == "sotw" else stub.DeltaAggregatedResources
+        calls = [method(timeout=10), method(timeout=10)]
+        for i, call in enumerate(calls):
+            await call.write(first_request(mode, make_node(node_id=f"sidecar~web{i}.default~east")))
+            assert (await call.read()).type_url == types.CLUSTER
+        assert len(revocations) == 2
+        deleted = AuthFailure(grpc.StatusCode.UNAUTHENTICATED, "pod-deleted", "pod web-0 deleted")
+        revocations[0].revoke(deleted)
+        assert await calls[0].code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "pod web-0 deleted" in await calls[0].details()
+        assert mesh.server is not None
+        assert [s.node_id for s in mesh.server.status()] == ["sidecar~web1.default~east"]
+        assert mesh.server.auth_failures["pod-deleted"] == 1
+        calls[1].cancel()

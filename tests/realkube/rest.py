@@ -151,14 +151,19 @@ class Rest:
             await self.apply(obj)
 
     async def service_account_token(
-        self, namespace: str, service_account: str, audience: str, seconds: int = 3600
+        self,
+        namespace: str,
+        service_account: str,
+        audience: str,
+        seconds: int = 3600,
+        pod: tuple[str, str] | None = None,
     ) -> str:
-        """A service-account token from the TokenRequest API."""
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"audiences": [audience], "expirationSeconds": seconds},
-        }
+        """A service-account token from the TokenRequest API; bound to ``pod`` (name, uid) if given,
+        as the kubelet's projected tokens are."""
+        spec: dict[str, Any] = {"audiences": [audience], "expirationSeconds": seconds}
+        if pod is not None:
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod[0], "uid": pod[1]}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
         answer = await self.request("POST", path, body)
         return str(answer["status"]["token"])

@@ -4,7 +4,8 @@ UNAUTHENTICATED; the right token with the wrong claims: PERMISSION_DENIED naming
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -121,6 +122,7 @@ async def test_tokens_of_the_file_come_first_and_others_go_to_review(tokens: Sta
         username: str = "system:serviceaccount:shop:api"
         error: str = ""
         unavailable: bool = False
+        extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
         asked.append(token)

@@ -3,11 +3,14 @@ default), verified by a TokenReview against the API server of the member cluster
 its ``isthmus-cluster`` header, with the credentials isthmus already holds for that cluster.
 
 * The review's username ``system:serviceaccount:NS:SA`` is the proxy's identity; the Node must claim
-  it, and the member cluster it named (identity.tokens.Peer).
+  it, and the member cluster it named (identity.tokens.Peer). A pod-bound token (the review's
+  ``extra`` names a pod) also binds the pod name, and the stream is closed when that pod is deleted
+  (identity.pod_bindings).
 * Results are cached by (cluster, token digest): a verified token until its expiry (read from the
-  token after the API server verified it; at most ``max_cache``), a refusal for a few seconds, in at
-  most ``cache_size`` entries; concurrent streams with the same token share one review, so 1,000
-  proxies reconnecting at once cause one review per distinct token.
+  token after the API server verified it; at most ``max_cache``) or, pod-bound, until the pod watch
+  shows its pod gone; a refusal for a few seconds; in at most ``cache_size`` entries. Concurrent
+  streams with the same token share one review, so 1,000 proxies reconnecting at once cause one
+  review per distinct token.
 * An API server that cannot be asked admits no new proxy (UNAVAILABLE: Envoy retries); streams
   already authenticated are never cut for it.
 
@@ -28,9 +31,11 @@ from typing import Protocol
 
 import grpc
 
+from isthmus.identity.pod_bindings import POD_NAME_KEY, POD_UID_KEY, PodBindings
 from isthmus.identity.tokens import Peer, StaticTokens, bearer
 from isthmus.xds.generate.bootstrap import CLUSTER_HEADER
-from isthmus.xds.server.auth import AuthFailure, Authorizer
+from isthmus.xds.proxy import Proxy
+from isthmus.xds.server.auth import AuthFailure, Authorizer, Revocation
 
 SA_PREFIX = "system:serviceaccount:"
 
@@ -44,6 +49,8 @@ class ReviewAnswer(Protocol):
     def error(self) -> str: ...
     @property
     def unavailable(self) -> bool: ...
+    @property
+    def extra(self) -> Mapping[str, tuple[str, ...]]: ...
 
 
 ReviewFn = Callable[[str, str, tuple[str, ...]], Awaitable[ReviewAnswer]]
@@ -70,8 +77,10 @@ class KubeTokens:
         max_cache: float = 600.0,
         refusal_cache: float = 5.0,
         clock: Callable[[], float] = time.time,
+        bindings: PodBindings | None = None,
     ) -> None:
         self._review = review
+        self.bindings = bindings  # None: pod-bound tokens are not followed after the stream opens
         self.audiences = audiences
         self.cache_size = cache_size
         self.max_cache = max_cache
@@ -100,7 +109,8 @@ class KubeTokens:
                 "the token is not a service account's",
             )
         namespace, account = answer.username[len(SA_PREFIX) :].split(":")
-        return Peer(namespace, account, cluster, via=f"TokenReview in {cluster}")
+        pod, uid = (next(iter(answer.extra.get(key, ())), "") for key in (POD_NAME_KEY, POD_UID_KEY))
+        return Peer(namespace, account, cluster, via=f"TokenReview in {cluster}", pod=pod, pod_uid=uid)
 
     def _remember(self, key: str, token: str, result: Peer | AuthFailure) -> None:
         now = self._clock()
@@ -142,7 +152,20 @@ class KubeTokens:
                 result = await asyncio.shield(pending)
         if isinstance(result, AuthFailure):
             raise result
-        return result.authorize
+        peer, bindings = result, self.bindings
+        if bindings is not None and peer.pod_uid and not bindings.may_exist(*peer.bound_pod()):
+            # The API server accepts a deleted pod's token for a few seconds more (its own token
+            # cache); the pod watch already knows better.
+            self._cache.pop(key, None)
+            raise bindings.deleted(*peer.bound_pod())
+        if not peer.pod_uid or bindings is None:
+            return peer.authorize
+
+        def authorize(proxy: Proxy) -> Revocation:
+            peer.authorize(proxy)
+            return bindings.bind(*peer.bound_pod())
+
+        return authorize
 
 
 class FirstOf:

@@ -44,12 +44,20 @@ class Peer:
     service_account: str
     cluster: str  # "" = any member cluster (the credential does not bind one)
     via: str
+    pod: str = ""  # a pod-bound token: its pod's name and uid
+    pod_uid: str = ""
+
+    def bound_pod(self) -> tuple[str, str, str, str]:
+        """Member cluster, namespace, pod name and uid of a pod-bound token."""
+        return self.cluster, self.namespace, self.pod, self.pod_uid
 
     def authorize(self, proxy: Proxy) -> None:
         claimed = {"namespace": proxy.namespace, "service account": proxy.service_account}
         proven = {"namespace": self.namespace, "service account": self.service_account}
         if self.cluster:
             claimed["member cluster"], proven["member cluster"] = proxy.cluster, self.cluster
+        if self.pod:
+            claimed["pod"], proven["pod"] = proxy.pod, self.pod
         wrong = [
             f"{k} {claimed[k]!r} (credentials: {proven[k]!r})" for k in claimed if claimed[k] != proven[k]
         ]

@@ -104,6 +104,9 @@ class ClusterWatcher:
         self.unreachable_since: float | None = None
         self.synced = asyncio.Event()
         self.publish = True  # False while a rotated watcher warms up beside the old one
+        # Hears which pods changed ("namespace/name" keys; None: all, after a relist): identity
+        # closes the streams of pod-bound tokens whose pod is gone (Members.on_pods).
+        self.on_pods: Callable[[str, Collection[str] | None], None] | None = None
         self._failing: set[str] = set()
         self._dirty = asyncio.Event()
         self._reflectors: dict[str, Reflector] = {}
@@ -215,8 +218,18 @@ class ClusterWatcher:
 
     # ---- shard ----------------------------------------------------------------------------
 
+    def pod_uid(self, namespace: str, name: str) -> str | None:
+        """The uid of pod namespace/name as the watch holds it; None: no such pod; "": pods not listed yet."""
+        reflector = self._reflectors.get("pods")
+        if reflector is None or not reflector.synced.is_set():
+            return ""
+        pod = reflector.store.get(f"{namespace}/{name}")
+        return None if pod is None else str((pod.get("metadata") or {}).get("uid", ""))
+
     def _on_change(self, kind: str, keys: Collection[str] | None) -> None:
         """A reflector's store changed: note the services to recompute (or drop the shard: rebuild)."""
+        if kind == "pods" and self.on_pods is not None:
+            self.on_pods(self.name, keys)
         if self._shard is not None:
             touched = self._services_touched(kind, keys) if keys is not None else None
             if touched is None:

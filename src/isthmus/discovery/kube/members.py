@@ -17,7 +17,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,7 @@ class Members:
         self.origins: dict[str, str] = {}
         self.removed: dict[str, str] = {}  # cluster -> when it was removed (ISO 8601, UTC)
         self._reviewers: dict[str, Reviewer] = {}  # cluster -> TokenReviews with its credentials
+        self.on_pods: Callable[[str, Collection[str] | None], None] | None = None  # ClusterWatcher.on_pods
 
     # ---- reading kubeconfigs ------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class Members:
     def _start(self, credentials: Credentials, publish: bool) -> _Member:
         watcher = ClusterWatcher(credentials, self.aggregator, self._policy(credentials.cluster), self.timing)
         watcher.publish = publish
+        watcher.on_pods = self._pods_changed
         task = asyncio.create_task(watcher.run(), name=f"cluster-{credentials.cluster}")
         task.add_done_callback(lambda t: self._ended(credentials.cluster, t))
         return _Member(watcher, task)
@@ -221,6 +223,15 @@ class Members:
                 await reviewer.close()
             reviewer = self._reviewers[cluster] = Reviewer(member.watcher.credentials)
         return await reviewer.review(token, audiences)
+
+    def _pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
+        if self.on_pods is not None:
+            self.on_pods(cluster, keys)
+
+    def pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
+        """The uid of a pod of member cluster ``cluster`` (ClusterWatcher.pod_uid; "" if unknown)."""
+        member = self.members.get(cluster)
+        return "" if member is None else member.watcher.pod_uid(namespace, name)
 
     def membership_status(self) -> dict[str, object]:
         """Where member clusters come from, and whether the Secrets source is in touch."""

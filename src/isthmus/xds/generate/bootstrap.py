@@ -40,6 +40,7 @@ class BootstrapOptions:
     namespace: str
     service: str
     service_account: str = "default"
+    pod: str = ""  # the pod's name, for a pod-bound service-account token ("" = not in a pod)
     node_id: str = ""
     region: str = ""
     zone: str = ""
@@ -168,6 +169,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 "namespace": opts.namespace,
                 "service": opts.service,
                 "service_account": opts.service_account,
+                **({"pod": opts.pod} if opts.pod else {}),
                 "listen_address": opts.listen_address,
                 "app_address": opts.app_address,
                 # Strings: Struct numbers are doubles and would render as 15001.0.

@@ -183,8 +183,8 @@ class AdsServer:
         try:
             await stream.run(requests)
         except StreamError as exc:
-            if exc.code is grpc.StatusCode.PERMISSION_DENIED:
-                self.auth_failures["node-mismatch"] += 1
+            if exc.auth_reason:
+                self.auth_failures[exc.auth_reason] += 1
             log.info(
                 "stream %d (%s) closed: %s %s",
                 stream_id,

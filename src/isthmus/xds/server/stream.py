@@ -38,7 +38,7 @@ from isthmus.xds import types
 from isthmus.xds.cache import ConfigCache, ResourceSet
 from isthmus.xds.proxy import InvalidNode, Proxy, proxy_from_node
 from isthmus.xds.resources import Resource
-from isthmus.xds.server.auth import AuthFailure
+from isthmus.xds.server.auth import AuthFailure, Authorizer, Revocation
 from isthmus.xds.server.status import Nack, ProxyStatus, TypeStatus
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,11 @@ class SendBudget:
 class StreamError(Exception):
     """Ends the stream with a gRPC status; never the process."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, auth_reason: str = "") -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.auth_reason = auth_reason  # the credentials did not do (auth.AuthFailure.reason)
 
 
 @dataclass(slots=True)
@@ -196,10 +197,11 @@ class Stream:
         closing: asyncio.Event,
         on_proxy: Callable[[Stream], None] | None = None,
         budget: SendBudget | None = None,
-        authorize: Callable[[Proxy], None] | None = None,
+        authorize: Authorizer | None = None,
     ) -> None:
         self.cache = cache
         self._authorize = authorize  # checks the Node against the stream's credentials (auth.py)
+        self._revocation: Revocation | None = None  # set by the authenticator if they are withdrawn
         self.context = context
         self.limits = limits
         self.budget = budget if budget is not None else SendBudget(limits.send_budget)
@@ -237,10 +239,12 @@ class Stream:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if self._authorize is not None:
             try:
-                self._authorize(proxy)
+                self._revocation = self._authorize(proxy)
             except AuthFailure as exc:
                 log.warning("stream %d: %s refused: %s", self.status.stream_id, proxy.node_id, exc.details)
-                raise StreamError(exc.code, exc.details) from None
+                raise StreamError(exc.code, exc.details, exc.reason) from None
+            if self._revocation is not None:
+                self._revocation.watch(self._wakeup)
         self.proxy = proxy
         self.status.node_id = self.proxy.node_id
         self.status.cluster = self.proxy.cluster
@@ -380,6 +384,9 @@ class Stream:
                 self._wakeup.clear()
                 if self.closing.is_set():
                     raise StreamError(grpc.StatusCode.UNAVAILABLE, "control plane shutting down; reconnect")
+                if self._revocation is not None and self._revocation.failure is not None:
+                    revoked = self._revocation.failure
+                    raise StreamError(revoked.code, revoked.details, revoked.reason)
                 while not self._requests.empty():
                     self.handle_request(self._requests.get_nowait())
                 if self._requests.empty() and self._reader_done:
@@ -393,6 +400,8 @@ class Stream:
             for state in self.states.values():
                 self._release(state)
             self.cache.unwatch(self._wakeup)
+            if self._revocation is not None:
+                self._revocation.unwatch(self._wakeup)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
