@@ -28,6 +28,7 @@ from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_tokens import AdminTokens
+from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.pod_bindings import PodBindings
 from isthmus.identity.tokens import StaticTokens
@@ -136,6 +137,12 @@ class ControlPlane:
         }
 
     def _authenticator(self) -> StreamAuthenticator | None:
+        found = self._token_authenticator()
+        if found is None:
+            return None
+        return GatewayChecked(found, GatewayIdentities.of(self.settings.gateway_identities))
+
+    def _token_authenticator(self) -> StreamAuthenticator | None:
         static = StaticTokens(self.settings.xds_token_file) if self.settings.xds_token_file else None
         if self.settings.kube_authentication and self.members is not None:
             self.pod_bindings = PodBindings(self.members.pod_uid)

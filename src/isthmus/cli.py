@@ -28,6 +28,7 @@ from isthmus.settings import (
     SettingsError,
     parse_cluster,
     parse_cluster_gateway,
+    parse_gateway_identity,
     parse_hostport,
     parse_xds_address,
 )
@@ -109,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="the admin API (but /healthz, /readyz) needs a token of FILE: lines token,name,read|drain",
+    )
+    ident.add_argument(
+        "--gateway-identity",
+        action="append",
+        default=[],
+        metavar="[CLUSTER=]NS/SA",
+        help="the service account east-west gateways authenticate as, for one member cluster or all "
+        "(repeatable; default isthmus-system/isthmus-gateway)",
     )
     ident.add_argument(
         "--token-audience",
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             xds_sans=tuple(args.xds_san),
             xds_token_file=args.xds_token_file,
             token_audience=args.token_audience,
+            gateway_identities=tuple(parse_gateway_identity(g) for g in args.gateway_identity),
             admin_token_file=args.admin_token_file,
             insecure_unauthenticated_xds=args.insecure_unauthenticated_xds,
             insecure_plaintext_xds=args.insecure_plaintext_xds,

@@ -56,6 +56,15 @@ def parse_cluster_gateway(value: str) -> tuple[str, str, int]:
     return name, host, port
 
 
+def parse_gateway_identity(value: str) -> tuple[str, str, str]:
+    """``[CLUSTER=]NAMESPACE/SERVICEACCOUNT`` -> (cluster or "", namespace, service account)."""
+    cluster, sep, identity = value.rpartition("=")
+    namespace, slash, account = identity.partition("/")
+    if (sep and not cluster) or not slash or not namespace or not account or "/" in account:
+        raise SettingsError(f"--gateway-identity: expected [CLUSTER=]NAMESPACE/SERVICEACCOUNT, got {value!r}")
+    return cluster, namespace, account
+
+
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -95,6 +104,7 @@ class ServeSettings:
     xds_token_file: Path | None = None  # proxies authenticate with a token of this file
     admin_token_file: Path | None = None  # the admin API (but its probes) needs a token of this file
     token_audience: str = "isthmus"  # of the service-account tokens Kubernetes proxies present
+    gateway_identities: tuple[tuple[str, str, str], ...] = ()  # --gateway-identity [CLUSTER=]NS/SA
     insecure_unauthenticated_xds: bool = False  # member clusters configured, yet no authentication
     insecure_plaintext_xds: bool = False
     drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
