@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from isthmus.admin.app import DrainActions, Readiness, make_admin_app, start_admin
+from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import (
     example_mesh_text,
@@ -24,10 +24,12 @@ from isthmus.discovery.file import (
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
+from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
 from isthmus.discovery.model import Gateway, MeshView
 from isthmus.drain import Drains
-from isthmus.identity.admin_tokens import AdminTokens
+from isthmus.identity.admin_kube import KubeAdmin
+from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.pod_bindings import PodBindings
@@ -193,8 +195,10 @@ class ControlPlane:
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)
-        check = AdminTokens(self.settings.admin_token_file).check if self.settings.admin_token_file else None
-        runner = await start_admin(make_admin_app(self.readiness, self.info, actions, check), host, port)
+        home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
+        runner = await start_admin(
+            make_admin_app(self.readiness, self.info, actions, self._admin_check(home)), host, port
+        )
         log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
         self.started.set()
         try:
@@ -220,6 +224,19 @@ class ControlPlane:
             await self.drains.close()
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
+            if home is not None:
+                await home.close()
+
+    def _admin_check(self, home: Reviewer | None) -> AdminCheck | None:
+        """The admin API's check: the token file's, then (or only) the home cluster's RBAC."""
+        checks = []
+        if self.settings.admin_token_file is not None:
+            checks.append(AdminTokens(self.settings.admin_token_file).check)
+        if home is not None:
+            checks.append(KubeAdmin(home.review, home.access).check)
+        if len(checks) < 2:
+            return checks[0] if checks else None
+        return FirstKnown(*checks).check
 
     def _drain(self, cluster: str, drain: bool) -> dict[str, object]:
         if cluster not in self.cache.view.clusters:

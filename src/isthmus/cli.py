@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ import yaml
 from isthmus import __version__
 from isthmus.app import ControlPlane
 from isthmus.discovery.file import MeshFileError
+from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.settings import (
     INSECURE_KEYS_FLAG,
     INSECURE_PLAINTEXT_FLAG,
@@ -110,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="the admin API (but /healthz, /readyz) needs a token of FILE: lines token,name,read|drain",
+    )
+    ident.add_argument(
+        "--admin-kube-auth",
+        action="store_true",
+        help="the admin API (but /healthz, /readyz) needs a token the home cluster's RBAC allows: "
+        "TokenReview, then SubjectAccessReview of the path (get: read, create: drain); see --home-kubeconfig",
     )
     ident.add_argument(
         "--gateway-identity",
@@ -244,8 +252,17 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT")
     drain.add_argument("--no-wait", action="store_true", help="start it and return")
     drain.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
-    drain.add_argument(
+    who = drain.add_mutually_exclusive_group()
+    who.add_argument(
         "--token-file", type=Path, metavar="FILE", help="bearer token for the admin API (--admin-token-file)"
+    )
+    who.add_argument(
+        "--kubeconfig-token",
+        nargs="?",
+        const="",
+        metavar="KUBECONFIG",
+        help="send the bearer token of the kubeconfig's current user (default $KUBECONFIG, else "
+        "~/.kube/config), for a control plane with --admin-kube-auth",
     )
 
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
@@ -301,9 +318,9 @@ def _drain(args: argparse.Namespace) -> int:
     base = f"http://{host}:{port}"
     action = "undrain" if args.undo else "drain"
     try:
-        token = args.token_file.read_text().strip() if args.token_file else None
-    except OSError as exc:
-        print(f"isthmus: --token-file: {exc}", file=sys.stderr)
+        token = _drain_token(args)
+    except (OSError, KubeconfigError) as exc:
+        print(f"isthmus: {exc}", file=sys.stderr)
         return 1
     try:
         progress = _admin_call("POST", f"{base}/{action}/{args.cluster}", token)
@@ -328,6 +345,25 @@ def _drain(args: argparse.Namespace) -> int:
     if progress.get("timed_out"):
         print(f"  proxies that did not ACK in time: {', '.join(progress['timed_out'])}")
     return 0 if progress.get("state") in ("done", "running") else 1
+
+
+def _drain_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return str(args.token_file.read_text().strip())
+        except OSError as exc:
+            raise OSError(f"--token-file: {exc}") from exc
+    if args.kubeconfig_token is None:
+        return None
+    path = Path(
+        args.kubeconfig_token or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or "~/.kube/config"
+    )
+    path = path.expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OSError(f"--kubeconfig-token: {exc}") from exc
+    return Credentials.parse("admin", text, str(path)).bearer_token()
 
 
 def _admin_call(method: str, url: str, token: str | None = None) -> dict[str, Any]:
@@ -418,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             token_audience=args.token_audience,
             gateway_identities=tuple(parse_gateway_identity(g) for g in args.gateway_identity),
             admin_token_file=args.admin_token_file,
+            admin_kube_auth=args.admin_kube_auth,
             insecure_unauthenticated_xds=args.insecure_unauthenticated_xds,
             insecure_plaintext_xds=args.insecure_plaintext_xds,
             gateway_grace=args.gateway_grace,

@@ -103,6 +103,7 @@ class ServeSettings:
     xds_sans: tuple[str, ...] = ()  # DNS names and IPs of the xDS port's TLS certificate; () = no TLS
     xds_token_file: Path | None = None  # proxies authenticate with a token of this file
     admin_token_file: Path | None = None  # the admin API (but its probes) needs a token of this file
+    admin_kube_auth: bool = False  # ... or one the home cluster's RBAC allows (TokenReview + SAR)
     token_audience: str = "isthmus"  # of the service-account tokens Kubernetes proxies present
     gateway_identities: tuple[tuple[str, str, str], ...] = ()  # --gateway-identity [CLUSTER=]NS/SA
     insecure_unauthenticated_xds: bool = False  # member clusters configured, yet no authentication
@@ -129,8 +130,10 @@ class ServeSettings:
             raise SettingsError(f"--export-policy: {self.export_policy!r} is not all or serviceexport")
         if self.withdraw_after is not None and self.withdraw_after < self.max_staleness:
             raise SettingsError("--withdraw-after must not be shorter than --max-staleness")
-        if self.home_kubeconfig is not None and not self.cluster_secrets_namespace:
-            raise SettingsError("--home-kubeconfig is only used with --cluster-secrets-namespace")
+        if self.home_kubeconfig is not None and not (self.cluster_secrets_namespace or self.admin_kube_auth):
+            raise SettingsError(
+                "--home-kubeconfig is only used with --cluster-secrets-namespace or --admin-kube-auth"
+            )
         if self.kubeconfig_dir is not None and not self.kubeconfig_dir.is_dir():
             raise SettingsError(f"--kubeconfig-dir: {self.kubeconfig_dir} is not a directory")
         xds = parse_xds_address(self.xds_address, "--xds-address")

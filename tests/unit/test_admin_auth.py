@@ -1,18 +1,24 @@
 """The admin API with --admin-token-file: probes stay open; status needs a token with ``read``,
-drains one with ``drain``; 401 and 403 with JSON errors; `isthmus drain --token-file` sends it."""
+drains one with ``drain``; 401 and 403 with JSON errors; `isthmus drain --token-file` sends it.
+With --admin-kube-auth (identity.admin_kube; the real API server tier has the full test): reviews
+decide, outages are 503 and not cached; the file's tokens come first."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from isthmus import cli
 from isthmus.admin.app import DrainActions, Readiness, make_admin_app, start_admin
-from isthmus.identity.admin_tokens import AdminTokens
+from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
+from isthmus.identity.admin_kube import KubeAdmin
+from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
 
 READER, OPERATOR = "reader-token-123", "operator-token-456"
 
@@ -83,3 +89,88 @@ async def test_isthmus_drain_sends_the_token_of_its_file(
     assert started == [("east", False)]
     assert await asyncio.to_thread(cli.main, ["drain", "east", "--admin-address", address]) == 1
     assert "bearer token" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class Who:
+    authenticated: bool = True
+    username: str = "alice"
+    groups: tuple[str, ...] = ("ops",)
+    uid: str = "u1"
+    extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    error: str = ""
+    unavailable: bool = False
+
+
+@dataclass(frozen=True)
+class May:
+    allowed: bool
+    reason: str = ""
+    unavailable: bool = False
+
+
+async def test_kube_admin_answers_by_review_and_access_and_caches_all_but_outages() -> None:
+    now = [0.0]
+    who: list[Who] = [Who(unavailable=True, error="connection refused"), Who(), Who()]
+    asked: list[tuple[str, str, str]] = []
+
+    async def review(token: str, audiences: tuple[str, ...]) -> Who:
+        return who.pop(0)
+
+    async def access(
+        user: str,
+        groups: tuple[str, ...],
+        uid: str,
+        extra: Mapping[str, tuple[str, ...]],
+        verb: str,
+        path: str,
+    ) -> May:
+        asked.append((user, verb, path))
+        return May(verb == "get", "" if verb == "get" else "no role grants it")
+
+    admin = KubeAdmin(review, access, ttl=10, clock=lambda: now[0])
+    assert (await admin.check(None, "read", "/drain"))[0] == 401
+    assert (await admin.check("t", "read", "/drain")) == (
+        503,
+        "the home cluster cannot verify tokens now (connection refused); retry",
+    )
+    assert await admin.check("t", "read", "/drain") == (200, "alice")  # the outage was not cached
+    assert await admin.check("t", "read", "/drain") == (200, "alice")  # cached
+    assert asked == [("alice", "get", "/drain")]
+    assert await admin.check("t", "drain", "/drain/east") == (
+        403,
+        "alice may not create /drain/east (no role grants it)",
+    )
+    now[0] = 11.0
+    with pytest.raises(IndexError):  # expired: asked again (and this test gave no more answers)
+        await admin.check("t", "read", "/drain")
+
+
+async def test_file_tokens_first_then_the_home_cluster() -> None:
+    async def file_check(token: str | None, right: str, path: str) -> tuple[int, str]:
+        return (200, "file") if token == "known" else (401, "unknown")
+
+    async def kube_check(token: str | None, right: str, path: str) -> tuple[int, str]:
+        return (403, "kube says no") if token else (401, "none")
+
+    either = FirstKnown(file_check, kube_check)
+    assert await either.check("known", "read", "/drain") == (200, "file")
+    assert await either.check("other", "read", "/drain") == (403, "kube says no")
+    assert (await either.check(None, "read", "/drain"))[0] == 401
+
+
+def test_the_kubeconfig_users_token_is_read_from_token_or_token_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    for user, expected in (({"token": "inline"}, "inline"), ({"tokenFile": str(token_file)}, "from-file")):
+        document = {
+            "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+            "users": [{"name": "u", "user": user}],
+        }
+        credentials = Credentials.parse("admin", yaml.safe_dump(document), "test")
+        assert credentials.bearer_token() == expected
+    document["users"] = [{"name": "u", "user": {"client-certificate-data": "x"}}]
+    with pytest.raises(KubeconfigError, match="no bearer token"):
+        Credentials.parse("admin", yaml.safe_dump(document), "test").bearer_token()

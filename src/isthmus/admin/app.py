@@ -3,8 +3,8 @@ the xDS server is serving), both with a small JSON body for humans; and, when th
 them, POST /drain/{cluster}, POST /undrain/{cluster} and GET /drain (progress).
 
 With an ``AdminCheck`` every endpoint but the probes needs ``authorization: Bearer <token>``: GET
-asks for the right ``read``, POST for ``drain``; 401 (with ``WWW-Authenticate: Bearer``) or 403,
-each with a JSON error, otherwise."""
+asks for the right ``read``, POST for ``drain``, on the request's path; 401 (with
+``WWW-Authenticate: Bearer``), 403 or 503, each with a JSON error, otherwise."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-AdminCheck = Callable[[str | None, str], tuple[int, str]]  # (token, right) -> (200/401/403, who or why)
+# (token, right, path) -> (200/401/403/503, who or why)
+AdminCheck = Callable[[str | None, str, str], Awaitable[tuple[int, str]]]
 PROBES = frozenset({"/healthz", "/readyz"})
 
 
@@ -43,7 +44,9 @@ def make_admin_app(
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         right = "read" if request.method in ("GET", "HEAD") else "drain"
-        status, detail = check(token.strip() if scheme.lower() == "bearer" else None, right)
+        status, detail = await check(
+            token.strip() if scheme.lower() == "bearer" else None, right, request.path
+        )
         if status == 401:
             return web.json_response({"error": detail}, status=401, headers={"WWW-Authenticate": "Bearer"})
         if status != 200:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -50,6 +51,22 @@ class Credentials:
                 )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         return cls(cluster, document, digest)
+
+    def bearer_token(self) -> str:
+        """The current user's bearer token (``token``, else the file ``tokenFile`` names)."""
+        context_name = self.document.get("current-context")
+        contexts = {c.get("name"): c.get("context") or {} for c in self.document.get("contexts") or []}
+        user_name = contexts[context_name].get("user")
+        users = {u.get("name"): u.get("user") or {} for u in self.document.get("users") or []}
+        user = users.get(user_name, {})
+        if user.get("token"):
+            return str(user["token"])
+        if user.get("tokenFile"):
+            try:
+                return Path(user["tokenFile"]).read_text().strip()
+            except OSError as exc:
+                raise KubeconfigError(f"user {user_name!r}: tokenFile: {exc}") from exc
+        raise KubeconfigError(f"user {user_name!r} of the current context has no bearer token")
 
     async def api_client(self) -> client.ApiClient:
         configuration = client.Configuration()

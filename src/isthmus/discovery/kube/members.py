@@ -218,10 +218,11 @@ class Members:
         if member is None:
             return Review(False, error=f"no member cluster named {cluster!r}")
         reviewer = self._reviewers.get(cluster)
-        if reviewer is None or reviewer.credentials.digest != member.watcher.credentials.digest:
+        credentials = member.watcher.credentials
+        if reviewer is None or reviewer.key != credentials.digest:
             if reviewer is not None:
                 await reviewer.close()
-            reviewer = self._reviewers[cluster] = Reviewer(member.watcher.credentials)
+            reviewer = self._reviewers[cluster] = Reviewer(credentials.api_client, key=credentials.digest)
         return await reviewer.review(token, audiences)
 
     def _pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
