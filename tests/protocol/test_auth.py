@@ -35,9 +35,11 @@ async def exchange(port: int, mode: str, node: Any, metadata: list[tuple[str, st
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         method = stub.StreamAggregatedResources if mode == "sotw" else stub.DeltaAggregatedResources
         call = method(metadata=metadata, timeout=5)
-        await call.write(first_request(mode, node))
         responses = []
-        with contextlib.suppress(grpc.aio.AioRpcError):  # a refused stream: the status below
+        # A refused stream: the status below. The server may refuse it before the first request is
+        # written (it authenticates at stream open), so the write can fail too.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.write(first_request(mode, node))
             responses.append(await call.read())
         if responses and responses[0] is not grpc.aio.EOF:
             call.cancel()
