@@ -2,10 +2,12 @@
 --token-file` on the proxy, xDS over TLS): Envoy's gRPC client sends the token read from a file,
 the server admits the stream only if the token is known and the Node claims the identity the token
 proves; a refused Envoy receives nothing. A token rewritten in the file is what the next stream
-uses."""
+uses, while the open stream is kept and traffic flows with no failed request."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -85,18 +87,60 @@ async def test_only_envoys_whose_token_proves_their_node_are_served(
     counted = (await cp.readyz())["xds"]["refused_streams"]
     assert set(counted) == {"no-credentials", "bad-token", "node-mismatch"}, counted
 
-    # Rotation: the server now knows only the next token, and the Envoy's file holds it. After the
-    # control plane restarts, the Envoy's new stream authenticates with what the file says now.
-    write(tokens, f"{NEXT},shop,default,east\n")
-    write(tmp_path / "good.token", NEXT)
-    cp.kill()
-    web2 = await upstreams.start("web-2", "127.0.0.2")
-    mesh.write(mesh.service("web", web, web2, port=80))
-    cp.start()
-    await cp.wait_ready()
+    # Rotation under steady traffic. The server learns the next token, the Envoy's file is rewritten
+    # with it: the open stream is kept (a stream is authenticated once, when it opens) and still
+    # receives changes; the old token is then revoked, which the open stream does not notice either;
+    # after a control plane restart the Envoy's next stream authenticates with what its file says.
+    failures: list[str] = []
+    sent = 0
 
-    async def changed() -> None:
-        hosts = await good.admin.cluster_hosts()
-        assert set(hosts.get(cluster, {})) == {web.address, web2.address}, hosts
+    async def steady() -> None:
+        nonlocal sent
+        while True:
+            try:
+                reply = await good.request("web.shop:80")
+                if reply.status != 200:
+                    failures.append(f"HTTP {reply.status}")
+            except Exception as exc:
+                failures.append(repr(exc))
+            sent += 1
+            await asyncio.sleep(0.05)
 
-    await eventually(changed, what="the next stream, with the rotated token, is served", within=30)
+    traffic = asyncio.create_task(steady())
+
+    def streams_of_the_good_envoy() -> int:  # the google_grpc client has no Envoy cluster stats
+        return cp.log_path.read_text().count(f"proxy {good.bootstrap.node_id} connected")
+
+    try:
+        write(tokens, f"{GOOD},shop,default,east\n{NEXT},shop,default,east\n")
+        write(tmp_path / "good.token", NEXT)
+        web2 = await upstreams.start("web-2", "127.0.0.2")
+        mesh.write(mesh.service("web", web, web2, port=80))
+
+        async def both() -> None:
+            hosts = await good.admin.cluster_hosts()
+            assert set(hosts.get(cluster, {})) == {web.address, web2.address}, hosts
+
+        await eventually(both, what="a change reaches the Envoy on its first stream")
+        write(tokens, f"{NEXT},shop,default,east\n")  # the old token revoked
+        web3 = await upstreams.start("web-3", "127.0.0.3")
+        mesh.write(mesh.service("web", web, web2, web3, port=80))
+
+        async def three() -> None:
+            hosts = await good.admin.cluster_hosts()
+            assert set(hosts.get(cluster, {})) == {web.address, web2.address, web3.address}, hosts
+
+        await eventually(three, what="the open stream outlives its token's revocation")
+        assert streams_of_the_good_envoy() == 1
+        cp.kill()
+        mesh.write(mesh.service("web", web, port=80))
+        cp.start()
+        await cp.wait_ready()
+        await eventually(applied, what="the next stream, with the rotated token, is served", within=30)
+        assert streams_of_the_good_envoy() == 2
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
+    assert sent > 20, sent
+    assert failures == [], failures[:5]
