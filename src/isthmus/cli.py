@@ -305,6 +305,9 @@ def _parser() -> argparse.ArgumentParser:
         "--app-address", default="127.0.0.1", help="address of the local application behind the sidecar"
     )
     boot.add_argument("--outbound-port", type=int, default=DEFAULT_OUTBOUND_PORT)
+    boot.add_argument(
+        "--readiness-port", type=int, default=0, help="serve GET /ready (Envoy is configured) on this port"
+    )
     boot.add_argument("--inbound-port", type=int, default=DEFAULT_INBOUND_PORT)
     boot.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
     boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
@@ -376,8 +379,10 @@ def _admin_call(method: str, url: str, token: str | None = None) -> dict[str, An
 
 def _bootstrap(args: argparse.Namespace) -> int:
     xds = parse_xds_address(args.xds_address, "--xds-address")
-    for flag in ("admin_port", "outbound_port", "inbound_port"):
-        if not 0 < getattr(args, flag) < 65536:
+    for flag in ("admin_port", "outbound_port", "inbound_port", "readiness_port"):
+        if not 0 < getattr(args, flag) < 65536 and not (
+            flag == "readiness_port" and args.readiness_port == 0
+        ):
             raise SettingsError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} is not a port number")
     opts = BootstrapOptions(
         role=Role(args.role),
@@ -397,6 +402,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         listen_address=args.listen_address,
         app_address=args.app_address,
         outbound_port=args.outbound_port,
+        readiness_port=args.readiness_port,
         inbound_port=args.inbound_port,
         xds_root_ca=str(args.xds_root_ca) if args.xds_root_ca else "",
         xds_server_name=args.xds_server_name,

@@ -22,6 +22,10 @@ from envoy.config.core.v3 import (
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.config.grpc_credential.v3 import file_based_metadata_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
@@ -30,6 +34,8 @@ from isthmus.xds.generate.tls import pack, xds_client_socket
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, METADATA_KEY, Role
 
 XDS_CLUSTER = "isthmus_xds"
+ADMIN_CLUSTER = "isthmus_admin"  # the readiness listener's way to the admin API's /ready
+READINESS_LISTENER = "isthmus_readiness"
 CLUSTER_HEADER = "isthmus-cluster"  # gRPC metadata: the member cluster a proxy says it runs in
 
 
@@ -57,6 +63,7 @@ class BootstrapOptions:
     app_address: str = "127.0.0.1"
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
+    readiness_port: int = 0  # a static listener answering only GET /ready from the admin API (0: none)
 
     @property
     def effective_node_id(self) -> str:
@@ -106,6 +113,68 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
             xds_client_socket(opts.xds_root_ca, opts.xds_server_name or opts.xds_host)
         )
     return cluster
+
+
+def _static_cluster(name: str, host: str, port: int) -> Any:
+    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(address=address)
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+
+
+def _readiness_listener(opts: BootstrapOptions) -> Any:
+    """``GET /ready`` on ``readiness_port`` (all addresses), answered by the admin API's /ready (200
+    once Envoy has its initial configuration): a kubelet readiness probe, without exposing the rest
+    of the admin API, which stays on loopback. Any other path: 404."""
+    ready = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(path="/ready"),
+        route=route_components_pb2.RouteAction(cluster=ADMIN_CLUSTER),
+    )
+    other = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(status=404),
+    )
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="readiness",
+        route_config=route_pb2.RouteConfiguration(
+            name=READINESS_LISTENER,
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(name="readiness", domains=["*"], routes=[ready, other])
+            ],
+        ),
+        http_filters=[
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+        ],
+    )
+    return listener_pb2.Listener(
+        name=READINESS_LISTENER,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=opts.readiness_port)
+        ),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=pack(manager)
+                    )
+                ]
+            )
+        ],
+    )
 
 
 def _envoy_grpc() -> Any:
@@ -178,8 +247,13 @@ def bootstrap(opts: BootstrapOptions) -> Any:
             }
         }
     )
+    # No initial fetch timeout: without its first clusters and listeners Envoy stays initializing
+    # (admin /ready 503, listeners closed) instead of going live with nothing after 15 s, so a proxy
+    # that cannot reach isthmus is never taken for ready.
     ads_source = config_source_pb2.ConfigSource(
-        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+        initial_fetch_timeout=duration_pb2.Duration(seconds=0),
     )
     api_type = (
         config_source_pb2.ApiConfigSource.DELTA_GRPC if opts.delta else config_source_pb2.ApiConfigSource.GRPC
@@ -201,7 +275,17 @@ def bootstrap(opts: BootstrapOptions) -> Any:
             cds_config=ads_source,
             lds_config=ads_source,
         ),
-        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(opts)]),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            clusters=[
+                _xds_cluster(opts),
+                *(
+                    [_static_cluster(ADMIN_CLUSTER, opts.admin_address, opts.admin_port)]
+                    if opts.readiness_port
+                    else []
+                ),
+            ],
+            listeners=[_readiness_listener(opts)] if opts.readiness_port else [],
+        ),
         admin=bootstrap_pb2.Admin(
             address=address_pb2.Address(
                 socket_address=address_pb2.SocketAddress(
