@@ -2,7 +2,10 @@
 
 * ``dp``: a ``DataPath`` with member clusters "east" and "west", each in its own network namespace
   with an agent; nothing else runs yet. Everything it starts is removed at teardown, even on failure.
-* ``make_datapath``: ``await make_datapath("east", "west", "north")`` for other cluster sets.
+  Envoys reach the control plane over its Unix socket; a module or test runs in both ways with
+  ``pytest.mark.parametrize("dp", XDS_MODES, indirect=True)`` ("transit": over TLS to the control
+  plane's transit address, every proxy authenticated by a token; see datapath.harness).
+* ``make_datapath``: ``await make_datapath("east", "west", "north", xds=...)`` for other cluster sets.
 * ``envoy_bin``: the Envoy executable, or None (``DataPath.envoy`` then skips the test).
 * ``eventually`` / ``holds``: the Envoy tier's bounded polling.
 
@@ -49,10 +52,10 @@ class DataPathFactory:
         self.envoy_bin = envoy_bin
         self.made: list[DataPath] = []
 
-    async def __call__(self, *clusters: str, mode: str | None = None) -> DataPath:
+    async def __call__(self, *clusters: str, mode: str | None = None, xds: str = "unix") -> DataPath:
         names = clusters or ("east", "west")
         workdir = self.workdir / f"datapath-{len(self.made)}"
-        made = await DataPath.start(names, workdir=workdir, envoy_bin=self.envoy_bin, mode=mode)
+        made = await DataPath.start(names, workdir=workdir, envoy_bin=self.envoy_bin, mode=mode, xds=xds)
         self.made.append(made)
         return made
 
@@ -80,8 +83,9 @@ async def make_datapath(tmp_path: Path, envoy_bin: str | None) -> AsyncIterator[
 
 
 @pytest.fixture
-async def dp(make_datapath: DataPathFactory) -> DataPath:
-    return await make_datapath("east", "west")
+async def dp(request: pytest.FixtureRequest, make_datapath: DataPathFactory) -> DataPath:
+    """``request.param`` (indirect parametrization): the xDS mode, "unix" unless given."""
+    return await make_datapath("east", "west", xds=getattr(request, "param", "unix"))
 
 
 @pytest.fixture(name="eventually")

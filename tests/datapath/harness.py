@@ -3,10 +3,22 @@
 * ``AgentClient``: talks to one cluster's agent over its Unix socket: apps, requests, fetch, connect.
 * ``MeshWriter``: the mesh file for ``isthmus serve --mesh`` (docs/file-source.md), with the topology's
   member clusters (and their east-west gateways at the transit addresses) already declared.
-* ``ControlPlane``: ``isthmus serve`` in the root namespace, xDS on a Unix socket (the filesystem is
-  shared by all namespaces, so every Envoy reaches it without a routable address), admin on
-  root-namespace loopback.
-* ``NsEnvoy``: a real Envoy inside a cluster namespace, from a bootstrap written by ``isthmus bootstrap``;
+* ``ControlPlane``: ``isthmus serve``, in one of two ways (``DataPath.start(xds=...)``, ``XDS_MODES``):
+
+  - ``"unix"``: in the root namespace, xDS on a Unix socket (the filesystem is shared by all
+    namespaces, so every Envoy reaches it without a routable address), admin on root-namespace
+    loopback; no TLS, no proxy authentication.
+  - ``"transit"``: in the control plane's own namespace (``Topology(control_plane=True)``), xDS on its
+    transit address 10.250.0.250 over TLS (``--xds-san`` that address, ``--ca-dir`` in the run
+    directory) with every proxy authenticated by a bearer token (``--xds-token-file``, written by
+    ``XdsTokens``); every Envoy crosses the transit bridge to reach it. Its admin API listens on that
+    namespace's 127.0.0.1 and is read through an agent running there.
+
+* ``XdsTokens``: the control plane's token file (``token,namespace,service-account,cluster``, 0600) and
+  each Envoy's token file (the token alone, no newline, 0600), in the run directory.
+* ``NsEnvoy``: a real Envoy inside a cluster namespace, from a bootstrap written by ``isthmus bootstrap``
+  (in transit mode with ``--xds-root-ca``, ``--xds-server-name`` and ``--token-file``: a token minted
+  for the identity its Node claims, unless the test asks for none or for another);
   its admin API (127.0.0.1 inside the namespace) is read through the cluster's agent (``/fetch``).
 * ``DataPath``: all of the above for one test; ``close()`` removes everything.
 
@@ -24,6 +36,7 @@ import ipaddress
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -48,6 +61,9 @@ OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 GATEWAY_PORT = 15443
 GATEWAY_SERVICE, GATEWAY_NAMESPACE = "eastwest-gateway", "isthmus-system"
+GATEWAY_SERVICE_ACCOUNT = "isthmus-gateway"  # every gateway's identity (Node; in transit mode its token)
+ROOT_CERT_FILE = "ca.crt"  # the root certificate in a --ca-dir (isthmus.xds.ca.CERT_FILE)
+XDS_MODES = ("unix", "transit")  # how Envoys reach the control plane: see ControlPlane
 
 
 # ---- the real-Envoy tier's helpers -------------------------------------------------------------
@@ -344,15 +360,21 @@ class AgentClient:
         )
 
 
+def _start_agent(topology: Topology, net: ClusterNet) -> AgentClient:
+    sock = topology.rundir / f"agent-{net.name}.sock"
+    proc = topology.run(
+        net, python_argv(AGENT_SCRIPT, "--socket", str(sock), "--cluster", net.name), name="agent"
+    )
+    return AgentClient(net, sock, proc)
+
+
 async def start_agents(topology: Topology) -> dict[str, AgentClient]:
-    """One agent per cluster (started together, then waited for together)."""
-    agents: dict[str, AgentClient] = {}
-    for net in topology:
-        sock = topology.rundir / f"agent-{net.name}.sock"
-        proc = topology.run(
-            net, python_argv(AGENT_SCRIPT, "--socket", str(sock), "--cluster", net.name), name="agent"
-        )
-        agents[net.name] = AgentClient(net, sock, proc)
+    """One agent per cluster (started together, then waited for together); with a control plane
+    namespace, one there too, under its name "cp" (it is not a member cluster)."""
+    agents = {net.name: _start_agent(topology, net) for net in topology}
+    if topology.control_plane_net is not None:
+        net = topology.control_plane_net
+        agents[net.name] = _start_agent(topology, net)
     await asyncio.gather(*(a.wait_ready() for a in agents.values()))
     return agents
 
@@ -466,37 +488,113 @@ class MeshWriter:
         os.replace(tmp, self.path)
 
 
+# ---- proxy tokens (transit mode) ---------------------------------------------------------------
+
+
+def _write_secret(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (mode 0600 from the start), replacing it atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+class XdsTokens:
+    """The control plane's ``--xds-token-file`` (lines ``token,namespace,service-account,cluster``)
+    and the Envoys' token files, in ``directory`` (the topology's run directory: removed with it).
+
+    ``mint(namespace, service_account, cluster)`` gives the identity's token (one per identity, made
+    on first use and added to the file; the server re-reads it when it changes, at most once a
+    second, so an Envoy started right after may be refused once and is served on its retry).
+    ``envoy_file(name, token)`` writes a token as an Envoy reads it: the token alone, no newline."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "xds-tokens.csv"
+        self.by_identity: dict[tuple[str, str, str], str] = {}
+        self._write()
+
+    def _write(self) -> None:
+        lines = ["# token,namespace,service-account,cluster"]
+        lines += [",".join((token, *identity)) for identity, token in self.by_identity.items()]
+        _write_secret(self.path, "\n".join(lines) + "\n")
+
+    def mint(self, namespace: str, service_account: str, cluster: str) -> str:
+        identity = (namespace, service_account, cluster)
+        if identity not in self.by_identity:
+            self.by_identity[identity] = f"dp-{secrets.token_hex(16)}"
+            self._write()
+        return self.by_identity[identity]
+
+    def envoy_file(self, name: str, token: str) -> Path:
+        return _write_secret(self.directory / f"{name}.token", token)
+
+
 # ---- the control plane -------------------------------------------------------------------------
 
 
 class ControlPlane:
-    """``isthmus serve --mesh FILE --xds-address unix:SOCKET`` in the root namespace."""
+    """``isthmus serve --mesh FILE``: xDS on ``unix:SOCKET`` in the root namespace (``xds_socket``), or
+    on ``HOST:PORT`` in the control plane's namespace (``xds_host``, ``xds_port``: transit mode), its
+    admin API then read through ``admin_agent``, the agent in that namespace."""
 
-    def __init__(self, process: NsProcess, mesh_path: Path, xds_socket: Path, admin_port: int) -> None:
+    def __init__(
+        self,
+        process: NsProcess,
+        mesh_path: Path,
+        admin_port: int,
+        *,
+        xds_socket: Path | None = None,
+        xds_host: str = "",
+        xds_port: int = 0,
+        admin_agent: AgentClient | None = None,
+    ) -> None:
+        assert (xds_socket is None) != (not xds_host), "a Unix socket or a host:port"
         self.process = process
         self.mesh_path = mesh_path
-        self.xds_socket = xds_socket
         self.admin_port = admin_port
+        self.xds_socket = xds_socket
+        self.xds_host = xds_host
+        self.xds_port = xds_port
+        self.admin_agent = admin_agent
 
     @property
     def xds_address(self) -> str:
-        return f"unix:{self.xds_socket}"
+        if self.xds_socket is not None:
+            return f"unix:{self.xds_socket}"
+        return f"{self.xds_host}:{self.xds_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
 
     async def readyz(self) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.admin_port}/readyz"
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.get(url) as resp,
-        ):
-            body: dict[str, Any] = await resp.json()
-            assert resp.status == 200, f"/readyz: HTTP {resp.status}: {body}"
-            return body
+        if self.admin_agent is not None:
+            got = await self.admin_agent.fetch(url)
+            status, body = got.status, json.loads(got.body)
+        else:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(url) as resp,
+            ):
+                status, body = resp.status, await resp.json()
+        assert status == 200, f"/readyz: HTTP {status}: {body}"
+        assert isinstance(body, dict), body
+        return body
 
     async def wait_ready(self, within: float = 20.0) -> dict[str, Any]:
         async def ready() -> dict[str, Any]:
             self.process.ensure_running()
             body = await self.readyz()
-            assert self.xds_socket.exists(), f"{self.xds_socket} does not exist"
+            if self.xds_socket is not None:
+                assert self.xds_socket.exists(), f"{self.xds_socket} does not exist"
+            else:
+                assert self.admin_agent is not None
+                listening = await self.admin_agent.connect(self.xds_host, self.xds_port)
+                assert listening.ok, f"xDS on {self.xds_address}: {listening.error}"
             return body
 
         result: dict[str, Any] = await eventually(
@@ -621,16 +719,31 @@ class DataPath:
     ``await DataPath.start(...)``; ``close()`` removes everything (idempotent)."""
 
     def __init__(
-        self, topology: Topology, agents: dict[str, AgentClient], workdir: Path, envoy_bin: str | None
+        self,
+        topology: Topology,
+        agents: dict[str, AgentClient],
+        workdir: Path,
+        envoy_bin: str | None,
+        xds: str = "unix",
     ) -> None:
+        if xds not in XDS_MODES:
+            raise ValueError(f"xds mode {xds!r}: expected one of {XDS_MODES}")
         self.topology = topology
-        self.agents = agents
+        self.cp_net = topology.control_plane_net
+        self.cp_agent = agents.pop(self.cp_net.name) if self.cp_net is not None else None
+        if xds == "transit" and self.cp_agent is None:
+            raise ValueError("transit mode needs a topology with a control plane namespace")
+        self.agents = agents  # by member cluster
         self.workdir = workdir
         self.envoy_bin = envoy_bin
+        self.xds = xds
         self.mesh = MeshWriter(workdir / "mesh.yaml", topology)
         self.xds_socket = topology.rundir / "xds.sock"
+        self.ca_dir = topology.rundir / "ca"  # transit mode: the root Envoys trust (unless --ca-dir says)
+        self.tokens = XdsTokens(topology.rundir) if xds == "transit" else None
         self.cp: ControlPlane | None = None
         self._cp_args: list[str] = []
+        self._xds_port = 0
         self.envoys: list[NsEnvoy] = []
 
     @classmethod
@@ -641,16 +754,18 @@ class DataPath:
         workdir: Path,
         envoy_bin: str | None = None,
         mode: str | None = None,
+        xds: str = "unix",
     ) -> DataPath:
+        """``xds``: "unix" or "transit" (see ``ControlPlane``); ``mode``: the topology's (netns, loopback)."""
         # Setting up blocks the loop briefly (a few `ip` commands); nothing else runs yet.
         workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-        topology = Topology(clusters, mode=mode, log_dir=workdir).create()
+        topology = Topology(clusters, mode=mode, log_dir=workdir, control_plane=xds == "transit").create()
         try:
             agents = await start_agents(topology)
+            return cls(topology, agents, workdir, envoy_bin, xds=xds)
         except BaseException:
             topology.close()
             raise
-        return cls(topology, agents, workdir, envoy_bin)
 
     def close(self) -> None:
         self.topology.close()
@@ -687,33 +802,83 @@ class DataPath:
 
     # ---- control plane -------------------------------------------------------------------------
 
+    def _transit(self) -> tuple[ClusterNet, XdsTokens]:
+        assert self.cp_net is not None, "transit mode: the control plane's namespace"
+        assert self.tokens is not None, "transit mode: the token file"
+        return self.cp_net, self.tokens
+
+    def _cp_option(self, name: str) -> str | None:
+        """The last value of ``--name`` (``--name V`` or ``--name=V``) in the test's serve arguments."""
+        args, found = self._cp_args, None
+        for i, arg in enumerate(args):
+            if arg == name and i + 1 < len(args):
+                found = args[i + 1]
+            elif arg.startswith(name + "="):
+                found = arg.split("=", 1)[1]
+        return found
+
+    def _own_root(self) -> bool:
+        return self._cp_option("--ca-cert") is None and self._cp_option("--ca-dir") is None
+
+    def root_ca(self) -> Path:
+        """The PEM the Envoys trust in transit mode: the test's ``--ca-cert`` or ``--ca-dir`` root,
+        else the one the control plane keeps in ``ca_dir``."""
+        cert, directory = self._cp_option("--ca-cert"), self._cp_option("--ca-dir")
+        if cert is not None:
+            return Path(cert)
+        return Path(directory or self.ca_dir) / ROOT_CERT_FILE
+
     async def control_plane(
         self, *services: dict[str, Any], extra_args: Sequence[str] = (), admin_port: int | None = None
     ) -> ControlPlane:
         """Write the mesh (the given services, or the last written ones) and start ``isthmus serve``
-        on it (``extra_args`` go after ``serve``); returns when /readyz says it serves."""
+        on it (``extra_args`` go after ``serve``); returns when /readyz says it serves. Transit mode
+        adds TLS for the transit address (``--xds-san``, ``--ca-dir``) and ``--xds-token-file``."""
         if services or not self.mesh.path.exists():
             self.mesh.write(*(services or self.mesh.services))
-        admin_port = admin_port or self.topology.port(None)
+        self._cp_args = list(extra_args)
+        where = self.cp_net if self.xds == "transit" else None
+        admin_port = admin_port or self.topology.port(where)
+        if self.xds == "transit":
+            net, tokens = self._transit()
+            host = net.transit_address
+            self._xds_port = self._xds_port or self.topology.port(net, host)
+            transport = [
+                "--xds-address", f"{host}:{self._xds_port}",
+                "--xds-san", host,
+                "--xds-token-file", str(tokens.path),
+                *(["--ca-dir", str(self.ca_dir)] if self._own_root() else []),
+            ]  # fmt: skip
+        else:
+            transport = ["--xds-address", f"unix:{self.xds_socket}"]
         argv = [
             *isthmus_command(),
             "--log-level", "info",
             "serve",
             "--mesh", str(self.mesh.path),
-            "--xds-address", f"unix:{self.xds_socket}",
+            *transport,
             "--admin-address", f"127.0.0.1:{admin_port}",
             *extra_args,
         ]  # fmt: skip
-        process = self.topology.run(None, argv, name="isthmus-serve")
-        self.cp = ControlPlane(process, self.mesh.path, self.xds_socket, admin_port)
-        self._cp_args = list(extra_args)
+        process = self.topology.run(where, argv, name="isthmus-serve")
+        if self.xds == "transit":
+            self.cp = ControlPlane(
+                process,
+                self.mesh.path,
+                admin_port,
+                xds_host=host,
+                xds_port=self._xds_port,
+                admin_agent=self.cp_agent,
+            )
+        else:
+            self.cp = ControlPlane(process, self.mesh.path, admin_port, xds_socket=self.xds_socket)
         await self.cp.wait_ready()
         return self.cp
 
     async def restart_control_plane(self, *, kill: bool = False, down_for: float = 0.0) -> ControlPlane:
         """Stop ``isthmus serve`` (SIGTERM, or SIGKILL with ``kill``: then its socket file stays behind
         and the new server replaces it), wait ``down_for`` seconds, start it again on the same socket
-        and admin port. Envoys reconnect by themselves."""
+        (or address) and admin port, with the same root. Envoys reconnect by themselves."""
         assert self.cp is not None, "no control plane started"
         old = self.cp
         if kill:
@@ -740,12 +905,34 @@ class DataPath:
         inbound_port: int = INBOUND_PORT,
         delta: bool = False,
         admin_port: int | None = None,
+        token: str | bool = True,
     ) -> EnvoyBootstrap:
-        """Write a bootstrap with ``isthmus bootstrap`` (xDS over the control plane's Unix socket)."""
+        """Write a bootstrap with ``isthmus bootstrap``: xDS over the control plane's Unix socket, or
+        in transit mode over TLS to its transit address, with a token file holding ``token``: True
+        (a token of the identity the Node claims), False (no token file at all), or this string."""
         region, zone = self.mesh.locality(cluster)
         admin = admin_port or self.topology.admin_port(cluster)
         node = node_id or f"{role}~{service}-{listen_address.replace('.', '-')}.{namespace}~{cluster}"
-        path = self.workdir / f"bootstrap-{cluster}-{role}-{service}-{listen_address}-{admin}.json"
+        name = f"bootstrap-{cluster}-{role}-{service}-{listen_address}-{admin}"
+        path = self.workdir / f"{name}.json"
+        account = service_account or service
+        if self.xds == "transit":
+            net, tokens = self._transit()
+            if not self._xds_port:
+                raise RuntimeError("transit mode: start the control plane before bootstrapping an Envoy")
+            host = net.transit_address
+            transport = [
+                "--xds-address", f"{host}:{self._xds_port}",
+                "--xds-root-ca", str(self.root_ca()),
+                "--xds-server-name", host,
+            ]  # fmt: skip
+            if token is not False:
+                secret = tokens.mint(namespace, account, cluster) if token is True else str(token)
+                transport += ["--token-file", str(tokens.envoy_file(name, secret))]
+        else:
+            if token is not True:
+                raise ValueError("tokens are for transit mode (the Unix socket authenticates nobody)")
+            transport = ["--xds-address", f"unix:{self.xds_socket}"]
         argv = [
             *isthmus_command(),
             "bootstrap",
@@ -753,11 +940,11 @@ class DataPath:
             "--cluster", cluster,
             "--namespace", namespace,
             "--service", service,
-            "--service-account", service_account or service,
+            "--service-account", account,
             "--node-id", node,
             "--region", region,
             "--zone", zone,
-            "--xds-address", f"unix:{self.xds_socket}",
+            *transport,
             "--admin-port", str(admin),
             "--listen-address", listen_address,
             "--app-address", app_address,
@@ -856,7 +1043,9 @@ class DataPath:
         namespace: str = GATEWAY_NAMESPACE,
         **options: Any,
     ) -> NsEnvoy:
-        """The cluster's east-west gateway, listening on its transit address."""
+        """The cluster's east-west gateway, listening on its transit address, as service account
+        ``isthmus-gateway`` of ``isthmus-system`` (in transit mode also its token's identity)."""
+        options.setdefault("service_account", GATEWAY_SERVICE_ACCOUNT)
         options.setdefault("listen_address", self.topology[cluster].gateway_address)
         options.setdefault("app_address", "127.0.0.1")
         return await self.envoy(cluster, role="gateway", service=service, namespace=namespace, **options)
@@ -864,7 +1053,8 @@ class DataPath:
     # ---- reports -------------------------------------------------------------------------------
 
     def report_sections(self) -> list[tuple[str, str]]:
-        sections = [("data-path topology", f"{self.topology.mode}: {self.topology.describe()}")]
+        where = f"xDS {self.xds} ({self.cp.xds_address})" if self.cp is not None else f"xDS {self.xds}"
+        sections = [("data-path topology", f"{self.topology.mode}, {where}: {self.topology.describe()}")]
         if self.mesh.path.exists():
             sections.append((f"mesh file {self.mesh.path}", self.mesh.path.read_text()))
         return sections + self.topology.report_sections()
@@ -893,6 +1083,7 @@ __all__ = [
     "ProcessDied",
     "Response",
     "Responses",
+    "XdsTokens",
     "eventually",
     "holds",
     "start_agents",

@@ -2,9 +2,11 @@
 
 ::
 
-    namespace isdp-<pid>-<tok>-tr (transit)          bridge br0 with ports v1, v2, v3 ...
+    namespace isdp-<pid>-<tok>-tr (transit)          bridge br0 with ports v1, v2, v3 ... (and vcp)
     namespace isdp-<pid>-<tok>-<cluster n>           eth0 (peer of vN) 10.250.0.<n>/24   <- gateway binds here
                                                      lo   127.0.0.1, 10.<n>.0.1/24       <- pod addresses
+    namespace isdp-<pid>-<tok>-cp (only with         eth0 (peer of vcp) 10.250.0.250/24  <- the control plane
+      ``control_plane=True``)                        lo   127.0.0.1                          serves xDS here
 
 * Pod addresses ``10.<n>.0.<k>`` (k = 1..254) are local addresses of cluster n's namespace: a /24 on
   ``lo`` makes every one of them bindable without declaring each (this kernel has no ``dummy`` link
@@ -12,6 +14,9 @@
   address fails at once with ENETUNREACH; only the transit addresses 10.250.0.<n> are reachable
   across clusters. Namespaces do not forward (ip_forward is 0 in a new namespace) and nothing is
   connected to the root namespace: no packet can leave these namespaces.
+* ``Topology(..., control_plane=True)`` adds a namespace for the control plane on the same bridge
+  (``Topology.control_plane_net``, not a member cluster: no pods, no agent of a cluster): every
+  cluster reaches its transit address 10.250.0.250, nothing else of it.
 * ``Topology.run(cluster, argv)`` starts a process inside a cluster's namespace (``ip netns exec``), in
   its own process group, with SIGKILL as parent-death signal (``setpriv --pdeathsig``) so that a
   SIGKILLed pytest leaves nothing running. ``None`` runs it in the root namespace.
@@ -20,8 +25,9 @@
   namespaces (which deletes the veths and the bridge) and removes the run directory.
 
 Loopback mode (not root, or ``ISTHMUS_DATAPATH_MODE=loopback``): every cluster is the root namespace,
-pod addresses are 127.<n>.0.<k> and transit addresses 127.250.0.<n>. Nothing is isolated then
-(``Topology.isolated`` is False); tests that need isolation skip.
+pod addresses are 127.<n>.0.<k> and transit addresses 127.250.0.<n> (the control plane's
+127.250.0.250). Nothing is isolated then (``Topology.isolated`` is False); tests that need
+isolation skip.
 
 ``Popen`` with a parent-death signal: the signal fires when the *thread* that started the child exits,
 so start processes from the main thread (pytest-asyncio runs the event loop there), never from
@@ -59,6 +65,9 @@ LOOPBACK_TRANSIT_NET = "127.250.0"
 BRIDGE = "br0"
 CLUSTER_LINK = "eth0"
 MAX_CLUSTERS = 20
+CONTROL_PLANE_HOST = 250  # the control plane's transit address: <transit net>.250 (above any cluster's)
+CONTROL_PLANE_NAME = "cp"  # its namespace's suffix and its name in logs
+CONTROL_PLANE_PORT = "vcp"  # its port on the bridge
 FIRST_AUTO_POD = 10  # pod(k) for k < 10 is left to the tests; new_pod() hands out 10, 11, ...
 FIRST_ADMIN_PORT = 19000  # Envoy admin ports, distinct across the whole topology
 FIRST_PORT = 20000  # other ports handed out per namespace (below the ephemeral range)
@@ -247,7 +256,9 @@ def stop_processes(processes: Sequence[NsProcess], grace: float = 5.0) -> list[s
 
 @dataclass(frozen=True, slots=True)
 class ClusterNet:
-    """One member cluster's network: its namespace (None in loopback mode) and addresses."""
+    """One member cluster's network: its namespace (None in loopback mode) and addresses. The
+    control plane's namespace (``Topology.control_plane_net``) is one too, named "cp", index 0,
+    with a transit address and no pod addresses."""
 
     name: str
     index: int  # n: pod addresses 10.<n>.0.<k>, transit address 10.250.0.<n>
@@ -257,6 +268,8 @@ class ClusterNet:
 
     def pod(self, k: int) -> str:
         """Pod address k (1..254) of this cluster."""
+        if not self.pod_net:
+            raise ValueError(f"{self.name} has no pod addresses")
         if not 1 <= k <= 254:
             raise ValueError(f"pod index {k} is not in 1..254")
         return f"{self.pod_net}.{k}"
@@ -305,12 +318,15 @@ class Topology:
         *,
         mode: str | None = None,
         log_dir: Path | None = None,
+        control_plane: bool = False,
     ) -> None:
         if not clusters or len(set(clusters)) != len(clusters) or len(clusters) > MAX_CLUSTERS:
             raise ValueError(f"need 1..{MAX_CLUSTERS} distinct cluster names, got {list(clusters)}")
         for name in clusters:
             if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", name):
                 raise ValueError(f"cluster name {name!r}: lowercase letters and digits, at most 16")
+        if control_plane and CONTROL_PLANE_NAME in clusters:
+            raise ValueError(f"cluster name {CONTROL_PLANE_NAME!r} is the control plane namespace's")
         self.cluster_names = list(clusters)
         self.requested_mode = (mode or os.environ.get(MODE_ENV) or "auto").lower()
         self._mode_source = "requested" if mode else f"{MODE_ENV}={self.requested_mode}"
@@ -324,6 +340,8 @@ class Topology:
         self.log_dir = log_dir
         self.transit_netns: str | None = None
         self.clusters: dict[str, ClusterNet] = {}
+        self.want_control_plane_net = control_plane
+        self.control_plane_net: ClusterNet | None = None
         self.processes: list[NsProcess] = []
         self._created_netns: list[str] = []
         self._next_pod: dict[str, int] = {}
@@ -390,7 +408,27 @@ class Topology:
                 f"link set {port} master {BRIDGE}",
                 f"link set {port} up",
             ]
+        if self.want_control_plane_net:
+            cp_netns = f"{self.run_id}-{CONTROL_PLANE_NAME}"
+            _ip("netns", "add", cp_netns)
+            self._created_netns.append(cp_netns)
+            commands += [
+                f"link add {CONTROL_PLANE_PORT} type veth peer name {CLUSTER_LINK} netns {cp_netns}",
+                f"link set {CONTROL_PLANE_PORT} master {BRIDGE}",
+                f"link set {CONTROL_PLANE_PORT} up",
+            ]
         _ip_batch(transit, commands)
+        if self.want_control_plane_net:
+            net = ClusterNet(CONTROL_PLANE_NAME, 0, cp_netns, f"{TRANSIT_NET}.{CONTROL_PLANE_HOST}", "")
+            _ip_batch(
+                net.netns,
+                [
+                    "link set lo up",
+                    f"addr add {net.transit_address}/24 dev {CLUSTER_LINK}",
+                    f"link set {CLUSTER_LINK} up",
+                ],
+            )
+            self.control_plane_net = net
         for n, cluster in enumerate(self.cluster_names, start=1):
             net = ClusterNet(cluster, n, names[cluster], f"{TRANSIT_NET}.{n}", f"10.{n}.0")
             _ip_batch(
@@ -408,6 +446,10 @@ class Topology:
     def _create_loopback(self) -> None:
         for n, cluster in enumerate(self.cluster_names, start=1):
             self.clusters[cluster] = ClusterNet(cluster, n, None, f"{LOOPBACK_TRANSIT_NET}.{n}", f"127.{n}.0")
+        if self.want_control_plane_net:
+            self.control_plane_net = ClusterNet(
+                CONTROL_PLANE_NAME, 0, None, f"{LOOPBACK_TRANSIT_NET}.{CONTROL_PLANE_HOST}", ""
+            )
 
     def close(self) -> None:
         """Stop every process, delete the namespaces, remove the run directory. Idempotent; tries every
@@ -462,10 +504,12 @@ class Topology:
         return iter(self.clusters.values())
 
     def describe(self) -> str:
-        return ", ".join(
+        described = ", ".join(
             f"{c.name}: netns={c.where} transit={c.transit_address} pods={c.pod_cidr}"
             for c in self.clusters.values()
         )
+        cp = self.control_plane_net
+        return described + (f"; control plane: netns={cp.where} transit={cp.transit_address}" if cp else "")
 
     def _cluster(self, where: ClusterNet | str | None) -> ClusterNet | None:
         if where is None or isinstance(where, ClusterNet):

@@ -3,8 +3,12 @@
 Two member clusters, east and west, each its own network namespace: pods (apps behind sidecars)
 have addresses only their own cluster can reach; each cluster's east-west gateway listens on the
 transit network, the only way between clusters. The control plane (file source, mTLS with its
-development CA) serves every Envoy over a Unix socket. Requests are real HTTP requests made inside
-east's namespace to the client sidecar's outbound listener.
+development CA) serves every Envoy over a Unix socket ("unix"); the tests marked ``both_xds`` run
+a second time with xDS over the transit network ("transit": TLS to the control plane's own
+namespace, every sidecar and gateway authenticated by its token; see datapath.harness). The
+certificate rotation test, 12 s of steady traffic by design, runs over the Unix socket only.
+Requests are real HTTP requests made inside east's namespace to the client sidecar's outbound
+listener.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 
 import pytest
 
-from datapath.harness import DataPath, eventually
+from datapath.harness import XDS_MODES, DataPath, eventually
 from datapath.scenario import (
     SIDECAR_PORT,
     Stream,
@@ -25,10 +29,12 @@ from datapath.scenario import (
 )
 
 pytestmark = [pytest.mark.envoy, pytest.mark.datapath]
+both_xds = pytest.mark.parametrize("dp", XDS_MODES, indirect=True)
 
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 
 
+@both_xds
 async def test_affinity_to_own_cluster_then_zone(dp: DataPath) -> None:
     """web runs in east (two zones) and west. From east zone a: east-a serves; without it,
     east-b (same cluster, other zone) serves, not west."""
@@ -57,6 +63,7 @@ async def test_affinity_to_own_cluster_then_zone(dp: DataPath) -> None:
     await eventually(other_zone, what="east's other zone takes over, not west", within=20)
 
 
+@both_xds
 async def test_remote_only_service_goes_through_the_remote_gateway(dp: DataPath) -> None:
     """api runs only in west. From east it is served by west, through west's gateway; west's pod
     address is unreachable from east's namespace."""
@@ -81,6 +88,7 @@ async def test_remote_only_service_goes_through_the_remote_gateway(dp: DataPath)
         assert not blocked.ok, "a west pod address must not be reachable from east"
 
 
+@both_xds
 async def test_mtls_end_to_end_and_the_gateway_holds_no_key(dp: DataPath) -> None:
     """The app in west sees the caller's SPIFFE identity, set by its sidecar; the gateway has no
     secret and no TLS context; the sidecar's inbound port refuses plain text."""
@@ -110,6 +118,7 @@ async def test_mtls_end_to_end_and_the_gateway_holds_no_key(dp: DataPath) -> Non
     assert plain.status is None, plain.describe()
 
 
+@both_xds
 async def test_failover_to_the_other_cluster_and_back(dp: DataPath) -> None:
     """web in east and west, called from east: east serves; east's endpoints removed: west serves
     (through west's gateway); restored: east again. No failed request in between."""
