@@ -6,7 +6,8 @@ listeners' HTTP connection managers reference. Every response is ACKed (SotW: ve
 nonce). Responses arrive as raw bytes (no deserializer on the call), so the bytes received are exact and
 only what is needed is parsed: the envelope with upb, each resource's name from its field 1 (all five
 types put the name there), and Clusters and Listeners fully, cached by their bytes because many
-proxies receive identical resources.
+proxies receive identical resources. A client can carry gRPC metadata on its stream (bench.load
+--auth: its bearer token and member cluster, as `isthmus bootstrap --token-file` makes Envoy send).
 """
 
 from __future__ import annotations
@@ -160,8 +161,10 @@ class SimEnvoy:
         mtls: bool,
         on_eds: EdsHook | None = None,
         on_complete: Callable[[SimEnvoy], None] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.index = index
+        self.metadata = metadata  # gRPC metadata of the stream (credentials: authorization, isthmus-cluster)
         self.node = node
         self.member = member
         self.mode = mode
@@ -226,7 +229,7 @@ class SimEnvoy:
     # ---- the stream ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._call = self._mc(wait_for_ready=True)
+        self._call = self._mc(wait_for_ready=True, metadata=self.metadata or None)
         try:
             if self.mode == "sotw":
                 await self._sotw(CDS, None)

@@ -11,13 +11,21 @@ or file write -> the last client of that cluster ACKed an EDS response with the 
 p50/p90/p99 over M changes, the debounce included), the server's CPU seconds and peak RSS, the load
 tool's own CPU, bytes and responses.
 
+With ``--auth`` the isthmus target serves xDS over TLS (``--xds-san localhost``, a development mesh
+root in ``--ca-dir``) and authenticates every stream by a static token (``--xds-token-file``, one
+line per simulated client: the namespace, service account and member cluster of the node it
+claims); each client connects over TLS verifying that root and sends ``authorization: Bearer
+<token>`` and ``isthmus-cluster: <cluster>`` as gRPC metadata, as `isthmus bootstrap --token-file`
+makes Envoy do. Without it the Kubernetes source runs with ``--insecure-unauthenticated-xds`` and
+plain text on loopback.
+
 The file source polls its file every second (ServeSettings.mesh_poll_interval, no flag), which puts
 a uniform 0-1 s floor under convergence, and re-reads the whole file. ``--poll-interval`` (default
 1.0 = `isthmus serve` as shipped) runs the server through a shim that only changes that setting.
 
 Usage: python -m bench.load [--quick] [--source kube|file] [--clients N] [--clusters C] [--services S]
        [--endpoints E] [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
-       [--profile-server FILE.prof] [--csv FILE]
+       [--auth] [--profile-server FILE.prof] [--csv FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import os
 import platform
 import random
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,6 +58,8 @@ from envoy.config.core.v3 import base_pb2
 from bench import discovery
 from bench.adsclient import EDS, SimEnvoy, Totals, make_node, open_stream
 from bench.discovery import namespace, write_kubeconfig
+from isthmus.xds.ca import CERT_FILE
+from isthmus.xds.generate.bootstrap import CLUSTER_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -197,6 +208,45 @@ class MeshFile:
         return change
 
 
+class Auth:
+    """``--auth``: the xDS port's TLS and one bearer token per simulated client.
+
+    The server is given ``--xds-san localhost --ca-dir DIR --xds-token-file FILE``; FILE has a line
+    ``token,namespace,service-account,cluster`` per client, matching the node the client claims
+    (client_node), so every stream is admitted by the static file (with member clusters configured,
+    a token the file does not know would go to a TokenReview; none does here). Clients verify the
+    serving certificate against the root the server generated in DIR."""
+
+    SERVER_NAME = "localhost"
+
+    def __init__(self, shape: Shape, workdir: Path) -> None:
+        self.shape = shape
+        self.ca_dir = workdir / "ca"
+        self.token_path = workdir / "tokens.csv"
+        self.tokens = [secrets.token_hex(16) for _ in range(shape.clients)]
+
+    def server_args(self) -> list[str]:
+        lines = ["# token,namespace,service-account,cluster (bench.load --auth, one per client)\n"]
+        for i, token in enumerate(self.tokens):
+            cluster, node = client_node(self.shape, i)
+            meta = node.metadata["isthmus"]
+            lines.append(f"{token},{meta['namespace']},{meta['service_account']},{cluster}\n")
+        self.token_path.write_text("".join(lines))
+        self.token_path.chmod(0o600)
+        xds_tls = ["--xds-san", self.SERVER_NAME, "--ca-dir", str(self.ca_dir)]
+        return [*xds_tls, "--xds-token-file", str(self.token_path)]
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        """A TLS channel that verifies the server against the mesh root (read once the server made it)."""
+        credentials = grpc.ssl_channel_credentials((self.ca_dir / CERT_FILE).read_bytes())
+        options = [*options, ("grpc.ssl_target_name_override", self.SERVER_NAME)]
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def metadata(self, i: int) -> tuple[tuple[str, str], ...]:
+        cluster, _ = client_node(self.shape, i)
+        return (("authorization", f"Bearer {self.tokens[i]}"), (CLUSTER_HEADER, cluster))
+
+
 # ---- targets --------------------------------------------------------------------------------
 
 
@@ -265,6 +315,7 @@ class IsthmusTarget:
         self.mtls: bool = args.mtls
         self.debounce: float | None = args.debounce
         self.profile: Path | None = args.profile_server
+        self.auth = Auth(workload.shape, workdir) if args.auth else None
         self.mesh = MeshFile(workload, workdir / "mesh.yaml")
         self.xds_address = f"127.0.0.1:{free_port()}"
         self.admin_address = f"127.0.0.1:{free_port()}"
@@ -290,6 +341,8 @@ class IsthmusTarget:
         for c, (url, token) in enumerate(urls):
             path = write_kubeconfig(self.workdir / f"{member(c)}.kubeconfig", url, token, member(c))
             argv += ["--cluster", f"{member(c)}={path}", "--cluster-gateway", f"{member(c)}={gateway(c)}"]
+        if self.auth is not None:
+            return argv
         return [*argv, "--insecure-unauthenticated-xds"]  # the simulated Envoys present no token
 
     def command(self, source: list[str]) -> list[str]:
@@ -299,6 +352,8 @@ class IsthmusTarget:
             serve += ["--debounce", str(self.debounce)]
         if not self.mtls:
             serve.append("--no-mtls")
+        if self.auth is not None:
+            serve += self.auth.server_args()
         shim = self.source == "file" and self.poll != 1.0
         if self.profile is not None:
             head = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m"]
@@ -447,8 +502,11 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    auth: Auth | None = getattr(target, "auth", None)  # only IsthmusTarget has it (parse_args checks)
     channels = [
         grpc.aio.insecure_channel(target.xds_address, options=[*options, ("bench.channel", k)])
+        if auth is None
+        else auth.channel(target.xds_address, [*options, ("bench.channel", k)])
         for k in range(args.channels)
     ]
     streams = [open_stream(ch, args.mode) for ch in channels]
@@ -475,6 +533,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
                 mtls=args.mtls,
                 on_eds=tracker.on_eds,
                 on_complete=on_complete,
+                metadata=auth.metadata(i) if auth is not None else (),
             )
         )
 
@@ -606,6 +665,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--debounce", type=float, default=None, help="isthmus --debounce (default: as shipped, 0.1 s)"
     )
     p.add_argument("--no-mtls", dest="mtls", action="store_false")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="isthmus only: xDS over TLS and a static bearer token per client (--xds-token-file)",
+    )
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0, help="cold start limit (s)")
@@ -624,6 +688,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.clients, args.clusters, args.services, args.endpoints, args.changes = 20, 3, 20, 3, 5
     if args.channels <= 0:
         args.channels = -(-args.clients // 1000)
+    if args.auth and args.target != "isthmus":
+        p.error("--auth is for --target isthmus (the go-control-plane peer serves plain text)")
     if args.clients < args.clusters:
         p.error("--clients must be at least --clusters (every cluster needs clients)")
     return args
@@ -635,7 +701,11 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
     lines = [
-        ("target / mode", f"{row['target']} / {args.mode}, mTLS {'on' if args.mtls else 'off'}"),
+        (
+            "target / mode",
+            f"{row['target']} / {args.mode}, mTLS {'on' if args.mtls else 'off'}, "
+            + ("xDS over TLS with a token per client" if args.auth else "xDS plain text, unauthenticated"),
+        ),
         (
             "workload",
             f"{shape.clients} clients, {shape.clusters} x {shape.services} x {shape.endpoints} "
@@ -711,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": target.name,
         "mode": args.mode,
         "mtls": args.mtls,
+        # Only when on, so that CSV files written before the flag existed keep their columns.
+        **({"auth": "tls+token"} if args.auth else {}),
         "clients": shape.clients,
         "clusters": shape.clusters,
         "services": shape.services,
@@ -725,6 +797,12 @@ def main(argv: list[str] | None = None) -> int:
     report(args, shape, row)
     if args.csv is not None:
         new = not args.csv.exists() or args.csv.stat().st_size == 0
+        if not new:
+            with args.csv.open(newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if header != list(row):
+                print(f"error: {args.csv} has other columns than this run; use another file", file=sys.stderr)
+                return 2
         with args.csv.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(row))
             if new:
