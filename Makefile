@@ -47,8 +47,8 @@ layers: $(STAMP) ## import-linter layer contracts
 unit: $(STAMP) kube-binaries ## the test suite only, without the quality gates
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-golden: $(STAMP) ## regenerate tests/golden/*.json from the generators (review the diff!)
-	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py
+golden: $(STAMP) ## regenerate tests/golden/ from the generators and the injector (review the diff!)
+	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py tests/unit/test_inject.py
 
 test: lint typecheck layers unit ## everything CI runs: quality gates, then the whole test suite
 

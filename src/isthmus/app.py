@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from aiohttp import web
+
 from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import (
@@ -31,10 +33,13 @@ from isthmus.drain import Drains
 from isthmus.identity.admin_kube import KubeAdmin
 from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
+from isthmus.identity.https_tls import HttpsServing
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.pod_bindings import PodBindings
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
+from isthmus.inject.pod import InjectSettings
+from isthmus.inject.webhook import Webhook
 from isthmus.settings import (
     INSECURE_PLAINTEXT_FLAG,
     INSECURE_UNAUTHENTICATED_FLAG,
@@ -61,6 +66,7 @@ class ControlPlane:
         limits = Limits(send_timeout=settings.send_timeout, send_budget=settings.send_budget)
         self.ads = AdsServer(self.cache, settings.xds_address, limits)
         self.xds_tls: ServingCredentials | None = None
+        self.webhook: Webhook | None = None
         self.pod_bindings: PodBindings | None = None  # streams of pod-bound tokens (kube authentication)
         self.view_loaded = False
         self.started = asyncio.Event()
@@ -200,6 +206,7 @@ class ControlPlane:
             make_admin_app(self.readiness, self.info, actions, self._admin_check(home)), host, port
         )
         log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
+        webhook = await self._start_webhook(ca)
         self.started.set()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -215,6 +222,8 @@ class ControlPlane:
                     tasks.create_task(self._rotate_certificates(), name="certificates")
                 tasks.create_task(self._watch_gateways(), name="gateway-liveness")
                 tasks.create_task(self._freeze_after_sync(), name="gc-freeze")
+                if webhook is not None:
+                    tasks.create_task(self._renew_webhook_certificate(webhook[1]), name="webhook-tls")
                 await stop.wait()
                 raise _Stopped
         except* _Stopped:
@@ -224,8 +233,47 @@ class ControlPlane:
             await self.drains.close()
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
+            if webhook is not None:
+                await webhook[0].cleanup()
             if home is not None:
                 await home.close()
+
+    async def _start_webhook(self, ca: MeshCA | None) -> tuple[web.AppRunner, HttpsServing] | None:
+        """The admission webhook on --webhook-address (HTTPS with a mesh-CA certificate), if asked."""
+        if self.settings.webhook_address is None:
+            return None
+        assert ca is not None  # settings: the webhook needs --xds-san, so a CA
+        tls = HttpsServing(ca, self.settings.webhook_sans)
+        xds_host, xds_port = self.settings.sidecar_xds()
+
+        def settings_of(cluster: str) -> InjectSettings | None:
+            known = cluster in self.cache.view.clusters or (
+                self.members is not None and cluster in self.members.members
+            )
+            if not known:
+                return None
+            return InjectSettings(
+                cluster=cluster,
+                xds_host=xds_host,
+                xds_port=xds_port,
+                xds_server_name=self.settings.inject_xds_server_name,
+                root_pem=ca.trust_bundle,
+                proxy_image=self.settings.inject_proxy_image,
+                capture_image=self.settings.inject_capture_image,
+                token_audience=self.settings.token_audience,
+            )
+
+        self.webhook = Webhook(settings_of)
+        host, port = parse_hostport(self.settings.webhook_address, "--webhook-address")
+        runner = await start_admin(self.webhook.app(), host, port, ssl_context=tls.context)
+        log.info("admission webhook listening on %s:%d (HTTPS, POST /inject/CLUSTER)", host, port)
+        return runner, tls
+
+    async def _renew_webhook_certificate(self, tls: HttpsServing) -> None:
+        every = min(30.0, self.settings.cert_ttl / 4)
+        while True:
+            await asyncio.sleep(every)
+            tls.refresh()
 
     def _admin_check(self, home: Reviewer | None) -> AdminCheck | None:
         """The admin API's check: the token file's, then (or only) the home cluster's RBAC."""

@@ -22,6 +22,8 @@ from isthmus import __version__
 from isthmus.app import ControlPlane
 from isthmus.discovery.file import MeshFileError
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
+from isthmus.inject.manifests import inject_documents
+from isthmus.inject.pod import DEFAULT_CAPTURE_IMAGE, DEFAULT_PROXY_IMAGE, InjectError, InjectSettings
 from isthmus.settings import (
     INSECURE_KEYS_FLAG,
     INSECURE_PLAINTEXT_FLAG,
@@ -244,6 +246,28 @@ def _parser() -> argparse.ArgumentParser:
         help="maximum delay of a change while changes keep coming",
     )
 
+    hook = serve.add_argument_group("sidecar injection (docs/injection.md)")
+    hook.add_argument(
+        "--webhook-address",
+        metavar="HOST:PORT",
+        help="serve the admission webhook (HTTPS, POST /inject/CLUSTER) here (default: off)",
+    )
+    hook.add_argument(
+        "--webhook-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name or IP of the webhook's mesh-CA certificate (repeatable; e.g. its Service's name)",
+    )
+    _injection_arguments(hook)
+
+    inject = sub.add_parser("inject", help="inject sidecars into the pods of manifests (prints them)")
+    inject.add_argument("-f", "--filename", required=True, help="YAML file of objects, - for stdin")
+    inject.add_argument("--cluster", required=True, help="member cluster the pods will run in")
+    inject.add_argument("--namespace", default="default", help="for objects that name none")
+    inject.add_argument("--root-ca", type=Path, required=True, metavar="PEM", help="the mesh root")
+    _injection_arguments(inject)
+
     drain = sub.add_parser(
         "drain", help="drain a member cluster for an upgrade (or --undo), and follow its progress"
     )
@@ -313,6 +337,41 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
     boot.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     return parser
+
+
+def _injection_arguments(group: Any) -> None:
+    group.add_argument(
+        "--inject-xds-address",
+        metavar="HOST:PORT",
+        help="where injected sidecars reach isthmus (serve: default the first --xds-san, the xDS port)",
+    )
+    group.add_argument("--inject-xds-server-name", default="", metavar="NAME", help="its certificate's name")
+    group.add_argument("--inject-proxy-image", default=DEFAULT_PROXY_IMAGE, metavar="IMAGE")
+    group.add_argument("--inject-capture-image", default=DEFAULT_CAPTURE_IMAGE, metavar="IMAGE")
+
+
+def _inject(args: argparse.Namespace) -> int:
+    if not args.inject_xds_address:
+        raise SettingsError("isthmus inject: --inject-xds-address HOST:PORT is required")
+    host, port = parse_hostport(args.inject_xds_address, "--inject-xds-address")
+    settings = InjectSettings(
+        cluster=args.cluster,
+        xds_host=host,
+        xds_port=port,
+        xds_server_name=args.inject_xds_server_name,
+        root_pem=args.root_ca.read_text(),
+        proxy_image=args.inject_proxy_image,
+        capture_image=args.inject_capture_image,
+    )
+    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    try:
+        documents = list(yaml.safe_load_all(text))
+        injected = inject_documents(documents, settings, args.namespace)
+    except (yaml.YAMLError, InjectError) as exc:
+        print(f"isthmus inject: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
+    return 0
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -442,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             return _drain(args)
         if args.command == "bootstrap":
             return _bootstrap(args)
+        if args.command == "inject":
+            return _inject(args)
         settings = ServeSettings(
             xds_address=args.xds_address,
             admin_address=args.admin_address,
@@ -477,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
             withdraw_after=args.withdraw_after,
             debounce_quiet=args.debounce,
             debounce_max=args.debounce_max,
+            webhook_address=args.webhook_address,
+            webhook_sans=tuple(args.webhook_san),
+            inject_xds_address=args.inject_xds_address,
+            inject_xds_server_name=args.inject_xds_server_name,
+            inject_proxy_image=args.inject_proxy_image,
+            inject_capture_image=args.inject_capture_image,
         )
         asyncio.run(_serve(settings))
         return 0

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from isthmus.inject.pod import DEFAULT_CAPTURE_IMAGE, DEFAULT_PROXY_IMAGE
+
 INSECURE_KEYS_FLAG = "--insecure-serve-private-keys-to-unauthenticated-proxies"
 INSECURE_PLAINTEXT_FLAG = "--insecure-plaintext-xds"
 INSECURE_UNAUTHENTICATED_FLAG = "--insecure-unauthenticated-xds"
@@ -111,6 +113,24 @@ class ServeSettings:
     drain_step: float = 2.0  # seconds between drain steps, once every proxy ACKed the previous one
     drain_ack_timeout: float = 30.0
     gateway_grace: float = 3.0  # a gateway's xDS stream gone this long: its endpoints are unhealthy
+    webhook_address: str | None = None  # the admission webhook (sidecar injection); None: off
+    webhook_sans: tuple[str, ...] = ()
+    inject_xds_address: str | None = None  # where injected sidecars reach isthmus; None: from --xds-san
+    inject_xds_server_name: str = ""
+    inject_proxy_image: str = DEFAULT_PROXY_IMAGE
+    inject_capture_image: str = DEFAULT_CAPTURE_IMAGE
+
+    def sidecar_xds(self) -> tuple[str, int]:
+        """Where injected sidecars reach isthmus: --inject-xds-address, else the first --xds-san
+        with the xDS port."""
+        if self.inject_xds_address:
+            return parse_hostport(self.inject_xds_address, "--inject-xds-address")
+        xds = parse_xds_address(self.xds_address, "--xds-address")
+        if not self.xds_sans or not isinstance(xds, tuple):
+            raise SettingsError(
+                "--webhook-address needs --inject-xds-address (or --xds-san and a TCP --xds-address)"
+            )
+        return self.xds_sans[0], xds[1]
 
     @property
     def kubernetes(self) -> bool:
@@ -157,5 +177,12 @@ class ServeSettings:
                 f"or accept the risk with {INSECURE_KEYS_FLAG}."
             )
         parse_hostport(self.admin_address, "--admin-address")
+        if self.webhook_address is not None:
+            parse_hostport(self.webhook_address, "--webhook-address")
+            if not self.webhook_sans:
+                raise SettingsError("--webhook-address needs --webhook-san NAME (its certificate's names)")
+            if not self.xds_sans:
+                raise SettingsError("--webhook-address: injected sidecars connect over TLS; give --xds-san")
+            self.sidecar_xds()
         if self.mesh is not None and not self.mesh.is_file():
             raise SettingsError(f"--mesh: {self.mesh} is not a readable file")

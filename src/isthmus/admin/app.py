@@ -8,6 +8,7 @@ asks for the right ``read``, POST for ``drain``, on the request's path; 401 (wit
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -84,9 +85,11 @@ def make_admin_app(
     return app
 
 
-async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_admin(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner

@@ -77,6 +77,12 @@ class AdsServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Connections that hold nothing: a TCP or TLS connection that does not finish its
+                # handshake in 10 s (gRPC's default: 120 s), and one with no stream for 60 s (an
+                # Envoy's ADS stream is open as long as it is connected; a refused client's is
+                # not) are closed, so garbage cannot pile up.
+                ("grpc.server_handshake_timeout_ms", 10_000),
+                ("grpc.max_connection_idle_ms", 60_000),
             ]
         )
         handlers = {
