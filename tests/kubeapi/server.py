@@ -5,7 +5,10 @@ change the cluster through the Python API (``create``/``update``/``apply``/``del
 Kubernetes JSON form) and inject faults at runtime (``stop``/``start``, ``hang``, ``fail_with``,
 ``slow``, ``drop_watches``, ``rotate_token``, ``forbid``, ``throttle``, ``compact``,
 ``set_installed``). Clients
-only read over HTTP: GET (get, list, watch) and discovery; other methods get 405 MethodNotAllowed.
+only read over HTTP: GET (get, list, watch) and discovery; other methods get 405 MethodNotAllowed,
+but for one write: ``POST /apis/authentication.k8s.io/v1/tokenreviews``, answered (201) as
+kube-apiserver does for the service-account tokens ``issue_token`` made (audiences, expiry, a
+pod-bound token's pod and its ``extra``), with its refusals' wording for the others.
 
 Semantics, as kube-apiserver with its watch cache behaves:
 
@@ -72,6 +75,8 @@ import copy
 import datetime
 import json
 import re
+import secrets
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -419,6 +424,15 @@ def _dumps(data: Any) -> bytes:
 # The server
 
 
+@dataclass(frozen=True)
+class IssuedToken:
+    namespace: str
+    service_account: str
+    audiences: tuple[str, ...]
+    expiry: float
+    pod: tuple[str, str] | None  # (name, uid) of a pod-bound token
+
+
 class FakeKubeApi:
     """A Kubernetes API server for tests. See the module docstring for the semantics."""
 
@@ -459,6 +473,8 @@ class FakeKubeApi:
         self._floor: dict[str, int] = dict.fromkeys(self._types, 0)
         self._watchers: set[_Watcher] = set()
         self._forbidden: set[str] = set()
+        self._issued: dict[str, IssuedToken] = {}  # service-account tokens TokenReviews know
+        self.token_reviews = 0
         self._throttled: dict[str, tuple[float, int]] = {}  # plural ("*": all) -> (until, Retry-After)
         self._fail: tuple[int, str] | None = None
         self._delay = 0.0
@@ -560,12 +576,92 @@ class FakeKubeApi:
     def add_token(self, token: str) -> None:
         self._tokens.add(token)
 
+    def issue_token(
+        self,
+        namespace: str,
+        service_account: str,
+        audiences: Iterable[str] = ("isthmus",),
+        seconds: float = 3600.0,
+        pod: tuple[str, str] | None = None,
+    ) -> str:
+        """A service-account token this server's TokenReviews know (as from the TokenRequest API):
+        for ``audiences``, valid ``seconds``, bound to ``pod`` (name, uid) if given. Not a bearer
+        token for this server's own API. A JWT in form (claims readable, signature not real)."""
+        expiry = time.time() + seconds
+        claims = {
+            "iss": "fake",
+            "sub": f"system:serviceaccount:{namespace}:{service_account}",
+            "exp": int(expiry),
+        }
+        payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        token = f"eyJhbGciOiJSUzI1NiJ9.{payload}.{secrets.token_urlsafe(16)}"
+        self._issued[token] = IssuedToken(namespace, service_account, tuple(audiences), expiry, pod)
+        return token
+
+    def _token_review(self, body: Any) -> Obj:
+        """The answer of kube-apiserver's TokenReview (authentication.k8s.io/v1), in its shape."""
+        spec = body.get("spec") if isinstance(body, dict) else None
+        if not isinstance(spec, dict) or not spec.get("token"):
+            raise KubeApiError(
+                400, "BadRequest", "TokenReview.authentication.k8s.io is invalid: spec.token: Required value"
+            )
+        wanted = list(spec.get("audiences") or ["https://kubernetes.default.svc"])
+        issued = self._issued.get(str(spec["token"]))
+        status: Obj = {"user": {}}  # a refusal: no "authenticated" (false is omitted), an error
+        if issued is None or issued.expiry < time.time():
+            status["error"] = (
+                "[invalid bearer token, service account token has expired]"
+                if issued
+                else "[invalid bearer token]"
+            )
+        elif not set(issued.audiences) & set(wanted):
+            status["error"] = (
+                f"[invalid bearer token, token audiences {json.dumps(list(issued.audiences))} is invalid for "
+                f"the target audiences {json.dumps(wanted)}]"
+            )
+        elif issued.pod is not None and not any(
+            (o.get("metadata") or {}).get("uid") == issued.pod[1]
+            for o in self._store["pods"].values()
+            if (o.get("metadata") or {}).get("name") == issued.pod[0]
+        ):
+            status["error"] = f'[invalid bearer token, pod "{issued.pod[0]}" not found]'
+        else:
+            extra: dict[str, list[str]] = {}
+            if issued.pod is not None:
+                extra = {
+                    "authentication.kubernetes.io/pod-name": [issued.pod[0]],
+                    "authentication.kubernetes.io/pod-uid": [issued.pod[1]],
+                }
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": f"system:serviceaccount:{issued.namespace}:{issued.service_account}",
+                    "uid": str(
+                        uuid.uuid5(uuid.NAMESPACE_URL, f"{issued.namespace}/{issued.service_account}")
+                    ),
+                    "groups": [
+                        "system:serviceaccounts",
+                        f"system:serviceaccounts:{issued.namespace}",
+                        "system:authenticated",
+                    ],
+                    **({"extra": extra} if extra else {}),
+                },
+                "audiences": sorted(set(issued.audiences) & set(wanted)),
+            }
+        return {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": {"token": spec["token"], "audiences": wanted},
+            "status": status,
+        }
+
     def forbid(self, plural: str) -> None:
-        """Every request on this resource (by plural) gets 403 Forbidden."""
-        self._forbidden.add(self._resolve(plural).plural)
+        """Every request on this resource (by plural; also "tokenreviews") gets 403 Forbidden."""
+        self._forbidden.add(plural if plural == "tokenreviews" else self._resolve(plural).plural)
 
     def allow(self, plural: str) -> None:
-        self._forbidden.discard(self._resolve(plural).plural)
+        self._forbidden.discard(plural if plural == "tokenreviews" else self._resolve(plural).plural)
 
     def throttle(self, plural: str = "*", seconds: float = 5.0, retry_after: int = 1) -> None:
         """For ``seconds`` from now, answer every GET of this kind ("*": every kind) with 429
@@ -864,6 +960,27 @@ class FakeKubeApi:
             return self._json({"kind": "APIGroupList", "apiVersion": "v1", "groups": self._groups()})
         if parts == ["api", "v1"]:
             return self._json(self._resource_list("", "v1"))
+        if parts == ["apis", "authentication.k8s.io", "v1", "tokenreviews"]:
+            if request.method != "POST":
+                raise KubeApiError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
+            if "tokenreviews" in self._forbidden:
+                raise KubeApiError(
+                    403,
+                    "Forbidden",
+                    f'tokenreviews.authentication.k8s.io is forbidden: User "{USER}" cannot create resource '
+                    '"tokenreviews" in API group "authentication.k8s.io" at the cluster scope',
+                    {"group": "authentication.k8s.io", "kind": "tokenreviews"},
+                )
+            try:
+                body = json.loads(await request.read())
+            except ValueError:
+                raise KubeApiError(400, "BadRequest", "the body is not JSON") from None
+            self.token_reviews += 1
+            return web.Response(
+                status=201, body=_dumps(self._token_review(body)), content_type="application/json"
+            )
         if len(parts) == 3 and parts[0] == "apis" and not self._serves(parts[1], parts[2]):
             return _page_not_found()
         if len(parts) == 2 and parts[0] == "apis":
