@@ -28,7 +28,7 @@ from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
-from isthmus.discovery.model import Gateway, MeshView
+from isthmus.discovery.model import Gateway, Locality, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_kube import KubeAdmin
 from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
@@ -50,7 +50,7 @@ from isthmus.settings import (
 )
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
-from isthmus.xds.proxy import Role
+from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server import AdsServer, Limits
 from isthmus.xds.server.auth import StreamAuthenticator
 
@@ -144,6 +144,22 @@ class ControlPlane:
             },
         }
 
+    def _locate(self, proxy: Proxy) -> Proxy:
+        """An injected sidecar's bootstrap cannot know its locality (the pod is not scheduled when it
+        is injected): it names its node, and the member cluster's Node labels say where it is."""
+        if not proxy.node_name or proxy.locality.region or proxy.locality.zone or self.members is None:
+            return proxy
+        found = self.members.node_locality(proxy.cluster, proxy.node_name)
+        if found is None:
+            log.warning(
+                "proxy %s: node %s of cluster %s is unknown; no locality",
+                proxy.node_id,
+                proxy.node_name,
+                proxy.cluster,
+            )
+            return proxy
+        return replace(proxy, locality=Locality(found[0], found[1], proxy.cluster))
+
     def _authenticator(self) -> StreamAuthenticator | None:
         found = self._token_authenticator()
         if found is None:
@@ -198,6 +214,8 @@ class ControlPlane:
                 INSECURE_PLAINTEXT_FLAG,
             )
         self.ads.authenticator = self._authenticator()
+        if self.members is not None:
+            self.ads.locate = self._locate
         await self.ads.start()
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)

@@ -298,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--pod-name", default="", help="the pod this Envoy runs in (its pod-bound token must be this pod's)"
     )
+    boot.add_argument(
+        "--node-name", default="", help="the Kubernetes node it runs on (isthmus reads the locality from it)"
+    )
     boot.add_argument("--node-id", default="", help="unique node id (default ROLE~SERVICE.NAMESPACE~CLUSTER)")
     boot.add_argument("--region", default="")
     boot.add_argument("--zone", default="")
@@ -450,6 +453,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         service=args.service,
         service_account=args.service_account,
         pod=args.pod_name,
+        node_name=args.node_name,
         node_id=args.node_id,
         region=args.region,
         zone=args.zone,

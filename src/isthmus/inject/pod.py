@@ -169,6 +169,7 @@ def _bootstrap(settings: InjectSettings, namespace: str, pod: Obj, log_level: st
         service=service_of(pod),
         service_account=service_account,
         pod="$(POD_NAME)",
+        node_name="$(NODE_NAME)",
         node_id=f"sidecar~$(POD_NAME).{namespace}~{settings.cluster}",
         region=settings.region,
         zone=settings.zone,

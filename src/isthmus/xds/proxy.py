@@ -41,6 +41,7 @@ class Proxy:
     service_account: str
     locality: Locality
     pod: str = ""  # the pod's name when the proxy runs in one (checked against a pod-bound token)
+    node_name: str = ""  # the Kubernetes node it runs on (its locality, when the bootstrap has none)
     listen_address: str = "0.0.0.0"
     app_address: str = "127.0.0.1"  # where the sidecar's inbound listener forwards to the application
     outbound_port: int = DEFAULT_OUTBOUND_PORT
@@ -116,6 +117,7 @@ def proxy_from_node(node: Any) -> Proxy:
         service=str(meta.get("service", node.cluster or "")),
         service_account=str(meta.get("service_account", "default")),
         pod=str(meta.get("pod", "")),
+        node_name=str(meta.get("node_name", "")),
         locality=Locality(region=loc.region, zone=loc.zone, cluster=str(meta.get("cluster", loc.sub_zone))),
         listen_address=str(meta.get("listen_address", "0.0.0.0")),
         app_address=str(meta.get("app_address", "127.0.0.1")),

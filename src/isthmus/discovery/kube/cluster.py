@@ -218,6 +218,14 @@ class ClusterWatcher:
 
     # ---- shard ----------------------------------------------------------------------------
 
+    def node_locality(self, node: str) -> tuple[str, str] | None:
+        """(region, zone) of a Node, from its topology labels, else the cluster's own; None: unknown."""
+        found = self._store("nodes").get(node)
+        if found is None:
+            return None
+        region, zone = node_locality(found)
+        return region or self.policy.region, zone or self.policy.zone
+
     def pod_uid(self, namespace: str, name: str) -> str | None:
         """The uid of pod namespace/name as the watch holds it; None: no such pod; "": pods not listed yet."""
         reflector = self._reflectors.get("pods")

@@ -229,6 +229,11 @@ class Members:
         if self.on_pods is not None:
             self.on_pods(cluster, keys)
 
+    def node_locality(self, cluster: str, node: str) -> tuple[str, str] | None:
+        """(region, zone) of Node ``node`` of member cluster ``cluster`` (ClusterWatcher.node_locality)."""
+        member = self.members.get(cluster)
+        return None if member is None else member.watcher.node_locality(node)
+
     def pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
         """The uid of a pod of member cluster ``cluster`` (ClusterWatcher.pod_uid; "" if unknown)."""
         member = self.members.get(cluster)

@@ -47,6 +47,7 @@ class BootstrapOptions:
     service: str
     service_account: str = "default"
     pod: str = ""  # the pod's name, for a pod-bound service-account token ("" = not in a pod)
+    node_name: str = ""  # the Kubernetes node the pod runs on: isthmus reads its locality from it
     node_id: str = ""
     region: str = ""
     zone: str = ""
@@ -239,6 +240,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 "service": opts.service,
                 "service_account": opts.service_account,
                 **({"pod": opts.pod} if opts.pod else {}),
+                **({"node_name": opts.node_name} if opts.node_name else {}),
                 "listen_address": opts.listen_address,
                 "app_address": opts.app_address,
                 # Strings: Struct numbers are doubles and would render as 15001.0.

@@ -12,14 +12,14 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from isthmus.xds.cache import ConfigCache
-from isthmus.xds.proxy import Role
+from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server.auth import AuthFailure, StreamAuthenticator
 from isthmus.xds.server.delta import DeltaStream
 from isthmus.xds.server.sotw import SotwStream
@@ -55,6 +55,7 @@ class AdsServer:
         self.address = address
         self.credentials = credentials  # TLS (identity.xds_tls); None: plain text
         self.authenticator = authenticator  # None: every stream is served (loopback, tests)
+        self.locate: Callable[[Proxy], Proxy] | None = None  # completes a Node's locality (app)
         self.auth_failures: collections.Counter[str] = collections.Counter()  # by reason
         self.limits = limits or Limits()
         self._budget = SendBudget(self.limits.send_budget)
@@ -184,6 +185,7 @@ class AdsServer:
             self._closing,
             budget=self._budget,
             authorize=authorize,
+            locate=self.locate,
         )
         self._streams[stream_id] = stream
         try:

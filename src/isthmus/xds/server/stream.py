@@ -198,8 +198,10 @@ class Stream:
         on_proxy: Callable[[Stream], None] | None = None,
         budget: SendBudget | None = None,
         authorize: Authorizer | None = None,
+        locate: Callable[[Proxy], Proxy] | None = None,
     ) -> None:
         self.cache = cache
+        self._locate = locate  # fills in what the Node left out (its locality, from its node)
         self._authorize = authorize  # checks the Node against the stream's credentials (auth.py)
         self._revocation: Revocation | None = None  # set by the authenticator if they are withdrawn
         self.context = context
@@ -245,6 +247,8 @@ class Stream:
                 raise StreamError(exc.code, exc.details, exc.reason) from None
             if self._revocation is not None:
                 self._revocation.watch(self._wakeup)
+        if self._locate is not None:
+            proxy = self._locate(proxy)
         self.proxy = proxy
         self.status.node_id = self.proxy.node_id
         self.status.cluster = self.proxy.cluster
