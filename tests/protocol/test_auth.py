@@ -124,6 +124,7 @@ async def test_a_stream_whose_credentials_are_revoked_ends_unauthenticated(
         assert await calls[0].code() is grpc.StatusCode.UNAUTHENTICATED
         assert "pod web-0 deleted" in await calls[0].details()
         assert mesh.server is not None
+        await mesh.wait_gone("sidecar~web0.default~east")  # the server ends it after the client hears
         assert [s.node_id for s in mesh.server.status()] == ["sidecar~web1.default~east"]
         assert mesh.server.auth_failures["pod-deleted"] == 1
         calls[1].cancel()

@@ -41,6 +41,13 @@ class Access:
     unavailable: bool = False
 
 
+def _unreachable(exc: Exception) -> str:
+    """Why a review could not be asked: the API server's status and reason, or the client's error."""
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    return f"{status} {reason}" if status else str(reason)
+
+
 class Reviewer:
     """Sends reviews to one API server, over one client made by ``connect`` and kept."""
 
@@ -79,9 +86,7 @@ class Reviewer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            status = getattr(exc, "status", None)
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            return Review(False, error=f"{status} {reason}" if status else str(reason), unavailable=True)
+            return Review(False, error=_unreachable(exc), unavailable=True)
         status = answer.status
         user = status.user if status is not None else None
         if status is None or not status.authenticated or user is None:
@@ -123,9 +128,7 @@ class Reviewer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            status = getattr(exc, "status", None)
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            return Access(False, f"{status} {reason}" if status else str(reason), unavailable=True)
+            return Access(False, _unreachable(exc), unavailable=True)
         status = answer.status
         if status is None:
             return Access(False, "no status in the answer")

@@ -21,7 +21,6 @@ from envoy.config.core.v3 import (
     grpc_service_pb2,
     protocol_pb2,
 )
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.grpc_credential.v3 import file_based_metadata_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -30,6 +29,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
 
+from isthmus.xds.generate.clusters import single_endpoint_cluster
 from isthmus.xds.generate.tls import pack, xds_client_socket
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, METADATA_KEY, Role
 
@@ -89,23 +89,8 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
         address = address_pb2.Address(
             socket_address=address_pb2.SocketAddress(address=opts.xds_host, port_value=opts.xds_port)
         )
-    cluster = cluster_pb2.Cluster(
-        name=XDS_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC if opts.xds_socket else cluster_pb2.Cluster.STRICT_DNS,
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=XDS_CLUSTER,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(address=address)
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
+    kind = cluster_pb2.Cluster.STATIC if opts.xds_socket else cluster_pb2.Cluster.STRICT_DNS
+    cluster = single_endpoint_cluster(XDS_CLUSTER, address, kind, connect_timeout_s=1)
     cluster.typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ].CopyFrom(packed)
@@ -116,25 +101,11 @@ def _xds_cluster(opts: BootstrapOptions) -> Any:
     return cluster
 
 
-def _static_cluster(name: str, host: str, port: int) -> Any:
-    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(address=address)
-                        )
-                    ]
-                )
-            ],
-        ),
+def _admin_cluster(opts: BootstrapOptions) -> Any:
+    address = address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=opts.admin_address, port_value=opts.admin_port)
     )
+    return single_endpoint_cluster(ADMIN_CLUSTER, address, connect_timeout_s=1)
 
 
 def _readiness_listener(opts: BootstrapOptions) -> Any:
@@ -280,11 +251,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
             clusters=[
                 _xds_cluster(opts),
-                *(
-                    [_static_cluster(ADMIN_CLUSTER, opts.admin_address, opts.admin_port)]
-                    if opts.readiness_port
-                    else []
-                ),
+                *([_admin_cluster(opts)] if opts.readiness_port else []),
             ],
             listeners=[_readiness_listener(opts)] if opts.readiness_port else [],
         ),

@@ -115,34 +115,41 @@ def own_endpoint(service: Service, proxy: Proxy) -> Endpoint | None:
     return next((e for e in service.endpoints if e.address in addresses), None)
 
 
-def inbound_cluster(port: ServicePort, proxy: Proxy, own: Endpoint | None = None) -> Any:
-    """A sidecar's cluster to its own application: ``app_address`` and the port its endpoint
-    declares for this service port (else the service's target port)."""
-    name = naming.inbound_cluster(port)
-    app_port = own.port_for(port) if own is not None else port.target_port
-    cluster = cluster_pb2.Cluster(
+def single_endpoint_cluster(
+    name: str,
+    address: Any,
+    kind: Any = cluster_pb2.Cluster.STATIC,
+    connect_timeout_s: int = CONNECT_TIMEOUT_S,
+) -> Any:
+    """A cluster of one endpoint at ``address`` (an envoy.config.core.v3.Address)."""
+    return cluster_pb2.Cluster(
         name=name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
+        type=kind,
+        connect_timeout=duration_pb2.Duration(seconds=connect_timeout_s),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[
                 endpoint_components_pb2.LocalityLbEndpoints(
                     lb_endpoints=[
                         endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    socket_address=address_pb2.SocketAddress(
-                                        address=proxy.app_address, port_value=app_port
-                                    )
-                                )
-                            )
+                            endpoint=endpoint_components_pb2.Endpoint(address=address)
                         )
                     ]
                 )
             ],
         ),
     )
+
+
+def inbound_cluster(port: ServicePort, proxy: Proxy, own: Endpoint | None = None) -> Any:
+    """A sidecar's cluster to its own application: ``app_address`` and the port its endpoint
+    declares for this service port (else the service's target port)."""
+    name = naming.inbound_cluster(port)
+    app_port = own.port_for(port) if own is not None else port.target_port
+    address = address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=proxy.app_address, port_value=app_port)
+    )
+    cluster = single_endpoint_cluster(name, address)
     if port.protocol in (Protocol.HTTP2, Protocol.GRPC):
         cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http2_options())
     return cluster
