@@ -221,6 +221,9 @@ def test_the_webhook_answers_admission_reviews() -> None:
         assert body["error"]
     status, body = webhook.review(review({"spec": "not a mapping"}, uid="u-4"), "east")
     assert body["response"]["allowed"] is False
+    dry = review(pod(), uid="u-5")
+    dry["request"]["dryRun"] = True
+    assert webhook.review(dry, "east")[1]["response"]["patchType"] == "JSONPatch"  # answered, not counted
     assert webhook.answered == {"injected": 1, "skipped": 1, "refused": 2, "bad-request": 6}
 
 

@@ -65,8 +65,11 @@ class Webhook:
             self.answered["skipped"] += 1
             log.debug("pod %s/%s: no sidecar: %s", namespace, name, why)
             return self._answer(uid)
-        self.answered["injected"] += 1
-        log.info("pod %s/%s in cluster %s: sidecar injected", namespace, name, cluster)
+        if request.get("dryRun"):  # kubectl --dry-run=server: answered the same, not counted
+            log.debug("pod %s/%s in cluster %s: sidecar injected (dry run)", namespace, name, cluster)
+        else:
+            self.answered["injected"] += 1
+            log.info("pod %s/%s in cluster %s: sidecar injected", namespace, name, cluster)
         return self._answer(uid, ops=ops)
 
     def _bad(self, why: str) -> tuple[int, dict[str, Any]]:
