@@ -4,6 +4,10 @@ UNAUTHENTICATED; the right token with the wrong claims: PERMISSION_DENIED naming
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,3 +141,39 @@ async def test_tokens_of_the_file_come_first_and_others_go_to_review(tokens: Sta
         await chain({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "west"})
     assert failure.value.reason == "cluster-mismatch"
     assert asked == ["sa-token"]
+
+
+async def test_a_thousand_reconnects_cause_one_review_per_distinct_token() -> None:
+    """1,000 streams at once (a control plane restart), 100 distinct tokens: 100 reviews, each
+    answered once for everyone who waits on it, and none again while cached."""
+    asked: list[str] = []
+    gate = asyncio.Event()
+
+    @dataclass(frozen=True)
+    class Answer:
+        authenticated: bool = True
+        username: str = "system:serviceaccount:shop:web"
+        error: str = ""
+        unavailable: bool = False
+        extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
+        asked.append(token)
+        await gate.wait()  # every stream arrives before any review is answered
+        return Answer()
+
+    tokens = KubeTokens(review)
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": time.time() + 600}).encode()).decode().rstrip("=")
+    distinct = [f"e30.{claims}.sig{i}" for i in range(100)]
+
+    async def stream(i: int) -> None:
+        authorize = await tokens({"authorization": f"Bearer {distinct[i % 100]}", "isthmus-cluster": "east"})
+        authorize(proxy())
+
+    streams = [asyncio.create_task(stream(i)) for i in range(1000)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    await asyncio.gather(*streams)
+    assert sorted(asked) == sorted(distinct)
+    await asyncio.gather(*(stream(i) for i in range(1000)))  # reconnect again: all cached
+    assert len(asked) == 100
