@@ -15,8 +15,9 @@ own clients.
   real. The capture image (the machine's nft and its libraries) loads the pod's rules into the
   pod's network namespace, the sidecar (the Envoy image) reaches isthmus over TLS at the node's
   address (forwarded to isthmus's loopback port), authenticates with its projected, pod-bound
-  token, gets its configuration, passes its readiness probe, and the pod is Ready. Not yet (a strict
-  xfail): the app's own readiness probe, which capture sends to a port nothing listens on.
+  token, gets its configuration, passes its readiness probe, and the pod is Ready. The app's own
+  readiness probe passes because the injector leaves the probed port out of capture; with
+  isthmus.io/capture-probe-ports it cannot (a strict xfail: the inbound listener takes mTLS only).
 
 The webhook configuration is cluster-scoped and cluster a is shared, so besides the file's
 namespace selector it matches only the namespaces of the test (both its labelled and its unlabelled
@@ -602,24 +603,31 @@ async def test_an_injected_pod_runs_captured_and_its_sidecar_is_configured_by_is
 
 
 CAPTURED_PROBES = (
-    "capture redirects every inbound TCP port but the sidecar's own to 15006, where isthmus configures "
-    "no listener yet, and the webhook does not rewrite the app's probes: the kubelet's probe of the "
-    "app's port is refused (docs/injection.md, Not yet)"
+    "with isthmus.io/capture-probe-ports the kubelet's plain-text probe goes to 15006, where the "
+    "sidecar's inbound listener takes mTLS only (and isthmus configures none for a pod whose service "
+    "it does not know): refused. Probe rewriting or a permissive inbound would make this pass "
+    "(docs/injection.md, Not yet)"
 )
 
 
 @pytest.mark.parametrize(
-    "excluded",
+    "annotations",
     [
-        pytest.param(False, id="captured", marks=pytest.mark.xfail(strict=True, reason=CAPTURED_PROBES)),
-        pytest.param(True, id="excluded"),
+        pytest.param({}, id="probed-port-left-out"),
+        pytest.param({"isthmus.io/exclude-inbound-ports": "8080"}, id="excluded-by-hand"),
+        pytest.param(
+            {"isthmus.io/capture-probe-ports": "true"},
+            id="captured",
+            marks=pytest.mark.xfail(strict=True, reason=CAPTURED_PROBES),
+        ),
     ],
 )
-async def test_the_apps_own_readiness_probe_passes(on_node: OnNode, excluded: bool) -> None:
-    """The kubelet probes the app's port from the node: captured, or (isthmus.io/exclude-inbound-ports)
-    straight to the app."""
+async def test_the_apps_own_readiness_probe_passes(on_node: OnNode, annotations: dict[str, str]) -> None:
+    """The kubelet probes the app's port from the node: the injector leaves the probed port out of
+    capture (or the pod excludes it itself), so the probe reaches the app; captured, it cannot."""
     cluster, node, namespace = on_node.cluster, on_node.node, on_node.namespace
-    probed = pod("probed", namespace, {"isthmus.io/exclude-inbound-ports": "8080"} if excluded else {})
+    excluded = "isthmus.io/capture-probe-ports" not in annotations
+    probed = pod("probed", namespace, annotations)
     probed["spec"]["containers"][0]["readinessProbe"] = {
         "httpGet": {"path": "/", "port": 8080},
         "periodSeconds": 1,

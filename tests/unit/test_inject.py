@@ -107,6 +107,30 @@ def test_the_patch_adds_and_never_touches_what_it_does_not_own(case: str) -> Non
     assert patch(after, SETTINGS, "shop") == []
 
 
+def test_the_ports_the_kubelet_probes_are_not_captured_unless_asked() -> None:
+    probed = pod(
+        containers=[
+            {
+                "name": "app",
+                "image": "shop/web:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                "livenessProbe": {"tcpSocket": {"port": 8081}},
+            },
+            {"name": "grpc", "image": "shop/grpc:1", "startupProbe": {"grpc": {"port": 9000}}},
+        ]
+    )
+    rules = injected_rules(probed)
+    assert "tcp dport { 8080, 8081, 9000, 15000, 15001, 15006, 15021 } return" in rules
+    asked = with_annotations(probed, capture_probe_ports="true")
+    assert "tcp dport { 15000, 15001, 15006, 15021 } return" in injected_rules(asked)
+
+
+def injected_rules(obj: dict[str, Any]) -> str:
+    after = jsonpatch.apply_patch(obj, patch(obj, SETTINGS, "shop"))
+    return str(after["metadata"]["annotations"]["isthmus.io/capture-rules"])
+
+
 def test_pods_that_get_no_sidecar() -> None:
     assert decide(with_annotations(pod(), inject="false")).startswith("opted out")
     assert decide(pod(hostNetwork=True)).startswith("on the host's network")

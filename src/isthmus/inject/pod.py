@@ -21,7 +21,8 @@ The patch adds and never replaces or removes: containers it does not own are unt
 already injected, opted out (annotation ``isthmus.io/inject: "false"``) or on the host's network
 gets no patch, and ``decide`` says why. Per-pod annotations tune it: ``isthmus.io/service``,
 ``isthmus.io/exclude-inbound-ports``, ``isthmus.io/exclude-outbound-ports``,
-``isthmus.io/exclude-outbound-cidrs`` (comma-separated), ``isthmus.io/proxy-cpu``,
+``isthmus.io/exclude-outbound-cidrs`` (comma-separated), ``isthmus.io/capture-probe-ports``
+(the ports the kubelet probes are not captured unless this is "true"), ``isthmus.io/proxy-cpu``,
 ``isthmus.io/proxy-memory``, ``isthmus.io/proxy-memory-limit``, ``isthmus.io/proxy-log-level``.
 A bad value is an ``InjectError`` naming the annotation (the webhook refuses the pod with it).
 """
@@ -43,6 +44,7 @@ STATUS = PREFIX + "status"
 INBOUND_PORT = PREFIX + "inbound-port"  # discovery.kube.gateway reads it
 CAPTURE_RULES = PREFIX + "capture-rules"
 XDS_ROOT = PREFIX + "xds-root-ca"
+CAPTURE_PROBES = PREFIX + "capture-probe-ports"
 PROXY, CAPTURE = "isthmus-proxy", "isthmus-capture"
 TOKEN_VOLUME, POD_VOLUME = "isthmus-xds-token", "isthmus-pod"
 TOKEN_DIR, POD_DIR = "/var/run/secrets/isthmus", "/etc/isthmus/pod"
@@ -143,13 +145,32 @@ def service_of(pod: Obj) -> str:
     return name.rstrip("-") or "unknown"
 
 
-def _capture(settings: InjectSettings, annotations: Mapping[str, str]) -> Capture:
+def probe_ports(pod: Obj) -> tuple[int, ...]:
+    """The ports the kubelet probes the pod's containers on (httpGet, tcpSocket, grpc; a named port
+    resolved through the container's ports)."""
+    found: set[int] = set()
+    for container in _spec(pod).get("containers") or []:
+        named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or [] if p.get("name")}
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = container.get(kind) or {}
+            for action in ("httpGet", "tcpSocket", "grpc"):
+                port = (probe.get(action) or {}).get("port")
+                port = named.get(port, port) if isinstance(port, str) and not port.isdigit() else port
+                if isinstance(port, (int, str)) and str(port).isdigit() and 0 < int(port) < 65536:
+                    found.add(int(port))
+    return tuple(sorted(found))
+
+
+def _capture(settings: InjectSettings, pod: Obj, annotations: Mapping[str, str]) -> Capture:
+    # The kubelet probes from the node in plain text, which the sidecar's inbound listener (mTLS
+    # only) would refuse: the probed ports are not captured, unless the pod asks for it.
+    probed = () if str(annotations.get(CAPTURE_PROBES, "")).lower() == "true" else probe_ports(pod)
     capture = Capture(
         proxy_uid=settings.proxy_uid,
         outbound_port=DEFAULT_OUTBOUND_PORT,
         inbound_port=DEFAULT_INBOUND_PORT,
         own_ports=(ADMIN_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_INBOUND_PORT, READINESS_PORT),
-        exclude_inbound_ports=_ports(annotations, "exclude-inbound-ports"),
+        exclude_inbound_ports=_ports(annotations, "exclude-inbound-ports") + probed,
         exclude_outbound_ports=_ports(annotations, "exclude-outbound-ports"),
         exclude_outbound_cidrs=_cidrs(annotations),
     )
@@ -295,7 +316,7 @@ def patch(pod: Obj, settings: InjectSettings, namespace: str) -> list[dict[str, 
     if decide(pod):
         return []
     spec, annotations = _spec(pod), _annotations(pod)
-    capture = _capture(settings, annotations)
+    capture = _capture(settings, pod, annotations)
     capture_container, proxy_container = _containers(settings, namespace, pod)
     ops: list[dict[str, Any]] = []
     _add_all(
