@@ -372,6 +372,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
             "podCIDR": self.pod_cidr,
             "localStorageCapacityIsolation": False,
+            # Container logs in the node's directory, not the host's /var/log/pods (the kubelet's
+            # /var/log/containers symlinks into it are not configurable: teardown removes them).
+            "podLogsDir": str(d / "pod-logs"),
         }
         (d / "kubelet.yaml").write_text(yaml.safe_dump(kubelet))
         proxy = {
@@ -464,7 +467,16 @@ def teardown(directory: Path, netns: str | None, cgroup: str, sock: Path, remove
     for path in CGROUP_ROOT.glob(f"*/{cgroup}"):
         with contextlib.suppress(OSError):
             path.rmdir()
+    _remove_log_links(directory)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_log_links(directory: Path) -> None:
+    """The kubelet's symlinks in /var/log/containers into ``directory`` (its pods' logs)."""
+    for link in Path("/var/log/containers").glob("*.log"):
+        with contextlib.suppress(OSError):
+            if os.readlink(link).startswith(str(directory)):
+                link.unlink()
 
 
 def sweep_leftovers() -> None:
