@@ -337,7 +337,10 @@ async def test_garbage_connections_leave_the_server_up_bounded_and_serving(
         states2, rss2 = wave.states(), rss(pid)
     finally:
         await wave.close()
-    assert states2 == states1, "the second wave was not treated like the first"
+    # Silent connections may be open or already closed (the 10 s handshake limit), by timing.
+    assert {k: v for k, v in states2.items() if k not in SILENT} == {
+        k: v for k, v in states1.items() if k not in SILENT
+    }, "the second wave was not treated like the first"
     await eventually(descriptors_back, what="the server closed its ends of the second wave", within=15)
     cp.ensure_running()
     print(
