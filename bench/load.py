@@ -12,12 +12,14 @@ p50/p90/p99 over M changes, the debounce included), the server's CPU seconds and
 tool's own CPU, bytes and responses.
 
 With ``--auth`` the isthmus target serves xDS over TLS (``--xds-san localhost``, a development mesh
-root in ``--ca-dir``) and authenticates every stream by a static token (``--xds-token-file``, one
-line per simulated client: the namespace, service account and member cluster of the node it
-claims); each client connects over TLS verifying that root and sends ``authorization: Bearer
-<token>`` and ``isthmus-cluster: <cluster>`` as gRPC metadata, as `isthmus bootstrap --token-file`
-makes Envoy do. Without it the Kubernetes source runs with ``--insecure-unauthenticated-xds`` and
-plain text on loopback.
+root in ``--ca-dir``) and authenticates every stream by a token of its own per simulated client,
+for the namespace, service account and member cluster of the node it claims: ``--auth static``
+(the default) from a static file (``--xds-token-file``), ``--auth kube`` (Kubernetes source only)
+a service-account token issued by the client's member cluster's fake API server and verified by a
+TokenReview there (one review per client at cold start). Each client connects over TLS verifying
+that root and sends ``authorization: Bearer <token>`` and ``isthmus-cluster: <cluster>`` as gRPC
+metadata, as `isthmus bootstrap --token-file` makes Envoy do. Without ``--auth`` the Kubernetes
+source runs with ``--insecure-unauthenticated-xds`` and plain text on loopback.
 
 The file source polls its file every second (ServeSettings.mesh_poll_interval, no flag), which puts
 a uniform 0-1 s floor under convergence, and re-reads the whole file. ``--poll-interval`` (default
@@ -25,13 +27,14 @@ a uniform 0-1 s floor under convergence, and re-reads the whole file. ``--poll-i
 
 Usage: python -m bench.load [--quick] [--source kube|file] [--clients N] [--clusters C] [--services S]
        [--endpoints E] [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
-       [--auth] [--profile-server FILE.prof] [--csv FILE]
+       [--auth [static|kube]] [--profile-server FILE.prof] [--csv FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import functools
 import multiprocessing
@@ -208,32 +211,42 @@ class MeshFile:
         return change
 
 
+def client_account(shape: Shape, i: int) -> tuple[int, str, str]:
+    """Client i's (cluster index, namespace, service account): what its node claims (client_node)."""
+    _, node = client_node(shape, i)
+    meta = node.metadata["isthmus"]
+    return i % shape.clusters, str(meta["namespace"]), str(meta["service_account"])
+
+
 class Auth:
     """``--auth``: the xDS port's TLS and one bearer token per simulated client.
 
-    The server is given ``--xds-san localhost --ca-dir DIR --xds-token-file FILE``; FILE has a line
-    ``token,namespace,service-account,cluster`` per client, matching the node the client claims
-    (client_node), so every stream is admitted by the static file (with member clusters configured,
-    a token the file does not know would go to a TokenReview; none does here). Clients verify the
-    serving certificate against the root the server generated in DIR."""
+    The server is given ``--xds-san localhost --ca-dir DIR``; clients verify its certificate
+    against the root it generated in DIR. ``static``: ``--xds-token-file FILE`` with a line
+    ``token,namespace,service-account,cluster`` per client (client_account), so every stream is
+    admitted by the file (with member clusters configured, a token the file does not know would
+    go to a TokenReview; none does here). ``kube``: the tokens are set by IsthmusTarget from the
+    fake API servers (serve_apis), and the server reviews them (on whenever member clusters are)."""
 
     SERVER_NAME = "localhost"
 
-    def __init__(self, shape: Shape, workdir: Path) -> None:
+    def __init__(self, kind: str, shape: Shape, workdir: Path) -> None:
+        self.kind = kind
         self.shape = shape
         self.ca_dir = workdir / "ca"
         self.token_path = workdir / "tokens.csv"
-        self.tokens = [secrets.token_hex(16) for _ in range(shape.clients)]
+        self.tokens = [secrets.token_hex(16) for _ in range(shape.clients)] if kind == "static" else []
 
     def server_args(self) -> list[str]:
+        xds_tls = ["--xds-san", self.SERVER_NAME, "--ca-dir", str(self.ca_dir)]
+        if self.kind != "static":
+            return xds_tls
         lines = ["# token,namespace,service-account,cluster (bench.load --auth, one per client)\n"]
         for i, token in enumerate(self.tokens):
-            cluster, node = client_node(self.shape, i)
-            meta = node.metadata["isthmus"]
-            lines.append(f"{token},{meta['namespace']},{meta['service_account']},{cluster}\n")
+            c, namespace, account = client_account(self.shape, i)
+            lines.append(f"{token},{namespace},{account},{member(c)}\n")
         self.token_path.write_text("".join(lines))
         self.token_path.chmod(0o600)
-        xds_tls = ["--xds-san", self.SERVER_NAME, "--ca-dir", str(self.ca_dir)]
         return [*xds_tls, "--xds-token-file", str(self.token_path)]
 
     def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
@@ -315,7 +328,7 @@ class IsthmusTarget:
         self.mtls: bool = args.mtls
         self.debounce: float | None = args.debounce
         self.profile: Path | None = args.profile_server
-        self.auth = Auth(workload.shape, workdir) if args.auth else None
+        self.auth = Auth(args.auth, workload.shape, workdir) if args.auth else None
         self.mesh = MeshFile(workload, workdir / "mesh.yaml")
         self.xds_address = f"127.0.0.1:{free_port()}"
         self.admin_address = f"127.0.0.1:{free_port()}"
@@ -323,6 +336,7 @@ class IsthmusTarget:
         self.apis: multiprocessing.Process | None = None
         self.conn: Connection | None = None
         self.startup_s = 0.0
+        self.token_reviews = -1  # --auth kube: TokenReviews the API servers answered, once stopped
         self._usage = (0.0, 0)
 
     def _source_args(self) -> list[str]:
@@ -332,11 +346,19 @@ class IsthmusTarget:
         # Fake API servers in a child process (bench.discovery), so their JSON is not the server's CPU.
         self.conn, child = multiprocessing.Pipe()
         sidecar = SIDECAR_PORT if self.mtls else None
-        self.apis = multiprocessing.Process(
-            target=discovery.serve, args=(child, self.workload.kube, sidecar), daemon=True
-        )
+        if self.auth is not None and self.auth.kind == "kube":
+            accounts = [client_account(self.workload.shape, i) for i in range(self.workload.shape.clients)]
+            self.apis = multiprocessing.Process(
+                target=serve_apis, args=(child, self.workload.kube, sidecar, accounts), daemon=True
+            )
+        else:
+            self.apis = multiprocessing.Process(
+                target=discovery.serve, args=(child, self.workload.kube, sidecar), daemon=True
+            )
         self.apis.start()
         urls = self.conn.recv()
+        if self.auth is not None and self.auth.kind == "kube":
+            self.auth.tokens = self.conn.recv()
         argv = []
         for c, (url, token) in enumerate(urls):
             path = write_kubeconfig(self.workdir / f"{member(c)}.kubeconfig", url, token, member(c))
@@ -415,9 +437,44 @@ class IsthmusTarget:
             self.log.close()
         if self.apis is not None and self.conn is not None:
             self.conn.send(None)
+            if self.auth is not None and self.auth.kind == "kube" and self.conn.poll(10):
+                self.token_reviews = int(self.conn.recv())  # serve_apis answers with its count
             self.apis.join(10)
             if self.apis.is_alive():
                 self.apis.terminate()
+
+
+def serve_apis(
+    conn: Connection, shape: discovery.Shape, sidecar_port: int | None, accounts: list[tuple[int, str, str]]
+) -> None:
+    """Child process for ``--auth kube``: bench.discovery.serve's fake API servers, which also send
+    one service-account token per client (audience isthmus, an hour), issued by the server of the
+    client's cluster for its (namespace, service account), after their URLs."""
+
+    async def run() -> None:
+        apis = [discovery.FakeKubeApi() for _ in range(shape.clusters)]
+        for c, api in enumerate(apis):
+            discovery.seed(api, shape, c, sidecar_port)
+            await api.start()
+        conn.send([(api.url, api.token) for api in apis])
+        conn.send([apis[c].issue_token(namespace, account) for c, namespace, account in accounts])
+        stop = asyncio.Event()
+
+        def command() -> None:
+            with contextlib.suppress(EOFError):
+                if (message := conn.recv()) is not None:
+                    apis[message[0]].update(message[1])
+                    return
+            stop.set()
+
+        asyncio.get_running_loop().add_reader(conn.fileno(), command)
+        await stop.wait()
+        reviews = sum(api.token_reviews for api in apis)
+        conn.send(reviews)
+        for api in apis:
+            await api.stop()
+
+    asyncio.run(run())
 
 
 def serve_shim(argv: list[str]) -> int:
@@ -624,6 +681,8 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     for ch in channels:
         await ch.close(None)
     await target.stop()
+    if auth is not None and auth.kind == "kube":
+        row["token_reviews"] = getattr(target, "token_reviews", -1)
     row["errors"] = len(totals.errors)
     for e in totals.errors[:10]:
         print("error:", e, file=sys.stderr)
@@ -667,8 +726,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-mtls", dest="mtls", action="store_false")
     p.add_argument(
         "--auth",
-        action="store_true",
-        help="isthmus only: xDS over TLS and a static bearer token per client (--xds-token-file)",
+        nargs="?",
+        const="static",
+        choices=("static", "kube"),
+        help="isthmus only: xDS over TLS and a bearer token per client, from a static file "
+        "(--xds-token-file; the default) or issued by the fake API servers and reviewed (kube)",
     )
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")
     p.add_argument("--seed", type=int, default=1)
@@ -690,6 +752,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.channels = -(-args.clients // 1000)
     if args.auth and args.target != "isthmus":
         p.error("--auth is for --target isthmus (the go-control-plane peer serves plain text)")
+    if args.auth == "kube" and args.source != "kube":
+        p.error("--auth kube needs --source kube (the API servers review the tokens)")
     if args.clients < args.clusters:
         p.error("--clients must be at least --clusters (every cluster needs clients)")
     return args
@@ -704,7 +768,11 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         (
             "target / mode",
             f"{row['target']} / {args.mode}, mTLS {'on' if args.mtls else 'off'}, "
-            + ("xDS over TLS with a token per client" if args.auth else "xDS plain text, unauthenticated"),
+            + (
+                f"xDS over TLS with a token per client ({args.auth})"
+                if args.auth
+                else "xDS plain text, unauthenticated"
+            ),
         ),
         (
             "workload",
@@ -745,6 +813,11 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         ),
         ("load tool: CPU total / peak RSS", f"{f('tool_cpu_total_s')} s / {f('tool_peak_rss_mib', 0)} MiB"),
         ("responses / MB received (total)", f"{row['responses']} / {f('mb_received', 1)}"),
+        *(
+            [("TokenReviews answered by the API servers", str(row["token_reviews"]))]
+            if "token_reviews" in row
+            else []
+        ),
         ("errors", str(row["errors"])),
     ]
     width = max(len(k) for k, _ in lines)
@@ -782,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "mtls": args.mtls,
         # Only when on, so that CSV files written before the flag existed keep their columns.
-        **({"auth": "tls+token"} if args.auth else {}),
+        **({"auth": f"tls+{args.auth}-token"} if args.auth else {}),
         "clients": shape.clients,
         "clusters": shape.clusters,
         "services": shape.services,
