@@ -15,11 +15,12 @@ demo), one per line, in the spirit of kube-apiserver's ``--token-auth-file``::
 
 It is re-read when it changes (checked at most once a second), so a token is added or revoked
 without a restart; a malformed line is reported and ignored, never taken for a credential. Tokens
-are compared in constant time and never logged.
+are held and looked up by their SHA-256 digest (one lookup however many there are) and never logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
@@ -81,6 +82,10 @@ def bearer(metadata: Mapping[str, str]) -> str:
     return token.strip()
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 class TokenFile:
     """A file of ``token,field,...`` lines (``#`` comments), re-read when it changes (checked at most
     every ``check_every`` seconds); a malformed line is reported and ignored, a missing file holds no
@@ -91,7 +96,7 @@ class TokenFile:
         self.fields = fields  # how many fields after the token: at least, at most
         self.layout = layout  # for messages: "token,namespace,service-account[,cluster]"
         self.check_every = check_every
-        self._tokens: dict[str, tuple[str, ...]] = {}
+        self._tokens: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}  # SHA-256 of a token -> it, record
         self._stat: tuple[float, int] | None = None
         self._checked = 0.0
         self.errors: list[str] = []
@@ -106,7 +111,7 @@ class TokenFile:
                 log.error("token file %s: %s; no token is accepted", self.path, exc)
             self._tokens, self._stat, self.errors = {}, None, [str(exc)]
             return
-        tokens: dict[str, tuple[str, ...]] = {}
+        tokens: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}
         errors = []
         least, most = self.fields
         for number, line in enumerate(text.splitlines(), start=1):
@@ -117,7 +122,8 @@ class TokenFile:
             if not least + 1 <= len(fields) <= most + 1 or not all(fields[: least + 1]):
                 errors.append(f"{self.path}:{number}: expected {self.layout}")
                 continue
-            tokens[fields[0]] = tuple(fields[1:]) + ("",) * (most + 1 - len(fields))
+            digest = _digest(fields[0])
+            tokens[digest] = (digest, tuple(fields[1:]) + ("",) * (most + 1 - len(fields)))
         for error in errors:
             log.error("%s (line ignored)", error)
         self._tokens, self.errors = tokens, errors
@@ -138,12 +144,12 @@ class TokenFile:
             self._reload()
 
     def lookup(self, token: str) -> tuple[str, ...] | None:
+        """The record of ``token``, found by its SHA-256 digest: one dictionary lookup however many
+        tokens the file holds, and what it reveals by its timing is about a digest, not a token."""
         self._fresh()
-        found = None
-        for known, record in self._tokens.items():  # constant time per comparison, all compared
-            if hmac.compare_digest(known.encode(), token.encode()):
-                found = record
-        return found
+        digest = _digest(token)
+        found = self._tokens.get(digest)
+        return found[1] if found is not None and hmac.compare_digest(found[0], digest) else None
 
 
 class StaticTokens:
