@@ -689,6 +689,7 @@ def run(args: argparse.Namespace, shape: Shape, work: Path) -> Row:
         mtls=args.mtls,
         debounce=args.debounce,
         profile_server=None,
+        auth=None,  # the floor measures Envoy, not authentication
     )
     target = IsthmusTarget(Workload(shape), work, settings)  # bench.load's: the same server, same mesh
     boot, admin_port = bootstrap(work, target.xds_address, args.delta)
