@@ -119,8 +119,16 @@ def seed(api: FakeKubeApi, shape: Shape, c: int, sidecar_port: int | None = None
             create("Pod", meta, spec=spec)
 
 
-def serve(conn: Connection, shape: Shape, sidecar_port: int | None = None) -> None:
-    """Child process: the fake API servers; applies ``(cluster, object)`` updates sent by the parent."""
+def serve(
+    conn: Connection,
+    shape: Shape,
+    sidecar_port: int | None = None,
+    accounts: list[tuple[int, str, str]] | None = None,
+) -> None:
+    """Child process: the fake API servers; applies ``(cluster, object)`` updates sent by the parent.
+    With ``accounts`` ((cluster, namespace, service account), one per simulated proxy) it also sends,
+    after the servers' URLs, a service-account token for each (audience isthmus, an hour), and at
+    the end the number of TokenReviews the servers answered."""
 
     async def run() -> None:
         apis = [FakeKubeApi() for _ in range(shape.clusters)]
@@ -128,6 +136,8 @@ def serve(conn: Connection, shape: Shape, sidecar_port: int | None = None) -> No
             seed(api, shape, c, sidecar_port)
             await api.start()
         conn.send([(api.url, api.token) for api in apis])
+        if accounts is not None:
+            conn.send([apis[c].issue_token(namespace, account) for c, namespace, account in accounts])
         stop = asyncio.Event()
 
         def command() -> None:
@@ -139,6 +149,8 @@ def serve(conn: Connection, shape: Shape, sidecar_port: int | None = None) -> No
 
         asyncio.get_running_loop().add_reader(conn.fileno(), command)
         await stop.wait()
+        if accounts is not None:
+            conn.send(sum(api.token_reviews for api in apis))
         for api in apis:
             await api.stop()
 

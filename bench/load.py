@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import functools
 import multiprocessing
@@ -226,7 +225,8 @@ class Auth:
     ``token,namespace,service-account,cluster`` per client (client_account), so every stream is
     admitted by the file (with member clusters configured, a token the file does not know would
     go to a TokenReview; none does here). ``kube``: the tokens are set by IsthmusTarget from the
-    fake API servers (serve_apis), and the server reviews them (on whenever member clusters are)."""
+    fake API servers (bench.discovery.serve), and the server reviews them (on whenever member
+    clusters are)."""
 
     SERVER_NAME = "localhost"
 
@@ -349,7 +349,7 @@ class IsthmusTarget:
         if self.auth is not None and self.auth.kind == "kube":
             accounts = [client_account(self.workload.shape, i) for i in range(self.workload.shape.clients)]
             self.apis = multiprocessing.Process(
-                target=serve_apis, args=(child, self.workload.kube, sidecar, accounts), daemon=True
+                target=discovery.serve, args=(child, self.workload.kube, sidecar, accounts), daemon=True
             )
         else:
             self.apis = multiprocessing.Process(
@@ -438,43 +438,10 @@ class IsthmusTarget:
         if self.apis is not None and self.conn is not None:
             self.conn.send(None)
             if self.auth is not None and self.auth.kind == "kube" and self.conn.poll(10):
-                self.token_reviews = int(self.conn.recv())  # serve_apis answers with its count
+                self.token_reviews = int(self.conn.recv())  # bench.discovery.serve answers with its count
             self.apis.join(10)
             if self.apis.is_alive():
                 self.apis.terminate()
-
-
-def serve_apis(
-    conn: Connection, shape: discovery.Shape, sidecar_port: int | None, accounts: list[tuple[int, str, str]]
-) -> None:
-    """Child process for ``--auth kube``: bench.discovery.serve's fake API servers, which also send
-    one service-account token per client (audience isthmus, an hour), issued by the server of the
-    client's cluster for its (namespace, service account), after their URLs."""
-
-    async def run() -> None:
-        apis = [discovery.FakeKubeApi() for _ in range(shape.clusters)]
-        for c, api in enumerate(apis):
-            discovery.seed(api, shape, c, sidecar_port)
-            await api.start()
-        conn.send([(api.url, api.token) for api in apis])
-        conn.send([apis[c].issue_token(namespace, account) for c, namespace, account in accounts])
-        stop = asyncio.Event()
-
-        def command() -> None:
-            with contextlib.suppress(EOFError):
-                if (message := conn.recv()) is not None:
-                    apis[message[0]].update(message[1])
-                    return
-            stop.set()
-
-        asyncio.get_running_loop().add_reader(conn.fileno(), command)
-        await stop.wait()
-        reviews = sum(api.token_reviews for api in apis)
-        conn.send(reviews)
-        for api in apis:
-            await api.stop()
-
-    asyncio.run(run())
 
 
 def serve_shim(argv: list[str]) -> int:

@@ -38,12 +38,11 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
@@ -54,10 +53,10 @@ from realkube.cluster import LOOPBACK, Process, RealCluster, free_port
 from realkube.fixtures import reader_kubeconfig, start_all
 from realkube.node import APP_IMAGE, CAPTURE_IMAGE, ENVOY_IMAGE, Node, available
 from realkube.rest import ApiError, path_of
+from realkube.wait import until
 
 pytestmark = pytest.mark.realkube
 
-T = TypeVar("T")
 
 ISTHMUS = Path(sys.executable).parent / "isthmus"
 WEBHOOK_YAML = ROOT / "deploy" / "member-cluster" / "webhook.yaml"
@@ -67,17 +66,6 @@ PROXY_IMAGE = ENVOY_IMAGE
 CAPTURE, PROXY = "isthmus-capture", "isthmus-proxy"
 TOKEN_VOLUME, POD_VOLUME = "isthmus-xds-token", "isthmus-pod"
 _runs = itertools.count(1)
-
-
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 # ---- isthmus serve, as a process ------------------------------------------------------------------

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -32,21 +31,9 @@ from realkube.binaries import kube_bin
 from realkube.cluster import RealCluster
 from realkube.fixtures import reader_kubeconfig, start_all
 from realkube.node import APP_IMAGE, ENVOY_IMAGE, Node, available
+from realkube.wait import until
 
 pytestmark = [pytest.mark.realkube, pytest.mark.skipif(available() is not None, reason=str(available()))]
-
-T = TypeVar("T")
-
-
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
