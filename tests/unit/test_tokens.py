@@ -24,6 +24,17 @@ from isthmus.xds.server.auth import AuthFailure
 TOKEN = "t0k3n-east-web"
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A TokenReview's answer, as identity.kube_tokens reads it."""
+
+    authenticated: bool = True
+    username: str = "system:serviceaccount:shop:web"
+    error: str = ""
+    unavailable: bool = False
+    extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 def proxy(namespace: str = "shop", account: str = "web", cluster: str = "east") -> Proxy:
     return Proxy(
         f"sidecar~web.{namespace}~{cluster}",
@@ -120,17 +131,9 @@ def test_bearer_takes_the_token_after_the_scheme() -> None:
 async def test_tokens_of_the_file_come_first_and_others_go_to_review(tokens: StaticTokens) -> None:
     asked: list[str] = []
 
-    @dataclass(frozen=True)
-    class Answer:
-        authenticated: bool = True
-        username: str = "system:serviceaccount:shop:api"
-        error: str = ""
-        unavailable: bool = False
-        extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
     async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
         asked.append(token)
-        return Answer()
+        return Answer(username="system:serviceaccount:shop:api")
 
     chain = FirstOf(tokens, KubeTokens(review))
     (await chain({"authorization": f"Bearer {TOKEN}", "isthmus-cluster": "east"}))(proxy())
@@ -148,14 +151,6 @@ async def test_a_thousand_reconnects_cause_one_review_per_distinct_token() -> No
     answered once for everyone who waits on it, and none again while cached."""
     asked: list[str] = []
     gate = asyncio.Event()
-
-    @dataclass(frozen=True)
-    class Answer:
-        authenticated: bool = True
-        username: str = "system:serviceaccount:shop:web"
-        error: str = ""
-        unavailable: bool = False
-        extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
         asked.append(token)
