@@ -18,6 +18,8 @@ own clients.
   token, gets its configuration, passes its readiness probe, and the pod is Ready. The app's own
   readiness probe passes because the injector leaves the probed port out of capture; with
   isthmus.io/capture-probe-ports it cannot (a strict xfail: the inbound listener takes mTLS only).
+  With isthmus down after admission, the sidecar runs unconfigured and the pod is not Ready until
+  isthmus is back.
 
 The webhook configuration is cluster-scoped and cluster a is shared, so besides the file's
 namespace selector it matches only the namespaces of the test (both its labelled and its unlabelled
@@ -38,6 +40,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -642,3 +645,29 @@ async def test_the_apps_own_readiness_probe_passes(on_node: OnNode, annotations:
         failed = [line for line in kubelet if "Probe failed" in line and "probed" in line]
         last = failed[-1] if failed else "<no probe failure>"
         raise AssertionError(f"{exc}; the kubelet: {last}") from None
+
+
+async def test_a_pod_whose_sidecar_cannot_get_configuration_receives_no_traffic(on_node: OnNode) -> None:
+    """isthmus goes down right after admitting a pod: the sidecar runs but cannot be configured, so
+    the pod is not Ready (no Service sends it traffic); once isthmus is back, it becomes Ready."""
+    cluster, namespace, isthmus = on_node.cluster, on_node.namespace, on_node.isthmus
+    await cluster.admin.create(pod("late", namespace))
+    isthmus.kill()  # admitted (create returned); the sidecar has not started yet
+
+    async def sidecar_running() -> bool:
+        found = await cluster.admin.get("Pod", namespace, "late")
+        statuses = (found or {}).get("status", {}).get("initContainerStatuses", [])
+        return any(s["name"] == PROXY and "running" in (s.get("state") or {}) for s in statuses)
+
+    async def ready() -> bool:
+        return conditions(await cluster.admin.get("Pod", namespace, "late")).get("Ready") == "True"
+
+    await until(sidecar_running, "the sidecar to run", timeout=120)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert not await ready(), "Ready without configuration from isthmus"
+        await asyncio.sleep(0.5)
+    isthmus.start()
+    await isthmus.wait_ready()
+    # Envoy's Google gRPC client retries with its own backoff (up to 30 s; docs/security.md).
+    await until(ready, "the pod to be Ready once isthmus is back", timeout=90)
