@@ -65,7 +65,7 @@ def available() -> str | None:
     """Why real nodes cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "real nodes need root (network namespaces, containerd, cgroups)"
-    for tool in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "nsenter", "ip"):
+    for tool in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "nft", "nsenter", "ip"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (hack/node-packages.sh installs it)"
     if not Path("/usr/lib/cni/bridge").exists():
