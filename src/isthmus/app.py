@@ -300,9 +300,7 @@ class ControlPlane:
             checks.append(AdminTokens(self.settings.admin_token_file).check)
         if home is not None:
             checks.append(KubeAdmin(home.review, home.access).check)
-        if len(checks) < 2:
-            return checks[0] if checks else None
-        return FirstKnown(*checks).check
+        return FirstKnown(*checks).check if checks else None
 
     def _drain(self, cluster: str, drain: bool) -> dict[str, object]:
         if cluster not in self.cache.view.clusters:

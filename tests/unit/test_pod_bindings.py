@@ -153,6 +153,7 @@ async def test_a_deleted_pods_token_is_refused_though_its_review_was_cached(
     (await tokens(metadata))(NODE)
     assert asked == [token]  # cached
     del pods.uids[("east", "shop", "web-1")]
+    bindings.pods_changed("east", ["shop/web-1"])  # the watch sees the deletion
     for _ in range(2):  # the cached answer, then a fresh review that still says yes
         with pytest.raises(AuthFailure) as failure:
             await tokens(metadata)
@@ -163,3 +164,25 @@ async def test_a_deleted_pods_token_is_refused_though_its_review_was_cached(
 def jwt(exp: float) -> str:
     claims = base64.urlsafe_b64encode(json.dumps({"exp": exp}).encode()).decode().rstrip("=")
     return f"e30.{claims}.signature"
+
+
+async def test_a_new_pod_the_watch_has_not_seen_yet_is_admitted(pods: Pods, bindings: PodBindings) -> None:
+    """The sidecar of a pod just created can connect before the member cluster's pod watch has the
+    pod: the review (the API server knows the pod) decides, and the stream is followed from then on."""
+    del pods.uids[("east", "shop", "web-1")]  # listed, but this pod is not in the watch yet
+
+    async def review(cluster: str, token: str, audiences: tuple[str, ...]) -> Answer:
+        return Answer()
+
+    tokens = KubeTokens(review, bindings=bindings)
+    token = jwt(exp=time.time() + 600)
+    metadata = {"authorization": f"Bearer {token}", "isthmus-cluster": "east"}
+    revocation = (await tokens(metadata))(NODE)
+    assert isinstance(revocation, Revocation)
+    assert revocation.failure is None
+    pods.uids[("east", "shop", "web-1")] = "uid-1"
+    bindings.pods_changed("east", ["shop/web-1"])  # the watch catches up
+    assert revocation.failure is None
+    del pods.uids[("east", "shop", "web-1")]
+    bindings.pods_changed("east", ["shop/web-1"])
+    assert revoked_with(revocation).reason == "pod-deleted"

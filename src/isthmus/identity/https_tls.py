@@ -42,8 +42,7 @@ class HttpsServing:
         self.ca = ca
         self.names = tuple(names)
         self.current = ca.serving_certificate(self.names)
-        self._current_context = _context(self.current)
-        self.context = _context(self.current)
+        self.context = self._current_context = _context(self.current)  # the server's; it hands on
         self.context.sni_callback = self._choose
         self.renewals = 0
 

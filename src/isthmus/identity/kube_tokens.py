@@ -153,13 +153,13 @@ class KubeTokens:
         if isinstance(result, AuthFailure):
             raise result
         peer, bindings = result, self.bindings
-        if bindings is not None and peer.pod_uid and not bindings.may_exist(*peer.bound_pod()):
+        if not peer.pod_uid or bindings is None:
+            return peer.authorize
+        if not bindings.may_exist(*peer.bound_pod()):
             # The API server accepts a deleted pod's token for a few seconds more (its own token
             # cache); the pod watch already knows better.
             self._cache.pop(key, None)
             raise bindings.deleted(*peer.bound_pod())
-        if not peer.pod_uid or bindings is None:
-            return peer.authorize
 
         def authorize(proxy: Proxy) -> Revocation:
             peer.authorize(proxy)

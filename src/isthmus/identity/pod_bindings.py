@@ -7,7 +7,8 @@ opens, so isthmus closes the open streams of a deleted pod itself: each such str
 member cluster's pod watch reports a change of that pod (or relists), a pod that is gone, or
 replaced by another of the same name (another uid), revokes them: the stream ends with
 UNAUTHENTICATED, and so does the proxy's reconnect: the API server accepts a deleted pod's token
-for a few seconds more (its token cache), isthmus does not once its watch saw the deletion.
+for a few seconds more (its token cache), isthmus does not once its watch saw the deletion (the
+pods seen gone are remembered, at most ``remember`` of them).
 
 What a pod is, and whether it still exists, is asked through ``PodUid`` (``Members.pod_uid`` in
 discovery.kube); this module does not talk to Kubernetes. A binding lives as long as its stream:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 
 import grpc
@@ -39,9 +41,12 @@ _Key = tuple[str, str, str]  # cluster, namespace, pod name
 class PodBindings:
     """The open streams of pod-bound tokens, by pod; revoked when their pod is deleted."""
 
-    def __init__(self, pod_uid: PodUid) -> None:
+    def __init__(self, pod_uid: PodUid, remember: int = 10_000) -> None:
         self._pod_uid = pod_uid
         self._bound: dict[_Key, dict[str, weakref.WeakSet[Revocation]]] = {}
+        # Pods (key, uid) seen gone while a stream of their token had been admitted, newest last.
+        self._gone: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
+        self._remember = remember
         self.revoked = 0  # streams ended because their pod was deleted
 
     def __len__(self) -> int:
@@ -69,9 +74,14 @@ class PodBindings:
         )
 
     def may_exist(self, cluster: str, namespace: str, pod: str, uid: str) -> bool:
-        """False once the watch shows that pod gone or replaced (a cached review of its token is stale)."""
+        """False once the watch has shown that pod gone (a stream of its token had been admitted) or
+        holds another pod of its name: a review of its token, cached or fresh, is stale. A pod the
+        watch does not hold (yet) is not taken for gone: a new pod's sidecar may connect before the
+        watch has seen the pod."""
+        if (cluster, namespace, pod, uid) in self._gone:
+            return False
         current = self._pod_uid(cluster, namespace, pod)
-        return current == "" or current == uid
+        return current is None or current in ("", uid)
 
     def pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
         """Cluster ``cluster``'s watch changed the pods ``keys`` ("namespace/name"; None: relisted)."""
@@ -89,15 +99,19 @@ class PodBindings:
         by_uid = self._bound[key]
         current = self._pod_uid(*key)
         for uid in list(by_uid):
-            revocations = list(by_uid[uid])
-            if not revocations:
-                del by_uid[uid]  # their streams ended
-            elif current != "" and current != uid:
+            revocations = list(by_uid.pop(uid))
+            if current in ("", uid):
+                if revocations:
+                    by_uid[uid] = weakref.WeakSet(revocations)
+                continue  # still there (or not listed yet); a uid whose streams all ended is dropped
+            self._gone[(*key, uid)] = None
+            while len(self._gone) > self._remember:
+                self._gone.popitem(last=False)
+            if revocations:
                 failure = self.deleted(*key, uid)
                 log.info("%s: closing %d stream(s)", failure.details, len(revocations))
                 for revocation in revocations:
                     revocation.revoke(failure)
                 self.revoked += len(revocations)
-                del by_uid[uid]
         if not by_uid:
             del self._bound[key]
