@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
+from isthmus.discovery import clusterset
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import (
     example_mesh_text,
@@ -70,7 +71,12 @@ class ControlPlane:
         self.pod_bindings: PodBindings | None = None  # streams of pod-bound tokens (kube authentication)
         self.view_loaded = False
         self.started = asyncio.Event()
-        self.aggregator = Aggregator(self.apply_view, settings.debounce_quiet, settings.debounce_max)
+        self.aggregator = Aggregator(
+            self.apply_view,
+            settings.debounce_quiet,
+            settings.debounce_max,
+            clusterset_range=clusterset.network(settings.clusterset_range),
+        )
         gateways = {name: Gateway(host, port) for name, host, port in settings.cluster_gateways}
         policy = ClusterPolicy(
             export=ExportPolicy(settings.export_policy),
@@ -279,6 +285,7 @@ class ControlPlane:
                 proxy_image=self.settings.inject_proxy_image,
                 capture_image=self.settings.inject_capture_image,
                 token_audience=self.settings.token_audience,
+                outbound_traffic=self.settings.inject_outbound_traffic,
             )
 
         self.webhook = Webhook(settings_of)

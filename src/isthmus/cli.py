@@ -20,6 +20,7 @@ import yaml
 
 from isthmus import __version__
 from isthmus.app import ControlPlane
+from isthmus.discovery.clusterset import DEFAULT_RANGE as DEFAULT_CLUSTERSET_RANGE
 from isthmus.discovery.file import MeshFileError
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.inject.manifests import inject_documents
@@ -38,7 +39,7 @@ from isthmus.settings import (
 )
 from isthmus.xds.ca import CAError
 from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
-from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, Role
+from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, OutboundTraffic, Role
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -245,6 +246,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="maximum delay of a change while changes keep coming",
     )
+    kube.add_argument(
+        "--clusterset-range",
+        default=DEFAULT_CLUSTERSET_RANGE,
+        metavar="CIDR",
+        help="where services' clusterset IPs are chosen (the same in every replica; docs/capture.md)",
+    )
 
     hook = serve.add_argument_group("sidecar injection (docs/injection.md)")
     hook.add_argument(
@@ -336,6 +343,17 @@ def _parser() -> argparse.ArgumentParser:
         "--readiness-port", type=int, default=0, help="serve GET /ready (Envoy is configured) on this port"
     )
     boot.add_argument("--inbound-port", type=int, default=DEFAULT_INBOUND_PORT)
+    boot.add_argument(
+        "--capture",
+        action="store_true",
+        help="the proxy's traffic is captured (isthmus inject's nftables rules): listen by original destination",
+    )
+    boot.add_argument(
+        "--outbound-traffic",
+        choices=[t.value for t in OutboundTraffic],
+        default=OutboundTraffic.ALLOW_ANY.value,
+        help="with --capture: where connections to addresses of no mesh service go",
+    )
     boot.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
     boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
     boot.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
@@ -351,6 +369,13 @@ def _injection_arguments(group: Any) -> None:
     group.add_argument("--inject-xds-server-name", default="", metavar="NAME", help="its certificate's name")
     group.add_argument("--inject-proxy-image", default=DEFAULT_PROXY_IMAGE, metavar="IMAGE")
     group.add_argument("--inject-capture-image", default=DEFAULT_CAPTURE_IMAGE, metavar="IMAGE")
+    group.add_argument(
+        "--inject-outbound-traffic",
+        choices=[t.value for t in OutboundTraffic],
+        default=OutboundTraffic.ALLOW_ANY.value,
+        help="where injected pods' connections to addresses of no mesh service go "
+        "(per pod: annotation isthmus.io/outbound-traffic)",
+    )
 
 
 def _inject(args: argparse.Namespace) -> int:
@@ -365,6 +390,7 @@ def _inject(args: argparse.Namespace) -> int:
         root_pem=args.root_ca.read_text(),
         proxy_image=args.inject_proxy_image,
         capture_image=args.inject_capture_image,
+        outbound_traffic=args.inject_outbound_traffic,
     )
     text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
     try:
@@ -467,6 +493,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
         outbound_port=args.outbound_port,
         readiness_port=args.readiness_port,
         inbound_port=args.inbound_port,
+        capture=args.capture,
+        outbound_traffic=args.outbound_traffic,
         xds_root_ca=str(args.xds_root_ca) if args.xds_root_ca else "",
         xds_server_name=args.xds_server_name,
         token_file=str(args.token_file) if args.token_file else "",
@@ -542,12 +570,14 @@ def main(argv: list[str] | None = None) -> int:
             withdraw_after=args.withdraw_after,
             debounce_quiet=args.debounce,
             debounce_max=args.debounce_max,
+            clusterset_range=args.clusterset_range,
             webhook_address=args.webhook_address,
             webhook_sans=tuple(args.webhook_san),
             inject_xds_address=args.inject_xds_address,
             inject_xds_server_name=args.inject_xds_server_name,
             inject_proxy_image=args.inject_proxy_image,
             inject_capture_image=args.inject_capture_image,
+            inject_outbound_traffic=args.inject_outbound_traffic,
         )
         asyncio.run(_serve(settings))
         return 0

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from isthmus.discovery.clusterset import DEFAULT_RANGE as DEFAULT_CLUSTERSET_RANGE
+from isthmus.discovery.clusterset import network as clusterset_network
 from isthmus.inject.pod import DEFAULT_CAPTURE_IMAGE, DEFAULT_PROXY_IMAGE
 
 INSECURE_KEYS_FLAG = "--insecure-serve-private-keys-to-unauthenticated-proxies"
@@ -95,6 +97,7 @@ class ServeSettings:
     withdraw_after: float | None = None
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
+    clusterset_range: str = DEFAULT_CLUSTERSET_RANGE  # where services' clusterset IPs are chosen
     mtls: bool = True
     trust_domain: str = "cluster.local"
     ca_cert: Path | None = None
@@ -119,6 +122,7 @@ class ServeSettings:
     inject_xds_server_name: str = ""
     inject_proxy_image: str = DEFAULT_PROXY_IMAGE
     inject_capture_image: str = DEFAULT_CAPTURE_IMAGE
+    inject_outbound_traffic: str = "allow-any"  # captured connections to no mesh service (per pod: annotation)
 
     def sidecar_xds(self) -> tuple[str, int]:
         """Where injected sidecars reach isthmus: --inject-xds-address, else the first --xds-san
@@ -184,5 +188,9 @@ class ServeSettings:
             if not self.xds_sans:
                 raise SettingsError("--webhook-address: injected sidecars connect over TLS; give --xds-san")
             self.sidecar_xds()
+        try:
+            clusterset_network(self.clusterset_range)
+        except ValueError as exc:
+            raise SettingsError(f"--clusterset-range: {exc}") from None
         if self.mesh is not None and not self.mesh.is_file():
             raise SettingsError(f"--mesh: {self.mesh} is not a readable file")

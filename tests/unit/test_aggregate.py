@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from isthmus.discovery import clusterset
 from isthmus.discovery.aggregate import Aggregator, Shard, merge
 from isthmus.discovery.model import (
     ClusterState,
@@ -123,18 +124,21 @@ def random_shard(rng: random.Random, cluster: str, previous: Shard | None) -> Sh
     member = MemberCluster(cluster, region=rng.choice(["r1", "r2"]), state=rng.choice(list(ClusterState)))
     services = dict(previous.services) if previous else {}
     endpoints = dict(previous.endpoints) if previous else {}
+    ips = dict(previous.addresses) if previous else {}
     for key in rng.sample(KEYS, rng.randint(0, 3)):
         services.pop(key, None)
         endpoints.pop(key, None)
+        ips.pop(key, None)
         if rng.random() < 0.8:
             services[key] = rng.choice(PORTS)
+            ips[key] = rng.choice([(), ("10.96.0.1",), ("10.96.0.2", "fd00::2")])
         if rng.random() < 0.8:
             addresses = rng.sample(range(1, 6), rng.randint(0, 3))
             health = rng.choice(list(Health))
             endpoints[key] = tuple(
                 Endpoint(f"10.0.0.{a}", Locality("r", "z", cluster), health=health) for a in addresses
             )
-    return Shard(member, services, endpoints)
+    return Shard(member, services, endpoints, addresses=ips)
 
 
 def view_differences(view: MeshView, reference: MeshView) -> list[str]:
@@ -156,8 +160,10 @@ def view_differences(view: MeshView, reference: MeshView) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_incremental_merge_equals_merge(seed: int) -> None:
+    """Clusterset ranges with room, with exactly room for the six keys (probing), and too small."""
     rng = random.Random(seed)
-    agg = Aggregator(lambda view: None)
+    where = clusterset.network(["240.240.0.0/16", "10.0.0.0/29", "10.0.0.0/30"][seed % 3])
+    agg = Aggregator(lambda view: None, clusterset_range=where)
     for _ in range(200):
         source, cluster = rng.choice(["kube", "file"]), rng.choice(["a", "b", "c", ""])
         op = rng.random()
@@ -174,8 +180,8 @@ def test_incremental_merge_equals_merge(seed: int) -> None:
         elif op < 0.9:
             agg.remove_source(source)
         else:
-            assert not view_differences(agg.flush(), merge(agg.shards.values()))
-    assert not view_differences(agg.flush(), merge(agg.shards.values()))
+            assert not view_differences(agg.flush(), merge(agg.shards.values(), clusterset_range=where))
+    assert not view_differences(agg.flush(), merge(agg.shards.values(), clusterset_range=where))
 
 
 def test_flush_reuses_unchanged_services() -> None:

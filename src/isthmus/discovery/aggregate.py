@@ -8,7 +8,9 @@ no new version, because MeshView versions are content hashes.
 
 Services merge by namespace/name across shards ("namespace sameness"): the port
 list of the alphabetically first cluster that defines the service wins, and the
-endpoints of every shard are concatenated, each keeping its own locality.
+endpoints of every shard are concatenated, each keeping its own locality; so are
+the ClusterIPs each cluster gives it. Every merged service gets its clusterset IP
+(discovery.clusterset) from the set of service keys.
 
 ``merge`` does this for a whole set of shards (the reference). The Aggregator does
 it incrementally: replacing a shard notes the services whose ports or endpoints
@@ -26,8 +28,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from isthmus.discovery import clusterset
 from isthmus.discovery.model import (
     FULL_WEIGHT,
+    ClusterAddresses,
     Endpoint,
     MemberCluster,
     MeshView,
@@ -52,6 +56,8 @@ class Shard:
     services: Mapping[ServiceKey, tuple[ServicePort, ...]] = field(default_factory=dict)
     endpoints: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=dict)
     splits: tuple[TrafficSplit, ...] = ()
+    # The ClusterIPs of the services this cluster's API server defines (a headless one: none).
+    addresses: Mapping[ServiceKey, tuple[str, ...]] = field(default_factory=dict)
 
 
 def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
@@ -63,13 +69,20 @@ def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
     return list(out.values())
 
 
-def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ()) -> MeshView:
+def merge(
+    shards: Iterable[Shard],
+    extra_clusters: Iterable[MemberCluster] = (),
+    clusterset_range: clusterset.Network = clusterset.network(clusterset.DEFAULT_RANGE),
+) -> MeshView:
     """Merge shards into one MeshView (pure)."""
     ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
     endpoints: dict[ServiceKey, list[Endpoint]] = {}
+    addresses: dict[ServiceKey, list[tuple[str, tuple[str, ...]]]] = {}
     clusters: dict[str, MemberCluster] = {c.name: c for c in extra_clusters}
     all_shards = sorted(shards, key=lambda s: s.cluster.name)
     for shard in all_shards:
+        for key, ips in shard.addresses.items():
+            addresses.setdefault(key, []).append((shard.cluster.name, ips))
         clusters.setdefault(shard.cluster.name, shard.cluster)
         for key, service_ports in shard.services.items():
             if key not in ports:
@@ -80,24 +93,30 @@ def merge(shards: Iterable[Shard], extra_clusters: Iterable[MemberCluster] = ())
                 )
         for key, eps in shard.endpoints.items():
             endpoints.setdefault(key, []).extend(eps)
+    vips = clusterset.allocate(ports, clusterset_range)
     services = [
-        Service(key, service_ports, tuple(endpoints.get(key, ()))) for key, service_ports in ports.items()
+        Service(key, service_ports, tuple(endpoints.get(key, ())), tuple(addresses.get(key, ())), vips.get(key, ""))
+        for key, service_ports in ports.items()
     ]
     return MeshView.build(services, [c for c in clusters.values() if c.name], merge_splits(all_shards))
 
 
-def merge_service(key: ServiceKey, shards: Iterable[Shard]) -> Service | None:
+def merge_service(key: ServiceKey, shards: Iterable[Shard], vip: str = "") -> Service | None:
     """Merge one service across shards given in merge order (by cluster name); None if none defines it."""
     ports: tuple[ServicePort, ...] | None = None
     endpoints: list[Endpoint] = []
+    addresses: ClusterAddresses = ()
     for shard in shards:
+        ips = shard.addresses.get(key)
+        if ips is not None:
+            addresses += ((shard.cluster.name, ips),)
         shard_ports = shard.services.get(key)
         if ports is None:
             ports = shard_ports
         elif shard_ports is not None and shard_ports != ports:
             log.debug("service %s: ports differ in cluster %s; keeping the first", key, shard.cluster.name)
         endpoints.extend(shard.endpoints.get(key, ()))
-    return None if ports is None else Service(key, ports, tuple(sorted(endpoints)))
+    return None if ports is None else Service(key, ports, tuple(sorted(endpoints)), tuple(sorted(addresses)), vip)
 
 
 def changed_keys(old: Mapping[K, V], new: Mapping[K, V]) -> Iterator[K]:
@@ -117,7 +136,11 @@ def shard_changes(old: Shard | None, new: Shard | None) -> set[ServiceKey]:
     """The services whose merge may differ after replacing ``old`` by ``new`` (either may be absent)."""
     empty = Shard(MemberCluster(""))
     old, new = old if old is not None else empty, new if new is not None else empty
-    return {*changed_keys(old.services, new.services), *changed_keys(old.endpoints, new.endpoints)}
+    return {
+        *changed_keys(old.services, new.services),
+        *changed_keys(old.endpoints, new.endpoints),
+        *changed_keys(old.addresses, new.addresses),
+    }
 
 
 def shards_of_view(view: MeshView) -> list[Shard]:
@@ -148,8 +171,11 @@ class Aggregator:
         quiet: float = 0.1,
         max_delay: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        clusterset_range: clusterset.Network = clusterset.network(clusterset.DEFAULT_RANGE),
     ) -> None:
         self._on_view = on_view
+        self._range = clusterset_range
+        self._vips: dict[ServiceKey, str] = {}
         self.quiet = quiet
         self.max_delay = max_delay
         self._clock = clock
@@ -215,17 +241,26 @@ class Aggregator:
     def _remerge(self) -> None:
         """Re-merge the stale services; keep ``_services`` in key order."""
         order = sorted(self._shards.values(), key=lambda s: s.cluster.name)
-        added = False
+        added = removed = False
         for key in self._stale:
             service = merge_service(key, order)
             if service is None:
-                self._services.pop(key, None)
+                removed = self._services.pop(key, None) is not None or removed
             else:
                 added = added or key not in self._services
                 self._services[key] = service
-        self._stale.clear()
         if added:
             self._services = {key: self._services[key] for key in sorted(self._services)}
+        touched: Iterable[ServiceKey] = self._stale
+        if added or removed:  # the set of keys changed: addresses may move
+            self._vips = clusterset.allocate(self._services, self._range)
+            touched = list(self._services)
+        for key in touched:
+            service = self._services.get(key)
+            vip = self._vips.get(key, "")
+            if service is not None and service.vip != vip:
+                self._services[key] = replace(service, vip=vip)
+        self._stale.clear()
 
     def _clusters(self) -> list[MemberCluster]:
         """One record per named cluster: the first shard's in merge order, as ``merge`` does, with

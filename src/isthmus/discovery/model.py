@@ -98,20 +98,31 @@ class Endpoint:
         return service_port.target_port
 
 
+ClusterAddresses = tuple[tuple[str, tuple[str, ...]], ...]  # ((member cluster, its ClusterIPs), ...)
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A service merged across member clusters, with all its endpoints (sorted, in a MeshView)."""
+    """A service merged across member clusters, with all its endpoints (sorted, in a MeshView).
+
+    ``addresses`` lists, per member cluster whose API server defines the Service, the ClusterIPs it
+    has there (none for a headless one), in cluster order; clusters' service ranges may overlap, so
+    an address means this service only in its own cluster. ``vip`` is its clusterset IP
+    (discovery.clusterset): one address for the service in every member cluster.
+    """
 
     key: ServiceKey
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...] = ()
+    addresses: ClusterAddresses = ()
+    vip: str = ""
     _digest: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     @property
     def digest(self) -> bytes:
-        """Content hash of key, ports and endpoints; computed on first use, then kept (immutable)."""
+        """Content hash of key, ports, endpoints and addresses; computed on first use, then kept."""
         if not self._digest:
-            text = repr((self.key, self.ports, self.endpoints))
+            text = repr((self.key, self.ports, self.endpoints, self.addresses, self.vip))
             object.__setattr__(self, "_digest", hashlib.sha256(text.encode()).digest())
         return self._digest
 
@@ -126,6 +137,19 @@ class Service:
     @property
     def clusters(self) -> frozenset[str]:
         return frozenset(e.locality.cluster for e in self.endpoints)
+
+    def defined_in(self, cluster: str) -> bool:
+        """Whether ``cluster``'s API server has this Service (its own DNS then answers its name)."""
+        return any(name == cluster for name, _ in self.addresses)
+
+    def addresses_in(self, cluster: str) -> tuple[str, ...]:
+        """The service's ClusterIPs in ``cluster`` (none where it is headless or not defined)."""
+        return next((ips for name, ips in self.addresses if name == cluster), ())
+
+    def reachable_at(self, cluster: str) -> tuple[str, ...]:
+        """Where a pod of ``cluster`` reaches the service: its ClusterIPs there, its clusterset IP."""
+        own = self.addresses_in(cluster)
+        return (*own, self.vip) if self.vip else own
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +238,10 @@ class MeshView:
     ) -> MeshView:
         """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
-        normalized = {s.key: Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints))) for s in svc}
+        normalized = {
+            s.key: Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints)), tuple(sorted(s.addresses)), s.vip)
+            for s in svc
+        }
         return cls.of(normalized, clusters, splits)
 
     @classmethod

@@ -1,8 +1,9 @@
 """Transparent capture: the nftables ruleset the injected init container loads into the pod's
 network namespace (``nft -f``), as a pure function of what to capture.
 
-* Outbound: TCP the application opens is redirected to the sidecar's outbound port; not the
-  sidecar's own traffic (its user id), not loopback, not the excluded ports and CIDRs.
+* Outbound: TCP the application opens is redirected to the sidecar's outbound port, and its DNS
+  queries (UDP port 53) to the sidecar's DNS listener; not the sidecar's own traffic (its user id),
+  not loopback, not the excluded ports and CIDRs.
 * Inbound: TCP arriving on the pod's interfaces is redirected to the sidecar's inbound port; not the
   sidecar's own ports (readiness probes, the admin API stays on loopback anyway), not the excluded
   ports.
@@ -24,6 +25,7 @@ class Capture:
     proxy_uid: int = 1337
     outbound_port: int = 15001
     inbound_port: int = 15006
+    dns_port: int = 15053  # 0: DNS is not captured
     own_ports: tuple[int, ...] = (15000, 15001, 15006, 15021)  # never redirected inbound
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
@@ -63,6 +65,8 @@ def nft_rules(capture: Capture) -> str:
     if capture.exclude_outbound_ports:
         ports = sorted(set(capture.exclude_outbound_ports))
         lines.append(f"    tcp dport {_set([str(p) for p in ports])} return")
+    if capture.dns_port:
+        lines.append(f"    udp dport 53 redirect to :{capture.dns_port}")
     lines += [
         f"    meta l4proto tcp redirect to :{capture.outbound_port}",
         "  }",

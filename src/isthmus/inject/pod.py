@@ -23,7 +23,9 @@ gets no patch, and ``decide`` says why. Per-pod annotations tune it: ``isthmus.i
 ``isthmus.io/exclude-inbound-ports``, ``isthmus.io/exclude-outbound-ports``,
 ``isthmus.io/exclude-outbound-cidrs`` (comma-separated), ``isthmus.io/capture-probe-ports``
 (the ports the kubelet probes are not captured unless this is "true"), ``isthmus.io/proxy-cpu``,
-``isthmus.io/proxy-memory``, ``isthmus.io/proxy-memory-limit``, ``isthmus.io/proxy-log-level``.
+``isthmus.io/proxy-memory``, ``isthmus.io/proxy-memory-limit``, ``isthmus.io/proxy-log-level``,
+``isthmus.io/outbound-traffic`` (``allow-any`` or ``registry-only``: where the captured sidecar
+sends connections to addresses of no mesh service).
 A bad value is an ``InjectError`` naming the annotation (the webhook refuses the pod with it).
 """
 
@@ -36,7 +38,7 @@ from typing import Any
 
 from isthmus.inject.capture import Capture, nft_rules
 from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
-from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, Role
+from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DNS_PORT, OutboundTraffic, Role
 
 PREFIX = "isthmus.io/"
 INJECT = PREFIX + "inject"
@@ -45,6 +47,7 @@ INBOUND_PORT = PREFIX + "inbound-port"  # discovery.kube.gateway reads it
 CAPTURE_RULES = PREFIX + "capture-rules"
 XDS_ROOT = PREFIX + "xds-root-ca"
 CAPTURE_PROBES = PREFIX + "capture-probe-ports"
+OUTBOUND_TRAFFIC = PREFIX + "outbound-traffic"
 PROXY, CAPTURE = "isthmus-proxy", "isthmus-capture"
 TOKEN_VOLUME, POD_VOLUME = "isthmus-xds-token", "isthmus-pod"
 TOKEN_DIR, POD_DIR = "/var/run/secrets/isthmus", "/etc/isthmus/pod"
@@ -79,6 +82,7 @@ class InjectSettings:
     proxy_memory: str = "64Mi"
     proxy_memory_limit: str = "512Mi"
     log_level: str = "warning"
+    outbound_traffic: str = "allow-any"  # captured connections to no mesh service (inject.capture)
 
 
 Obj = Mapping[str, Any]
@@ -169,6 +173,7 @@ def _capture(settings: InjectSettings, pod: Obj, annotations: Mapping[str, str])
         proxy_uid=settings.proxy_uid,
         outbound_port=DEFAULT_OUTBOUND_PORT,
         inbound_port=DEFAULT_INBOUND_PORT,
+        dns_port=DNS_PORT,
         own_ports=(ADMIN_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_INBOUND_PORT, READINESS_PORT),
         exclude_inbound_ports=_ports(annotations, "exclude-inbound-ports") + probed,
         exclude_outbound_ports=_ports(annotations, "exclude-outbound-ports"),
@@ -179,6 +184,13 @@ def _capture(settings: InjectSettings, pod: Obj, annotations: Mapping[str, str])
     except ValueError as exc:
         raise InjectError(f"{PREFIX}exclude-outbound-cidrs: {exc}") from None
     return capture
+
+
+def _outbound_traffic(settings: InjectSettings, annotations: Mapping[str, str]) -> str:
+    value = str(annotations.get(OUTBOUND_TRAFFIC, settings.outbound_traffic))
+    if value not in {t.value for t in OutboundTraffic}:
+        raise InjectError(f"{OUTBOUND_TRAFFIC}: {value!r} is not allow-any or registry-only")
+    return value
 
 
 def _bootstrap(settings: InjectSettings, namespace: str, pod: Obj, log_level: str) -> str:
@@ -202,6 +214,8 @@ def _bootstrap(settings: InjectSettings, namespace: str, pod: Obj, log_level: st
         admin_port=ADMIN_PORT,
         delta=settings.delta,
         readiness_port=READINESS_PORT,
+        capture=True,
+        outbound_traffic=_outbound_traffic(settings, _annotations(pod)),
     )
     return json.dumps(bootstrap_dict(options), separators=(",", ":"), sort_keys=True)
 

@@ -2,6 +2,7 @@
 
 sidecar cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
 outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
+a captured sidecar's outbound listener, DNS listener, passthrough cluster:  outbound_PORT, dns_PORT, passthrough
 mTLS SNI of a service port, and the gateway's cluster for it:  outbound_.PORT_._.NAME.NS.svc.cluster.local
 sidecar inbound listener / cluster:  inbound_PORT (listener), inbound|PORT|| (cluster to the app)
 east-west gateway listener:  eastwest_PORT
@@ -15,6 +16,7 @@ from isthmus.discovery.model import Service, ServicePort
 CLUSTER_DOMAIN = "cluster.local"
 CLUSTERSET_DOMAIN = "clusterset.local"
 OUTBOUND_HTTP_ROUTE = "outbound_http"
+PASSTHROUGH_CLUSTER = "passthrough"
 WORKLOAD_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 
@@ -48,18 +50,30 @@ def outbound_http_listener(port: int) -> str:
     return f"outbound_http_{port}"
 
 
+def outbound_listener(port: int) -> str:
+    return f"outbound_{port}"
+
+
+def dns_listener(port: int) -> str:
+    return f"dns_{port}"
+
+
 def outbound_tcp_listener(service: Service, port: ServicePort) -> str:
     return f"outbound_tcp|{port.port}||{service_fqdn(service)}"
 
 
-def host_names(service: Service, port: ServicePort, *, short: bool, portless: bool) -> list[str]:
-    """Hosts a client may use for a service port: FQDNs, ``name.ns``, and (``short``, same
-    namespace only) ``name``; each with ``:PORT``, and without it when ``portless``."""
+def host_names(
+    service: Service, port: ServicePort, *, short: bool, portless: bool, addresses: tuple[str, ...] = ()
+) -> list[str]:
+    """Hosts a client may use for a service port: FQDNs, ``name.ns``, (``short``, same namespace
+    only) ``name``, and the service's ``addresses`` (IPv6 in brackets); each with ``:PORT``, and
+    without it when ``portless``."""
     bases = [
         f"{service.name}.{service.namespace}",
         f"{service.name}.{service.namespace}.svc",
         service_fqdn(service),
         service_fqdn(service, CLUSTERSET_DOMAIN),
+        *(f"[{a}]" if ":" in a else a for a in addresses),
     ]
     if short:
         bases.insert(0, service.name)

@@ -19,11 +19,19 @@ METADATA_KEY = "isthmus"
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_GATEWAY_PORT = 15443
+DNS_PORT = 15053  # a captured sidecar's DNS listener (UDP, loopback): capture redirects port 53 to it
 
 
 class Role(enum.StrEnum):
     SIDECAR = "sidecar"
     GATEWAY = "gateway"
+
+
+class OutboundTraffic(enum.StrEnum):
+    """Where a captured sidecar sends connections to addresses that are no service of the mesh."""
+
+    ALLOW_ANY = "allow-any"  # to their original destination (passthrough)
+    REGISTRY_ONLY = "registry-only"  # nowhere: the connection is closed
 
 
 class InvalidNode(ValueError):
@@ -46,6 +54,8 @@ class Proxy:
     app_address: str = "127.0.0.1"  # where the sidecar's inbound listener forwards to the application
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
+    capture: bool = False  # its pod's traffic is captured (inject.capture): listen by original destination
+    outbound_traffic: OutboundTraffic = OutboundTraffic.ALLOW_ANY
     envoy_version: str = ""
     # for_type's results, computed once per proxy (every push asks for every type)
     _groups: dict[str, Proxy] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
@@ -68,7 +78,10 @@ class Proxy:
         reduced = self
         if kept is not None:
             blank = Proxy("", self.role, "", "", "", Locality("", "", ""))
-            reduced = replace(blank, **{name: getattr(self, name) for name in kept})
+            values = {name: getattr(self, name) for name in kept if name != CLUSTER_ONLY}
+            if CLUSTER_ONLY in kept:
+                values["locality"] = Locality(cluster=self.cluster)
+            reduced = replace(blank, **values)
         self._groups[type_url] = reduced
         return reduced
 
@@ -99,6 +112,13 @@ def proxy_from_node(node: Any) -> Proxy:
     if not isinstance(meta, dict):
         raise InvalidNode(f"node metadata {METADATA_KEY} must be a struct")
     role_name = str(meta.get("role", Role.SIDECAR))
+    traffic = str(meta.get("outbound_traffic", OutboundTraffic.ALLOW_ANY))
+    try:
+        outbound_traffic = OutboundTraffic(traffic)
+    except ValueError:
+        raise InvalidNode(
+            f"node metadata {METADATA_KEY}.outbound_traffic={traffic!r} is not allow-any or registry-only"
+        ) from None
     try:
         role = Role(role_name)
     except ValueError:
@@ -123,17 +143,30 @@ def proxy_from_node(node: Any) -> Proxy:
         app_address=str(meta.get("app_address", "127.0.0.1")),
         outbound_port=_int(meta, "outbound_port", DEFAULT_OUTBOUND_PORT),
         inbound_port=_int(meta, "inbound_port", DEFAULT_INBOUND_PORT),
+        capture=meta.get("capture") in (True, "true"),
+        outbound_traffic=outbound_traffic,
         envoy_version=version,
     )
 
 
 # What each type's generator reads of the proxy (xds/generate/*): see Proxy.for_type.
+# CLUSTER_ONLY: of the locality, only the member cluster (not the region and zone).
+CLUSTER_ONLY = "cluster"
 _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
-    types.CLUSTER: ("locality", "namespace", "service", "app_address", "listen_address"),
-    "cds-shared": ("locality",),  # gateways: their member cluster's exported services
-    "cds-own": ("namespace", "service", "app_address", "listen_address"),
+    types.CLUSTER: ("locality", "namespace", "service", "app_address", "listen_address", "capture"),
+    "cds-shared": (CLUSTER_ONLY,),  # gateways: their member cluster's exported services
+    "cds-own": ("namespace", "service", "app_address", "listen_address", "capture"),
     types.ENDPOINT: ("locality",),
-    types.LISTENER: ("locality", "namespace", "service", "listen_address", "outbound_port", "inbound_port"),
-    types.ROUTE: ("namespace",),
+    types.LISTENER: (
+        CLUSTER_ONLY,
+        "namespace",
+        "service",
+        "listen_address",
+        "outbound_port",
+        "inbound_port",
+        "capture",
+        "outbound_traffic",
+    ),
+    types.ROUTE: ("namespace", CLUSTER_ONLY),  # by-address domains: the ClusterIPs of its own cluster
     types.SECRET: ("namespace", "service_account"),
 }

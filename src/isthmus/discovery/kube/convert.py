@@ -16,6 +16,7 @@ Rules (documented in docs/discovery.md):
 * endpoint health from EndpointSlice conditions: ready -> healthy; serving and terminating ->
   draining; otherwise unhealthy; an address in several slices counts once (the healthiest; between
   equals, the one in the slice whose name sorts first);
+* a service's addresses in the cluster: its ``clusterIPs`` (none when headless);
 * locality: region from the node's ``topology.kubernetes.io/region``, zone from the endpoint's zone
   (else the node's), the member cluster as sub-zone; identity from the Pod's service account.
 """
@@ -140,7 +141,15 @@ def endpoint_health(conditions: Obj) -> Health:
 
 _RANK = {Health.HEALTHY: 0, Health.DRAINING: 1, Health.UNHEALTHY: 2}
 
-ServiceEntry = tuple[tuple[ServicePort, ...], tuple[Endpoint, ...]]  # (ports, sorted endpoints)
+# (ports, sorted endpoints, ClusterIPs)
+ServiceEntry = tuple[tuple[ServicePort, ...], tuple[Endpoint, ...], tuple[str, ...]]
+
+
+def cluster_ips(service: Obj) -> tuple[str, ...]:
+    """The Service's ClusterIPs (dual stack: both families); none for a headless one."""
+    spec = service.get("spec") or {}
+    found = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    return tuple(str(ip) for ip in found if ip and ip != "None")
 
 
 def service_key(service: Obj) -> ServiceKey:
@@ -240,12 +249,13 @@ def shard_of(
     index = index if index is not None else SliceIndex.of(objs.endpoint_slices)
     services: dict[ServiceKey, tuple[ServicePort, ...]] = {}
     endpoints: dict[ServiceKey, tuple[Endpoint, ...]] = {}
+    addresses: dict[ServiceKey, tuple[str, ...]] = {}
     for svc in objs.services.values():
         key = service_key(svc)
         entry = service_entry(cluster, objs, index, key, svc, export, require_namespace_label)
         if entry is not None:
-            services[key], endpoints[key] = entry
-    return Shard(cluster, services, endpoints)
+            services[key], endpoints[key], addresses[key] = entry
+    return Shard(cluster, services, endpoints, addresses=addresses)
 
 
 def update_shard(
@@ -259,6 +269,7 @@ def update_shard(
     """``shard`` with the ``dirty`` services recomputed from ``objs`` and the others' tuples reused."""
     services = dict(shard.services)
     endpoints = dict(shard.endpoints)
+    addresses = dict(shard.addresses)
     for key in dirty:
         svc = objs.services.get(str(key))
         entry = None
@@ -267,9 +278,10 @@ def update_shard(
         if entry is None:
             services.pop(key, None)
             endpoints.pop(key, None)
+            addresses.pop(key, None)
         else:
-            services[key], endpoints[key] = entry
-    return Shard(shard.cluster, services, endpoints)
+            services[key], endpoints[key], addresses[key] = entry
+    return Shard(shard.cluster, services, endpoints, addresses=addresses)
 
 
 def service_entry(
@@ -281,7 +293,8 @@ def service_entry(
     export: ExportPolicy = ExportPolicy.ALL,
     require_namespace_label: bool = False,
 ) -> ServiceEntry | None:
-    """One service's ports and endpoints, or None if it is not in the mesh (or has no TCP port)."""
+    """One service's ports, endpoints and ClusterIPs, or None if it is not in the mesh (or has no
+    TCP port)."""
     if (service.get("spec") or {}).get("type") == "ExternalName" or is_gateway_service(service):
         return None
     if not in_mesh(objs.namespaces.get(key.namespace), require_namespace_label):
@@ -291,7 +304,7 @@ def service_entry(
     ports = service_ports(service)
     if not ports:
         return None
-    return ports, _endpoints(cluster, objs, key, ports, index.slices(key))
+    return ports, _endpoints(cluster, objs, key, ports, index.slices(key)), cluster_ips(service)
 
 
 def _endpoints(

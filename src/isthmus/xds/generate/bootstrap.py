@@ -65,6 +65,8 @@ class BootstrapOptions:
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
     readiness_port: int = 0  # a static listener answering only GET /ready from the admin API (0: none)
+    capture: bool = False  # the pod's traffic is captured: isthmus sends listeners by original destination
+    outbound_traffic: str = "allow-any"  # captured connections to no mesh service: allow-any | registry-only
 
     @property
     def effective_node_id(self) -> str:
@@ -217,6 +219,7 @@ def bootstrap(opts: BootstrapOptions) -> Any:
                 # Strings: Struct numbers are doubles and would render as 15001.0.
                 "outbound_port": str(opts.outbound_port),
                 "inbound_port": str(opts.inbound_port),
+                **({"capture": True, "outbound_traffic": opts.outbound_traffic} if opts.capture else {}),
             }
         }
     )

@@ -1,6 +1,7 @@
 """CDS: one EDS-backed Envoy cluster per service port, locality-weighted, with outlier detection
 and circuit-breaker defaults; upstream mTLS to sidecars and gateways; a sidecar's inbound clusters
-to its own application; a gateway's SNI-named passthrough clusters."""
+to its own application (and a captured one's passthrough to original destinations); a gateway's
+SNI-named passthrough clusters."""
 
 from __future__ import annotations
 
@@ -191,9 +192,22 @@ def generate_shared(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAIN
     return out
 
 
+def passthrough_cluster() -> Any:
+    """Connections of a captured sidecar to no mesh service, on to where they were going."""
+    return cluster_pb2.Cluster(
+        name=naming.PASSTHROUGH_CLUSTER,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
+    )
+
+
 def generate_own(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
-    """A sidecar's inbound clusters to its own application (nothing for gateways)."""
+    """A sidecar's inbound clusters to its own application, and if captured its passthrough cluster
+    (nothing for gateways)."""
     out: dict[str, Any] = {}
+    if proxy.role is Role.SIDECAR and proxy.capture:
+        out[naming.PASSTHROUGH_CLUSTER] = passthrough_cluster()
     own = view.service(proxy.namespace, proxy.service)
     if proxy.role is Role.SIDECAR and identity.mtls and own is not None:
         mine = own_endpoint(own, proxy)

@@ -1,6 +1,19 @@
 """LDS: the sidecar's outbound HTTP listener (routes come from RDS by Host), one outbound listener
 per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI passthrough listener.
 
+* Captured sidecars (``Proxy.capture``: the pod's traffic is redirected by inject.capture) get
+  instead one outbound listener on ``127.0.0.1:outbound_port`` that reads each connection's original
+  destination (original_dst listener filter) and picks a filter chain by it: per service port, the
+  service's ClusterIPs in the proxy's own member cluster and its clusterset IP; HTTP ports (one chain
+  per port number) through the HTTP connection manager and the routes, TCP ports through tcp_proxy
+  to the service's cluster. A connection to the outbound port itself is the explicit proxy (Host
+  routing, as uncaptured). Any other destination goes through the passthrough cluster to where it
+  was going (``allow-any``), or matches no chain and is closed (``registry-only``). And a DNS
+  listener (UDP, ``127.0.0.1:15053``, where capture sends port 53): Envoy's DNS filter answers
+  ``NAME.NS.svc.clusterset.local`` with the clusterset IP, and ``NAME.NS.svc.cluster.local`` too for a
+  service the proxy's cluster does not define; other names go to the pod's resolver (A and AAAA
+  queries; the DNS filter answers other types NOTIMP).
+
 * Inbound (sidecar, mTLS on, its service known): ``listen_address:inbound_port``, one filter chain
   per port of the proxy's own service, matched by the SNI clients send for it. TLS is terminated
   with the proxy's certificate and a client certificate of the trust domain is required; HTTP ports
@@ -18,13 +31,19 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+import ipaddress
+
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, resolver_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2, udp_listener_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.data.dns.v3 import dns_table_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
+from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Service, ServicePort
@@ -33,10 +52,11 @@ from isthmus.xds.generate.clusters import gateway_services, shared_inputs
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.generate.tls import downstream_socket
 from isthmus.xds.generate.tls import pack as _pack
-from isthmus.xds.proxy import DEFAULT_GATEWAY_PORT, Proxy, Role
+from isthmus.xds.proxy import DEFAULT_GATEWAY_PORT, DNS_PORT, OutboundTraffic, Proxy, Role
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
+DNS_RESOLVER_TIMEOUT_S = 2
 
 
 def _address(host: str, port: int) -> Any:
@@ -58,7 +78,8 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> Any:
     return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=_pack(proxy))
 
 
-def outbound_http_listener(proxy: Proxy) -> Any:
+def _outbound_http() -> Any:
+    """The outbound HTTP connection manager: routes by Host from RDS."""
     manager = hcm.HttpConnectionManager(
         stat_prefix="outbound_http",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -71,14 +92,144 @@ def outbound_http_listener(proxy: Proxy) -> Any:
         ),
         http_filters=[_router()],
     )
+    return listener_components_pb2.Filter(name=HCM, typed_config=_pack(manager))
+
+
+def outbound_http_listener(proxy: Proxy) -> Any:
     return listener_pb2.Listener(
         name=naming.outbound_http_listener(proxy.outbound_port),
         address=_address(proxy.listen_address, proxy.outbound_port),
         traffic_direction=base_pb2.OUTBOUND,
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name=HCM, typed_config=_pack(manager))]
+        filter_chains=[listener_components_pb2.FilterChain(filters=[_outbound_http()])],
+    )
+
+
+def _destination(port: int, ips: list[str]) -> Any:
+    return listener_components_pb2.FilterChainMatch(
+        destination_port=wrappers_pb2.UInt32Value(value=port),
+        prefix_ranges=[
+            address_pb2.CidrRange(
+                address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=ipaddress.ip_address(ip).max_prefixlen)
             )
+            for ip in ips
+        ],
+    )
+
+
+def captured_outbound_listener(view: MeshView, proxy: Proxy) -> Any:
+    """The outbound listener of a captured sidecar: filter chains by original destination."""
+    http_ips: dict[int, list[str]] = {}
+    tcp_chains = []
+    seen: set[tuple[str, int]] = set()
+    for service in view.services.values():  # in namespace/name order: the first claims an address
+        ips = service.reachable_at(proxy.cluster)
+        for port in service.ports:
+            fresh = [ip for ip in ips if (ip, port.port) not in seen]
+            seen.update((ip, port.port) for ip in fresh)
+            if not fresh or port.port == proxy.outbound_port:
+                continue
+            if port.protocol.is_http:
+                http_ips.setdefault(port.port, []).extend(fresh)
+                continue
+            cluster = naming.outbound_cluster(service, port)
+            tcp_chains.append(
+                listener_components_pb2.FilterChain(
+                    name=cluster,
+                    filter_chain_match=_destination(port.port, fresh),
+                    filters=[_tcp_proxy(f"outbound_tcp_{port.port}", cluster)],
+                )
+            )
+    explicit = listener_components_pb2.FilterChain(
+        name=naming.outbound_http_listener(proxy.outbound_port),
+        filter_chain_match=listener_components_pb2.FilterChainMatch(
+            destination_port=wrappers_pb2.UInt32Value(value=proxy.outbound_port)
+        ),
+        filters=[_outbound_http()],
+    )
+    http_chains = [
+        listener_components_pb2.FilterChain(
+            name=naming.outbound_http_listener(port), filter_chain_match=_destination(port, ips), filters=[_outbound_http()]
+        )
+        for port, ips in sorted(http_ips.items())
+    ]
+    listener = listener_pb2.Listener(
+        name=naming.outbound_listener(proxy.outbound_port),
+        # Capture redirects to loopback; on the pod's address the port would be an open proxy.
+        address=_address("127.0.0.1", proxy.outbound_port),
+        traffic_direction=base_pb2.OUTBOUND,
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst", typed_config=_pack(original_dst_pb2.OriginalDst())
+            )
+        ],
+        filter_chains=[explicit, *http_chains, *tcp_chains],
+    )
+    if proxy.outbound_traffic is OutboundTraffic.ALLOW_ANY:
+        listener.default_filter_chain.CopyFrom(
+            listener_components_pb2.FilterChain(
+                name=naming.PASSTHROUGH_CLUSTER,
+                filters=[_tcp_proxy("outbound_passthrough", naming.PASSTHROUGH_CLUSTER)],
+            )
+        )
+    return listener
+
+
+def dns_table(view: MeshView, cluster: str) -> list[tuple[str, str]]:
+    """(name, address) a captured sidecar of ``cluster`` answers: every service's clusterset name,
+    and the cluster.local name of the services that cluster's own DNS does not know."""
+    out = []
+    for service in view.services.values():
+        if not service.vip:
+            continue
+        out.append((naming.service_fqdn(service, naming.CLUSTERSET_DOMAIN), service.vip))
+        if not service.defined_in(cluster):
+            out.append((naming.service_fqdn(service), service.vip))
+    return out
+
+
+def dns_listener(view: MeshView, proxy: Proxy) -> Any:
+    table = dns_table_pb2.DnsTable(
+        virtual_domains=[
+            dns_table_pb2.DnsTable.DnsVirtualDomain(
+                name=name,
+                endpoint=dns_table_pb2.DnsTable.DnsEndpoint(
+                    address_list=dns_table_pb2.DnsTable.AddressList(address=[address])
+                ),
+                answer_ttl=duration_pb2.Duration(seconds=30),
+            )
+            for name, address in dns_table(view, proxy.cluster)
+        ]
+    )
+    # Other names: to the resolvers of the pod's /etc/resolv.conf (the sidecar's own queries are not
+    # captured), without its search domains: the application's resolver has expanded them already.
+    resolver = extension_pb2.TypedExtensionConfig(
+        name="envoy.network.dns_resolver.cares",
+        typed_config=_pack(
+            cares_dns_resolver_pb2.CaresDnsResolverConfig(
+                dns_resolver_options=resolver_pb2.DnsResolverOptions(no_default_search_domain=True)
+            )
+        ),
+    )
+    config = dns_filter_pb2.DnsFilterConfig(
+        stat_prefix="dns",
+        server_config=dns_filter_pb2.DnsFilterConfig.ServerContextConfig(inline_dns_table=table),
+        client_config=dns_filter_pb2.DnsFilterConfig.ClientContextConfig(
+            resolver_timeout=duration_pb2.Duration(seconds=DNS_RESOLVER_TIMEOUT_S),
+            typed_dns_resolver_config=resolver,
+            max_pending_lookups=1024,
+        ),
+    )
+    return listener_pb2.Listener(
+        name=naming.dns_listener(DNS_PORT),
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(
+                address="127.0.0.1", port_value=DNS_PORT, protocol=address_pb2.SocketAddress.UDP
+            )
+        ),
+        traffic_direction=base_pb2.OUTBOUND,
+        udp_listener_config=udp_listener_config_pb2.UdpListenerConfig(),
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(name="envoy.filters.udp.dns_filter", typed_config=_pack(config))
         ],
     )
 
@@ -200,10 +351,14 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
         # Envoy rejects a listener without filter chains: no exported service, no listener.
         return {listener.name: listener} if listener.filter_chains else {}
     out = {}
-    listener = outbound_http_listener(proxy)
-    out[listener.name] = listener
-    for tcp in outbound_tcp_listeners(view, proxy):
-        out[tcp.name] = tcp
+    if proxy.capture:
+        for listener in (captured_outbound_listener(view, proxy), dns_listener(view, proxy)):
+            out[listener.name] = listener
+    else:
+        listener = outbound_http_listener(proxy)
+        out[listener.name] = listener
+        for tcp in outbound_tcp_listeners(view, proxy):
+            out[tcp.name] = tcp
     own = view.service(proxy.namespace, proxy.service)
     if identity.mtls and own is not None and own.ports:
         inbound = inbound_listener(own, proxy, identity)
@@ -213,5 +368,8 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
 
 def inputs(service: Service | None) -> Hashable:
     """What LDS reads of a service (see generate.INPUTS): its ports (TCP listeners, a pod's inbound
-    listener) and, for gateways, the clusters where it has sidecars. Not endpoint addresses."""
-    return shared_inputs(service)
+    listener), for gateways the clusters where it has sidecars, and for captured sidecars its
+    addresses. Not endpoint addresses."""
+    if service is None:
+        return None
+    return shared_inputs(service), service.addresses, service.vip

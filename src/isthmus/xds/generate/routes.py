@@ -5,7 +5,8 @@ weights (weighted_clusters); each backend is balanced by its own EDS, so backend
 member cluster.
 
 Short names (``web``) resolve in the proxy's own namespace only, as Kubernetes DNS
-does. A Host without a port means port 80 if the service has it, else its first
+does. A service's ClusterIPs in the proxy's member cluster and its clusterset IP are names too
+(a captured client that calls an address sends it as Host). A Host without a port means port 80 if the service has it, else its first
 HTTP port.
 """
 
@@ -116,7 +117,11 @@ def outbound_routes(view: MeshView, proxy: Proxy) -> Any:
             if not port.protocol.is_http:
                 continue
             hosts = naming.host_names(
-                service, port, short=service.namespace == proxy.namespace, portless=port is portless
+                service,
+                port,
+                short=service.namespace == proxy.namespace,
+                portless=port is portless,
+                addresses=service.reachable_at(proxy.cluster),
             )
             domains = [h for h in hosts if h not in seen]
             seen.update(domains)
@@ -135,5 +140,5 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
 
 
 def inputs(service: Service | None) -> Hashable:
-    """What RDS reads of a service (see generate.INPUTS): that it exists, and its ports."""
-    return None if service is None else service.ports
+    """What RDS reads of a service (see generate.INPUTS): that it exists, its ports and addresses."""
+    return None if service is None else (service.ports, service.addresses, service.vip)
