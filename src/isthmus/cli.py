@@ -346,7 +346,8 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--capture",
         action="store_true",
-        help="the proxy's traffic is captured (isthmus inject's nftables rules): listen by original destination",
+        help="the proxy's traffic is captured (the nftables rules of isthmus inject): "
+        "listen by original destination",
     )
     boot.add_argument(
         "--outbound-traffic",

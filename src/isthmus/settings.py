@@ -122,7 +122,9 @@ class ServeSettings:
     inject_xds_server_name: str = ""
     inject_proxy_image: str = DEFAULT_PROXY_IMAGE
     inject_capture_image: str = DEFAULT_CAPTURE_IMAGE
-    inject_outbound_traffic: str = "allow-any"  # captured connections to no mesh service (per pod: annotation)
+    inject_outbound_traffic: str = (
+        "allow-any"  # captured connections to no mesh service (per pod: annotation)
+    )
 
     def sidecar_xds(self) -> tuple[str, int]:
         """Where injected sidecars reach isthmus: --inject-xds-address, else the first --xds-san

@@ -72,7 +72,7 @@ def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
 def merge(
     shards: Iterable[Shard],
     extra_clusters: Iterable[MemberCluster] = (),
-    clusterset_range: clusterset.Network = clusterset.network(clusterset.DEFAULT_RANGE),
+    clusterset_range: clusterset.Network = clusterset.DEFAULT_NETWORK,
 ) -> MeshView:
     """Merge shards into one MeshView (pure)."""
     ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
@@ -95,7 +95,13 @@ def merge(
             endpoints.setdefault(key, []).extend(eps)
     vips = clusterset.allocate(ports, clusterset_range)
     services = [
-        Service(key, service_ports, tuple(endpoints.get(key, ())), tuple(addresses.get(key, ())), vips.get(key, ""))
+        Service(
+            key,
+            service_ports,
+            tuple(endpoints.get(key, ())),
+            tuple(addresses.get(key, ())),
+            vips.get(key, ""),
+        )
         for key, service_ports in ports.items()
     ]
     return MeshView.build(services, [c for c in clusters.values() if c.name], merge_splits(all_shards))
@@ -116,7 +122,11 @@ def merge_service(key: ServiceKey, shards: Iterable[Shard], vip: str = "") -> Se
         elif shard_ports is not None and shard_ports != ports:
             log.debug("service %s: ports differ in cluster %s; keeping the first", key, shard.cluster.name)
         endpoints.extend(shard.endpoints.get(key, ()))
-    return None if ports is None else Service(key, ports, tuple(sorted(endpoints)), tuple(sorted(addresses)), vip)
+    return (
+        None
+        if ports is None
+        else Service(key, ports, tuple(sorted(endpoints)), tuple(sorted(addresses)), vip)
+    )
 
 
 def changed_keys(old: Mapping[K, V], new: Mapping[K, V]) -> Iterator[K]:
@@ -171,7 +181,7 @@ class Aggregator:
         quiet: float = 0.1,
         max_delay: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
-        clusterset_range: clusterset.Network = clusterset.network(clusterset.DEFAULT_RANGE),
+        clusterset_range: clusterset.Network = clusterset.DEFAULT_NETWORK,
     ) -> None:
         self._on_view = on_view
         self._range = clusterset_range

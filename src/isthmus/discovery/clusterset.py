@@ -36,6 +36,9 @@ def network(text: str) -> Network:
     return net
 
 
+DEFAULT_NETWORK = network(DEFAULT_RANGE)
+
+
 @functools.lru_cache(maxsize=65536)
 def _home(key: ServiceKey, size: int) -> int:
     digest = hashlib.sha256(f"{key.namespace}/{key.name}".encode()).digest()

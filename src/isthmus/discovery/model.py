@@ -239,7 +239,9 @@ class MeshView:
         """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
         normalized = {
-            s.key: Service(s.key, tuple(s.ports), tuple(sorted(s.endpoints)), tuple(sorted(s.addresses)), s.vip)
+            s.key: Service(
+                s.key, tuple(s.ports), tuple(sorted(s.endpoints)), tuple(sorted(s.addresses)), s.vip
+            )
             for s in svc
         }
         return cls.of(normalized, clusters, splits)

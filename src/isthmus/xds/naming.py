@@ -2,7 +2,7 @@
 
 sidecar cluster / ClusterLoadAssignment:  outbound|PORT||NAME.NS.svc.cluster.local
 outbound HTTP listener and its routes:  outbound_http_PORT (listener), outbound_http (route)
-a captured sidecar's outbound listener, DNS listener, passthrough cluster:  outbound_PORT, dns_PORT, passthrough
+captured sidecar's outbound and DNS listeners, passthrough cluster:  outbound_PORT, dns_PORT, passthrough
 mTLS SNI of a service port, and the gateway's cluster for it:  outbound_.PORT_._.NAME.NS.svc.cluster.local
 sidecar inbound listener / cluster:  inbound_PORT (listener), inbound|PORT|| (cluster to the app)
 east-west gateway listener:  eastwest_PORT

@@ -28,10 +28,9 @@ per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Hashable
 from typing import Any
-
-import ipaddress
 
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, resolver_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2, udp_listener_config_pb2
@@ -109,7 +108,8 @@ def _destination(port: int, ips: list[str]) -> Any:
         destination_port=wrappers_pb2.UInt32Value(value=port),
         prefix_ranges=[
             address_pb2.CidrRange(
-                address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=ipaddress.ip_address(ip).max_prefixlen)
+                address_prefix=ip,
+                prefix_len=wrappers_pb2.UInt32Value(value=ipaddress.ip_address(ip).max_prefixlen),
             )
             for ip in ips
         ],
@@ -148,7 +148,9 @@ def captured_outbound_listener(view: MeshView, proxy: Proxy) -> Any:
     )
     http_chains = [
         listener_components_pb2.FilterChain(
-            name=naming.outbound_http_listener(port), filter_chain_match=_destination(port, ips), filters=[_outbound_http()]
+            name=naming.outbound_http_listener(port),
+            filter_chain_match=_destination(port, ips),
+            filters=[_outbound_http()],
         )
         for port, ips in sorted(http_ips.items())
     ]
@@ -229,7 +231,9 @@ def dns_listener(view: MeshView, proxy: Proxy) -> Any:
         traffic_direction=base_pb2.OUTBOUND,
         udp_listener_config=udp_listener_config_pb2.UdpListenerConfig(),
         listener_filters=[
-            listener_components_pb2.ListenerFilter(name="envoy.filters.udp.dns_filter", typed_config=_pack(config))
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.udp.dns_filter", typed_config=_pack(config)
+            )
         ],
     )
 

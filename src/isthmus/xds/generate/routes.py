@@ -6,8 +6,8 @@ member cluster.
 
 Short names (``web``) resolve in the proxy's own namespace only, as Kubernetes DNS
 does. A service's ClusterIPs in the proxy's member cluster and its clusterset IP are names too
-(a captured client that calls an address sends it as Host). A Host without a port means port 80 if the service has it, else its first
-HTTP port.
+(a captured client that calls an address sends it as Host). A Host without a port means port 80
+if the service has it, else its first HTTP port.
 """
 
 from __future__ import annotations
