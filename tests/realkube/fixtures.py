@@ -113,7 +113,7 @@ async def namespace(real_clusters: dict[str, RealCluster]) -> AsyncIterator[str]
 
 
 async def install_reader(cluster: RealCluster) -> None:
-    await cluster.admin.apply_all(rbac_objects())  # type: ignore[arg-type]
+    await cluster.admin.apply_all(rbac_objects())
 
 
 async def reader_kubeconfig(cluster: RealCluster, path: Path, seconds: int = 3600) -> Path:

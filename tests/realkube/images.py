@@ -44,14 +44,14 @@ def write_image(
     config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
     manifest = [{"Config": config_name, "RepoTags": [ref], "Layers": [f"{diff_id}/layer.tar"]}]
     with tarfile.open(path, mode="w") as out:
-        for name, data in (
+        for name, content in (
             (f"{diff_id}/layer.tar", layer_bytes),
             (config_name, config_bytes),
             ("manifest.json", json.dumps(manifest).encode()),
         ):
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))
+            info.size = len(content)
+            out.addfile(info, io.BytesIO(content))
     return path
 
 

@@ -1,0 +1,488 @@
+"""Issue 13 end to end on real nodes: an unmodified HTTP client in an injected pod of member cluster
+east calls a service that only member cluster west has, by its cluster.local name, and gets west's
+answer through west's east-west gateway, over mTLS; nothing in the client knows about the mesh.
+
+::
+
+    east (node + pods, netns of a datapath Topology)      west (node + pods)
+      client pod (injected): curl http://api.shop.svc.cluster.local/
+        DNS (UDP 53, captured) -> sidecar dns_15053: the clusterset IP (api is remote-only here)
+        TCP to it (captured)   -> sidecar outbound_15001 (original destination) -> mTLS, SNI
+          -> west's transit address :15443 ---------------> gateway Envoy (host network, SNI
+                                                              passthrough) -> api pod :15006
+                                                              (sidecar, mTLS) -> app :8080
+
+* Both clusters are real (etcd, kube-apiserver, controller manager, scheduler) with a real node each
+  (realkube.node) in its namespace of a data-path Topology, joined only by the transit bridge; pods
+  leaving their node for the transit network are masqueraded to the node's transit address (as a
+  real node's CNI does), since no other node has a route to a cluster's pod range.
+* One ``isthmus serve`` (root namespace, loopback) serves both clusters with the reader role,
+  xDS over TLS for west's transit address (forwarded there into the root namespace: every sidecar
+  and the gateway connect to it, east's across the transit bridge), the admission webhook
+  registered in both clusters for namespace ``shop`` (labelled ``isthmus.io/inject=enabled``), and
+  ``--cluster-gateway west=<west's transit address>:15443``.
+* West's gateway is a host-network pod of the Envoy image with the bootstrap of ``isthmus bootstrap
+  --role gateway``, authenticating with a projected, pod-bound token of isthmus-system/isthmus-gateway
+  (the gateway identity isthmus expects by default).
+* The client pod's resolver is glibc's, from the /etc/resolv.conf the kubelet writes (``dnsPolicy:
+  None``: search domains as in Kubernetes, ndots 5, and a nameserver where nothing listens: east's
+  node address), so every answer comes from the sidecar. Commands run in the client's container as
+  ``kubectl exec`` would run them: in its mount and network namespaces (nsenter).
+
+Also: a same-cluster call by ClusterIP (east's injected ``web``), a clusterset name that does not
+exist (curl cannot resolve it: exit 6), a destination that is no mesh service (passthrough) and a
+port excluded from capture (``isthmus.io/exclude-outbound-ports``: the sidecar never sees it).
+Everything is removed at the end, also on failure: the nodes, clusters, namespaces, isthmus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from datapath.netns import CLUSTER_LINK, Topology
+from realkube.binaries import kube_bin
+from realkube.cluster import RealCluster
+from realkube.fixtures import READER_NAMESPACE, reader_kubeconfig, start_all
+from realkube.images import with_libraries, write_image
+from realkube.node import APP_IMAGE, ENVOY_IMAGE, Node, available
+from realkube.rest import path_of
+from realkube.test_real_inject import (
+    ISTHMUS,
+    PROXY,
+    Isthmus,
+    names,
+    namespaces,
+    registered,
+    serving,
+    webhook_active,
+    webhook_configuration,
+)
+from realkube.wait import until
+
+pytestmark = [pytest.mark.realkube, pytest.mark.asyncio(loop_scope="module")]
+
+SHOP = "shop"
+CURL_IMAGE = "isthmus.test/curl:1"  # this machine's curl and its libraries, and /testapp (pause)
+GATEWAY_PORT, GATEWAY_ADMIN, GATEWAY_READY = 15443, 15000, 15021
+GATEWAY_NS, GATEWAY_SA, GATEWAY_POD = READER_NAMESPACE, "isthmus-gateway", "eastwest"
+SEARCHES = [f"{SHOP}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+
+
+def why_not() -> str | None:
+    if (why := available()) is not None:
+        return why
+    if shutil.which("curl") is None:
+        return "curl is not installed (hack/node-packages.sh installs it)"
+    return None
+
+
+# ---- objects ---------------------------------------------------------------------------------------
+
+
+def app_deployment(name: str, answer: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": SHOP},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": APP_IMAGE,
+                            "imagePullPolicy": "Never",
+                            "args": ["serve", answer],
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def app_service(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": SHOP},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }
+
+
+def client_pod(name: str, nameserver: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A pod whose container sleeps (commands are run in it, as kubectl exec would), with curl, and
+    a resolv.conf of Kubernetes' shape whose nameserver answers nothing (only the sidecar does)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": SHOP,
+            "labels": {"app": name},
+            "annotations": annotations or {},
+        },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "dnsPolicy": "None",
+            "dnsConfig": {
+                "nameservers": [nameserver],
+                "searches": SEARCHES,
+                "options": [{"name": "ndots", "value": "5"}],
+            },
+            "containers": [{"name": "client", "image": CURL_IMAGE, "imagePullPolicy": "Never"}],
+        },
+    }
+
+
+def gateway_bootstrap(cluster: str, xds_host: str, xds_port: int, listen: str) -> str:
+    """What `isthmus bootstrap --role gateway` writes for the gateway pod (JSON, for --config-yaml)."""
+    argv = [
+        str(ISTHMUS), "bootstrap", "--role", "gateway", "--cluster", cluster,
+        "--namespace", GATEWAY_NS, "--service", GATEWAY_SA, "--service-account", GATEWAY_SA,
+        "--pod-name", GATEWAY_POD, "--node-name", f"{cluster}-node",
+        "--xds-address", f"{xds_host}:{xds_port}", "--xds-root-ca", "/etc/isthmus/root/ca.crt",
+        "--xds-server-name", xds_host, "--token-file", "/var/run/secrets/isthmus/token",
+        "--admin-port", str(GATEWAY_ADMIN), "--readiness-port", str(GATEWAY_READY),
+        "--listen-address", listen, "--delta", "--format", "json",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    return json.dumps(json.loads(done.stdout), separators=(",", ":"))
+
+
+def gateway_objects(bootstrap: str, root_pem: str) -> list[dict[str, Any]]:
+    """The gateway's ServiceAccount, the mesh root it trusts, and its host-network pod."""
+    meta = {"namespace": GATEWAY_NS}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": GATEWAY_SA, **meta}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "isthmus-root", **meta},
+            "data": {"ca.crt": root_pem},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": GATEWAY_POD, "labels": {"app": GATEWAY_POD}, **meta},
+            "spec": {
+                "hostNetwork": True,
+                "serviceAccountName": GATEWAY_SA,
+                "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "envoy",
+                        "image": ENVOY_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "args": ["--config-yaml", bootstrap, "--disable-hot-restart", "--log-level", "info"],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/ready", "port": GATEWAY_READY},
+                            "periodSeconds": 1,
+                        },
+                        "volumeMounts": [
+                            {"name": "token", "mountPath": "/var/run/secrets/isthmus", "readOnly": True},
+                            {"name": "root", "mountPath": "/etc/isthmus/root", "readOnly": True},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {
+                        "name": "token",
+                        "projected": {
+                            "sources": [
+                                {
+                                    "serviceAccountToken": {
+                                        "audience": "isthmus",
+                                        "expirationSeconds": 3600,
+                                        "path": "token",
+                                    }
+                                }
+                            ]
+                        },
+                    },
+                    {"name": "root", "configMap": {"name": "isthmus-root"}},
+                ],
+            },
+        },
+    ]
+
+
+# ---- looking into pods -----------------------------------------------------------------------------
+
+
+def is_ready(obj: dict[str, Any] | None) -> bool:
+    conditions = (obj or {}).get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+async def ready_pod(cluster: RealCluster, namespace: str, app: str, timeout: float = 180) -> dict[str, Any]:
+    async def find() -> dict[str, Any] | None:
+        pods = await cluster.admin.request("GET", f"{path_of('Pod', namespace)}?labelSelector=app%3D{app}")
+        return next((dict(p) for p in pods["items"] if is_ready(p)), None)
+
+    return await until(find, f"a Ready pod of {app} in {cluster.name}/{namespace}", timeout)
+
+
+def pod_log(node: Node, namespace: str, pod: str, container: str) -> str:
+    """The kubelet's log of a container (in the node's podLogsDir, or the host's /var/log/pods)."""
+    found: list[Path] = []
+    for base in (node.dir / "pod-logs", Path("/var/log/pods")):
+        found += sorted(base.glob(f"{namespace}_{pod}_*/{container}/*.log"))
+    return "\n".join(p.read_text(errors="replace")[-4000:] for p in found) or "<no log>"
+
+
+@dataclass
+class Cluster:
+    """A member cluster and its node."""
+
+    name: str
+    node: Node
+
+    @property
+    def api(self) -> RealCluster:
+        return self.node.cluster
+
+
+@dataclass
+class Mesh:
+    east: Cluster
+    west: Cluster
+    isthmus: Isthmus
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> the Ready pod
+
+    def pod_pid(self, cluster: Cluster, pod: str, with_file: str = "") -> int:
+        """A process of ``pod`` (one whose root holds ``with_file``, when given: a container's)."""
+        pids = sorted(cluster.node.pod_pids(self.pods[pod]["metadata"]["uid"]))
+        for pid in pids:
+            if not with_file or Path(f"/proc/{pid}/root{with_file}").exists():
+                return pid
+        raise AssertionError(f"no process of pod {pod} with {with_file or 'anything'}: {pids}")
+
+    def exec(
+        self, cluster: Cluster, pod: str, *argv: str, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """``argv`` in the pod's container ``client`` (its mount and network namespaces), as
+        ``kubectl exec`` runs a command."""
+        pid = self.pod_pid(cluster, pod, with_file="/usr/bin/curl")
+        return subprocess.run(
+            ["nsenter", "-t", str(pid), "-m", "-n", "-u", "-i", "-r", "-w", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def curl(self, pod: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """An HTTP GET by east's pod ``pod`` with its own curl and resolver."""
+        return self.exec(self.east, pod, "/usr/bin/curl", "-sS", "--max-time", "20", *extra, url)
+
+    def proxy_admin(self, cluster: Cluster, pod: str, path: str) -> str:
+        """The sidecar's admin API (loopback of the pod's network namespace; not captured)."""
+        netns = f"/proc/{self.pod_pid(cluster, pod)}/ns/net"
+        done = subprocess.run(
+            [
+                "nsenter",
+                f"--net={netns}",
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                f"http://127.0.0.1:15000{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def gateway_admin(self, path: str) -> str:
+        url = f"http://127.0.0.1:{GATEWAY_ADMIN}{path}"
+        done = self.west.node.run_in("curl", "-sS", "--max-time", "10", url)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def logs(self) -> str:
+        out = []
+        for cluster, pod, containers in (
+            (self.east, "client", (PROXY, "client")),
+            (self.west, "api", (PROXY, "app")),
+        ):
+            name = self.pods.get(pod, {}).get("metadata", {}).get("name", pod)
+            for container in containers:
+                out.append(
+                    f"--- {cluster.name} {name} {container}\n{pod_log(cluster.node, SHOP, name, container)}"
+                )
+        out.append(f"--- west gateway\n{pod_log(self.west.node, GATEWAY_NS, GATEWAY_POD, 'envoy')}")
+        return "\n".join(out)
+
+
+def stat(stats: str, name: str) -> int:
+    """A counter of an Envoy /stats text (0 if absent)."""
+    match = re.search(rf"^{re.escape(name)}: (\d+)$", stats, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def masquerade(node: Node) -> None:
+    """Pods leaving the node for the transit network go out as the node's transit address."""
+    done = node.run_in(
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        node.pod_cidr,
+        "-o",
+        CLUSTER_LINK,
+        "-j",
+        "MASQUERADE",
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# ---- the module's two clusters, nodes, isthmus, gateway and workloads ------------------------------
+
+
+@pytest.fixture(scope="module")
+def _skip_if_unable() -> None:
+    if (why := why_not()) is not None:
+        pytest.skip(why)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    binaries = kube_bin("all")
+    base = tmp_path_factory.mktemp("capture")
+    clusters = [RealCluster(name, base / name, binaries) for name in ("east", "west")]
+    topology = Topology([c.name for c in clusters], mode="netns").create()
+    made: dict[str, Node] = {}
+    mesh: Mesh | None = None
+    try:
+        start_all(clusters)
+        for cluster in clusters:
+            net = topology[cluster.name]
+            cluster.start_scheduler()
+            made[cluster.name] = Node(
+                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
+            )
+            made[cluster.name].start()
+            made[cluster.name].import_envoy()
+            made[cluster.name].import_capture()
+            masquerade(made[cluster.name])
+        east, west = Cluster("east", made["east"]), Cluster("west", made["west"])
+        files = {
+            **with_libraries("/usr/bin/curl", Path(str(shutil.which("curl")))),
+            "/testapp": binaries / "testapp",
+        }
+        east.node.import_image(
+            write_image(east.node.dir / "curl-1.tar", CURL_IMAGE, files, ["/testapp", "pause"])
+        )
+
+        kubeconfigs = base / "kubeconfigs"
+        kubeconfigs.mkdir()
+        for c in (east, west):
+            await reader_kubeconfig(c.api, kubeconfigs / f"{c.name}.yaml")
+        # Every sidecar and the gateway reach isthmus at west's transit address (forwarded to its
+        # loopback port); east's cross the transit bridge.
+        xds_host = west.node.address
+        isthmus = Isthmus(base / "isthmus", kubeconfigs, xds_sans=(xds_host,), inject_xds_host=xds_host)
+        isthmus.process.argv += ["--cluster-gateway", f"west={west.node.address}:{GATEWAY_PORT}"]
+        west.node.expose(isthmus.xds_port)
+        mesh = Mesh(east, west, isthmus)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(serving(isthmus))
+            for c in (east, west):
+                await stack.enter_async_context(namespaces(c.api, {SHOP: {"isthmus.io/inject": "enabled"}}))
+                config = webhook_configuration(
+                    f"isthmus-capture-{os.getpid()}", c.name, isthmus.webhook_port, isthmus.ca_pem, [SHOP]
+                )
+                await stack.enter_async_context(registered(c.api, config))
+            for c in (east, west):
+                await webhook_active(c.api, SHOP)
+            # West: the api service and its east-west gateway.
+            for obj in gateway_objects(
+                gateway_bootstrap("west", xds_host, isthmus.xds_port, west.node.address), isthmus.ca_pem
+            ):
+                await west.api.admin.apply(obj)
+            await west.api.admin.apply(app_service("api"))
+            await west.api.admin.apply(app_deployment("api", "api-west"))
+            # East: no api; web (same-cluster) and the clients.
+            await east.api.admin.apply(app_service("web"))
+            await east.api.admin.apply(app_deployment("web", "web-east"))
+            nameserver = east.node.address  # nothing listens on port 53 there
+            await east.api.admin.create(client_pod("client", nameserver))
+            await east.api.admin.create(
+                client_pod("bypass", nameserver, {"isthmus.io/exclude-outbound-ports": "8080"})
+            )
+            try:
+                for c, namespace, app in (
+                    (west, SHOP, "api"),
+                    (west, GATEWAY_NS, GATEWAY_POD),
+                    (east, SHOP, "web"),
+                    (east, SHOP, "client"),
+                    (east, SHOP, "bypass"),
+                ):
+                    mesh.pods[app] = await ready_pod(c.api, namespace, app)
+                for app in ("api", "web", "client", "bypass"):
+                    assert PROXY in names(mesh.pods[app]["spec"]["initContainers"]), app
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{mesh.logs()}") from None
+            yield mesh
+    finally:
+        if mesh is not None:
+            print(mesh.logs())
+        for node in made.values():
+            print(f"--- node {node.name}\n{node.logs()}")
+            node.stop()
+        for cluster in clusters:
+            cluster.stop()
+        topology.close()
+
+
+# ---- the tests ------------------------------------------------------------------------------------
+
+
+async def test_a_remote_only_service_is_called_by_its_cluster_local_name_through_wests_gateway(
+    mesh: Mesh,
+) -> None:
+    gateway_before = mesh.gateway_admin("/stats")
+    called = mesh.curl("client", f"http://api.{SHOP}.svc.cluster.local/")
+    assert (called.returncode, called.stdout.strip()) == (0, "api-west"), (
+        f"curl exit {called.returncode}: {called.stderr}\n{mesh.logs()}"
+    )
+    # The client's resolver got the clusterset IP from its sidecar (east defines no api).
+    resolved = mesh.curl(
+        "client", f"http://api.{SHOP}.svc.cluster.local/", "-o", "/dev/null", "-w", "%{remote_ip}"
+    )
+    assert resolved.stdout.startswith("240.240."), resolved
+    # The sidecar sent it over mTLS to west's gateway, which passed it on by SNI.
+    sni = f"outbound_.80_._.api.{SHOP}.svc.cluster.local"
+    cluster = f"outbound|80||api.{SHOP}.svc.cluster.local"
+    client_stats = mesh.proxy_admin(mesh.east, "client", "/stats")
+    assert stat(client_stats, f"cluster.{cluster}.upstream_rq_200") >= 2, client_stats
+    assert stat(client_stats, f"cluster.{cluster}.ssl.handshake") >= 1, client_stats
+    endpoints = mesh.proxy_admin(mesh.east, "client", "/clusters")
+    assert f"{cluster}::{mesh.west.node.address}:{GATEWAY_PORT}::" in endpoints, endpoints
+    gateway_after = mesh.gateway_admin("/stats")
+    before, after = (stat(s, f"cluster.{sni}.upstream_cx_total") for s in (gateway_before, gateway_after))
+    assert after >= before + 1, gateway_after
