@@ -906,10 +906,12 @@ class DataPath:
         delta: bool = False,
         admin_port: int | None = None,
         token: str | bool = True,
+        capture: str | None = None,
     ) -> EnvoyBootstrap:
         """Write a bootstrap with ``isthmus bootstrap``: xDS over the control plane's Unix socket, or
         in transit mode over TLS to its transit address, with a token file holding ``token``: True
-        (a token of the identity the Node claims), False (no token file at all), or this string."""
+        (a token of the identity the Node claims), False (no token file at all), or this string.
+        ``capture``: the proxy's traffic is captured, with this outbound traffic policy."""
         region, zone = self.mesh.locality(cluster)
         admin = admin_port or self.topology.admin_port(cluster)
         node = node_id or f"{role}~{service}-{listen_address.replace('.', '-')}.{namespace}~{cluster}"
@@ -952,6 +954,7 @@ class DataPath:
             "--inbound-port", str(inbound_port),
             "-o", str(path),
             *(["--delta"] if delta else []),
+            *(["--capture", "--outbound-traffic", capture] if capture else []),
         ]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -983,11 +986,12 @@ class DataPath:
         log_level: str = "warn",
         concurrency: int = 1,
         wait: str = "admin",
+        uid: int | None = None,
         **bootstrap_options: Any,
     ) -> NsEnvoy:
         """Start an Envoy inside ``cluster`` and wait until its admin API answers (``wait="live"``: until
         it is LIVE; ``"none"``: do not wait). ``listen_address`` defaults to a new pod address;
-        ``app_address`` to ``listen_address``."""
+        ``app_address`` to ``listen_address``; ``uid``: run it as this user (and group) id."""
         if self.envoy_bin is None:
             import pytest
 
@@ -1003,7 +1007,14 @@ class DataPath:
             app_address=app_address or listen,
             **bootstrap_options,
         )
+        # As another user it still reads the run's files (bootstraps, tokens) under pytest's 0700
+        # directories: CAP_DAC_READ_SEARCH, nothing else.
+        user = [] if uid is None else [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--",
+        ]  # fmt: skip
         argv = [
+            *user,
             self.envoy_bin,
             "-c", str(boot.path),
             "--disable-hot-restart",

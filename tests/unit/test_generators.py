@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
+from isthmus.discovery import clusterset
 from isthmus.discovery.file import MeshFileError, example_mesh_text, parse_mesh
 from isthmus.discovery.model import ClusterState, Locality, MeshView
 from isthmus.xds import types
@@ -101,8 +102,27 @@ CASES = {
         EASTWEST,
         Proxy("gw-b", Role.GATEWAY, "isthmus-system", "eastwest", "eastwest", Locality("r1", "z2", "b")),
     ),
+    "eastwest-mtls-captured-sidecar-a": (EASTWEST, replace(sidecar("a", "r1", "z1"), capture=True)),
 }
-MTLS_CASES = {"eastwest-mtls-sidecar-a", "eastwest-mtls-gateway-b"}
+MTLS_CASES = {"eastwest-mtls-sidecar-a", "eastwest-mtls-gateway-b", "eastwest-mtls-captured-sidecar-a"}
+# ClusterIPs as Kubernetes would give them: clusters' service ranges overlap (web has 10.96.0.10 in
+# both a and b), db exists only in b, client only in a.
+CLUSTER_IPS = {
+    "shop/web": (("a", ("10.96.0.10",)), ("b", ("10.96.0.10",))),
+    "shop/db": (("b", ("10.96.0.20",)),),
+    "shop/client": (("a", ("10.96.0.30", "fd00::30")),),
+}
+
+
+def addressed(view: MeshView) -> MeshView:
+    """``view`` with CLUSTER_IPS and clusterset IPs from the default range (as the aggregator does)."""
+    vips = clusterset.allocate(view.services, clusterset.DEFAULT_NETWORK)
+    services = [
+        replace(s, addresses=CLUSTER_IPS.get(str(s.key), ()), vip=vips[s.key]) for s in view.services.values()
+    ]
+    return MeshView.build(services, view.clusters.values(), view.splits.values())
+
+
 # Fixed strings stand in for PEM: generators only place them, so golden files stay stable.
 TEST_IDENTITY = MeshIdentity(
     "mesh.test",
@@ -118,7 +138,7 @@ TEST_IDENTITY = MeshIdentity(
 
 
 def render(mesh: str, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, dict[str, object]]:
-    view = parse_mesh(mesh)
+    view = addressed(parse_mesh(mesh)) if proxy.capture else parse_mesh(mesh)
     out: dict[str, dict[str, object]] = {}
     for type_url in types.PUSH_ORDER:
         resources = GENERATORS[type_url](view, proxy, identity)

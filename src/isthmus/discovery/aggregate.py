@@ -168,7 +168,9 @@ def shards_of_view(view: MeshView) -> list[Shard]:
             for key, s in view.services.items()
         }
         splits = tuple(view.splits.values()) if member is members[0] else ()
-        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits))
+        here = member.name
+        ips = {key: s.addresses_in(here) for key, s in view.services.items() if s.defined_in(here)}
+        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits, ips))
     return out
 
 

@@ -9,6 +9,7 @@ parse is reported and the last good view is kept.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from isthmus.discovery.model import (
+    ClusterAddresses,
     Endpoint,
     Gateway,
     Health,
@@ -152,9 +154,31 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
                     else 0,
                 )
             )
-        services[key] = Service(key=key, ports=tuple(ports), endpoints=tuple(endpoints))
+        services[key] = Service(
+            key=key,
+            ports=tuple(ports),
+            endpoints=tuple(endpoints),
+            addresses=_cluster_ips(s.get("cluster_ips"), clusters, f"{where}.cluster_ips"),
+        )
     splits = _traffic_splits(doc, services, source)
     return MeshView.build(services.values(), clusters.values(), splits)
+
+
+def _cluster_ips(raw: Any, clusters: dict[str, MemberCluster], where: str) -> ClusterAddresses:
+    """``cluster_ips: {CLUSTER: [IP, ...]}``: the service's virtual addresses in each member cluster
+    (what a Kubernetes Service's ClusterIPs are; captured sidecars route connections to them)."""
+    out = []
+    for name, ips in sorted(_as_dict(raw or {}, where).items()):
+        if str(name) not in clusters:
+            raise MeshFileError(f"{where}: unknown cluster {name!r} (declare it under clusters)")
+        listed = []
+        for ip in _as_list(ips, f"{where}.{name}"):
+            try:
+                listed.append(str(ipaddress.ip_address(str(ip))))
+            except ValueError:
+                raise MeshFileError(f"{where}.{name}: {ip!r} is not an IP address") from None
+        out.append((str(name), tuple(listed)))
+    return tuple(out)
 
 
 def _traffic_splits(
