@@ -419,7 +419,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 def _cgroup_pids(cgroup: str) -> set[int]:
     pids: set[int] = set()
-    for procs in CGROUP_ROOT.glob(f"*/{cgroup}/**/cgroup.procs"):
+    for _ in range(10):
+        try:  # a container's cgroup may go away while it is walked (containerd removes them)
+            found = list(CGROUP_ROOT.glob(f"*/{cgroup}/**/cgroup.procs"))
+            break
+        except FileNotFoundError:
+            time.sleep(0.05)
+    else:
+        found = []
+    for procs in found:
         with contextlib.suppress(OSError, ValueError):
             pids |= {int(p) for p in procs.read_text().split()}
     return pids

@@ -77,6 +77,7 @@ SHOP = "shop"
 CURL_IMAGE = "isthmus.test/curl:1"  # this machine's curl and its libraries, and /testapp (pause)
 GATEWAY_PORT, GATEWAY_ADMIN, GATEWAY_READY = 15443, 15000, 15021
 GATEWAY_NS, GATEWAY_SA, GATEWAY_POD = READER_NAMESPACE, "isthmus-gateway", "eastwest"
+SIDECARS = ("api", "web", "client", "bypass", "registry")  # the injected pods
 SEARCHES = [f"{SHOP}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
 
 
@@ -434,6 +435,9 @@ async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) 
             await east.api.admin.create(
                 client_pod("bypass", nameserver, {"isthmus.io/exclude-outbound-ports": "8080"})
             )
+            await east.api.admin.create(
+                client_pod("registry", nameserver, {"isthmus.io/outbound-traffic": "registry-only"})
+            )
             try:
                 for c, namespace, app in (
                     (west, SHOP, "api"),
@@ -441,9 +445,10 @@ async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) 
                     (east, SHOP, "web"),
                     (east, SHOP, "client"),
                     (east, SHOP, "bypass"),
+                    (east, SHOP, "registry"),
                 ):
                     mesh.pods[app] = await ready_pod(c.api, namespace, app)
-                for app in ("api", "web", "client", "bypass"):
+                for app in SIDECARS:
                     assert PROXY in names(mesh.pods[app]["spec"]["initContainers"]), app
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{mesh.logs()}") from None
@@ -451,12 +456,14 @@ async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         if mesh is not None:
             print(mesh.logs())
-        for node in made.values():
-            print(f"--- node {node.name}\n{node.logs()}")
-            node.stop()
-        for cluster in clusters:
-            cluster.stop()
-        topology.close()
+        # Each step runs even if one before it fails; the first failure is raised at the end.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(topology.close)
+            for cluster in clusters:
+                cleanup.callback(cluster.stop)
+            for node in made.values():
+                print(f"--- node {node.name}\n{node.logs()}")
+                cleanup.callback(node.stop)
 
 
 # ---- the tests ------------------------------------------------------------------------------------
@@ -486,3 +493,88 @@ async def test_a_remote_only_service_is_called_by_its_cluster_local_name_through
     gateway_after = mesh.gateway_admin("/stats")
     before, after = (stat(s, f"cluster.{sni}.upstream_cx_total") for s in (gateway_before, gateway_after))
     assert after >= before + 1, gateway_after
+    # isthmus's view: the gateway and every sidecar connected with pod-bound tokens, none refused.
+    status = await mesh.isthmus.readyz()
+    assert status["proxies"] == len(SIDECARS) + 1, status
+    assert status["xds"]["pod_bound_streams"] == len(SIDECARS) + 1, status
+    assert status["xds"]["refused_streams"] == {}, status
+    assert f"proxy gateway~{GATEWAY_SA}.{GATEWAY_NS}~west connected" in mesh.isthmus.log()
+
+
+async def cluster_ip(cluster: Cluster, name: str) -> str:
+    found = await cluster.api.admin.get("Service", SHOP, name)
+    assert found is not None, name
+    return str(found["spec"]["clusterIP"])
+
+
+async def test_a_same_cluster_service_is_called_by_its_cluster_ip_and_clusterset_name(mesh: Mesh) -> None:
+    """East's own web: by the ClusterIP kube-proxy would have handled, and by its clusterset name
+    (the cluster.local name is east's cluster DNS's, which these tests do not run), both through
+    the sidecars over mTLS."""
+    address = await cluster_ip(mesh.east, "web")
+    cluster = f"outbound|80||web.{SHOP}.svc.cluster.local"
+    before = stat(mesh.proxy_admin(mesh.east, "web", "/stats"), "http.inbound_80.downstream_rq_2xx")
+    by_ip = mesh.curl("client", f"http://{address}/")
+    assert (by_ip.returncode, by_ip.stdout.strip()) == (0, "web-east"), f"{by_ip.stderr}\n{mesh.logs()}"
+    by_name = mesh.curl("client", f"http://web.{SHOP}.svc.clusterset.local/", "-w", " %{remote_ip}")
+    assert by_name.returncode == 0, by_name.stderr
+    answer, remote = by_name.stdout.split()
+    assert answer == "web-east"
+    assert remote.startswith("240.240."), remote
+    client_stats = mesh.proxy_admin(mesh.east, "client", "/stats")
+    assert stat(client_stats, f"cluster.{cluster}.upstream_rq_200") >= 2, client_stats
+    assert stat(client_stats, f"cluster.{cluster}.ssl.handshake") >= 1, client_stats
+    # Received by web's sidecar, on its inbound mTLS listener.
+    after = stat(mesh.proxy_admin(mesh.east, "web", "/stats"), "http.inbound_80.downstream_rq_2xx")
+    assert after >= before + 2, (before, after)
+
+
+async def test_a_clusterset_name_that_no_service_has_does_not_resolve(mesh: Mesh) -> None:
+    missing = mesh.curl("client", f"http://nope.{SHOP}.svc.clusterset.local/")
+    assert missing.returncode == 6, missing  # CURLE_COULDNT_RESOLVE_HOST
+    assert "Could not resolve host" in missing.stderr, missing.stderr
+    # ... while the same resolver, at the same time, finds a name that exists.
+    found = mesh.curl("client", f"http://api.{SHOP}.svc.clusterset.local/")
+    assert (found.returncode, found.stdout.strip()) == (0, "api-west"), found.stderr
+
+
+async def test_other_destinations_pass_through_and_excluded_ports_bypass_the_sidecar(mesh: Mesh) -> None:
+    """A pod address is no mesh service's: the client's sidecar passes the connection on to it
+    (allow-any). A pod that excludes the port connects to it without its sidecar seeing it."""
+    web = mesh.pods["web"]["status"]["podIP"]
+    url = f"http://{web}:8080/"  # the app's own port, left out of web's inbound capture (probed)
+    outbound = "listener.127.0.0.1_15001.downstream_cx_total"
+    client_before = mesh.proxy_admin(mesh.east, "client", "/stats")
+    through = mesh.curl("client", url)
+    assert (through.returncode, through.stdout.strip()) == (0, "web-east"), through.stderr
+    client_after = mesh.proxy_admin(mesh.east, "client", "/stats")
+    for name in ("cluster.passthrough.upstream_cx_total", outbound):
+        assert stat(client_after, name) == stat(client_before, name) + 1, (name, client_after)
+    # Excluded: the same request, and the bypassing pod's sidecar never sees a connection.
+    bypass_before = mesh.proxy_admin(mesh.east, "bypass", "/stats")
+    direct = mesh.curl("bypass", url)
+    assert (direct.returncode, direct.stdout.strip()) == (0, "web-east"), direct.stderr
+    bypass_after = mesh.proxy_admin(mesh.east, "bypass", "/stats")
+    for name in ("cluster.passthrough.upstream_cx_total", outbound):
+        assert stat(bypass_after, name) == stat(bypass_before, name), (name, bypass_after)
+    # Other ports of the bypassing pod are still captured: the mesh name works through its sidecar.
+    called = mesh.curl("bypass", f"http://api.{SHOP}.svc.cluster.local/")
+    assert (called.returncode, called.stdout.strip()) == (0, "api-west"), called.stderr
+    assert stat(mesh.proxy_admin(mesh.east, "bypass", "/stats"), outbound) == stat(bypass_after, outbound) + 1
+
+
+async def test_registry_only_closes_connections_to_addresses_of_no_mesh_service(mesh: Mesh) -> None:
+    """With isthmus.io/outbound-traffic: registry-only, the pod address that the allow-any client
+    reaches (above) matches no filter chain of the sidecar's outbound listener: the connection is
+    closed; mesh services still work."""
+    web = mesh.pods["web"]["status"]["podIP"]
+    before = mesh.proxy_admin(mesh.east, "registry", "/stats")
+    closed = mesh.curl("registry", f"http://{web}:8080/")
+    assert closed.returncode in (52, 56), closed  # empty reply / connection reset: no HTTP answer
+    after = mesh.proxy_admin(mesh.east, "registry", "/stats")
+    no_chain = "listener.127.0.0.1_15001.no_filter_chain_match"
+    assert stat(after, no_chain) == stat(before, no_chain) + 1, after
+    passthrough = "cluster.passthrough.upstream_cx_total"
+    assert stat(after, passthrough) == stat(before, passthrough) == 0, after
+    called = mesh.curl("registry", f"http://api.{SHOP}.svc.cluster.local/")
+    assert (called.returncode, called.stdout.strip()) == (0, "api-west"), called.stderr
