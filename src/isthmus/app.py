@@ -26,6 +26,7 @@ from isthmus.discovery.file import (
 )
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
+from isthmus.discovery.kube.imports import Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
@@ -95,7 +96,9 @@ class ControlPlane:
                 settings.kubeconfig_dir,
                 policy=lambda name: replace(policy, gateway=gateways.get(name)),
                 secrets=secrets,
+                service_imports=settings.service_imports,
             )
+        self._imports = Desired()
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
         self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
@@ -103,6 +106,8 @@ class ControlPlane:
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
         self.view_loaded = True
+        if self.members is not None and self.members.service_imports:
+            self.members.write_imports(self._imports(view))
         if changed:
             log.info(
                 "mesh version %s: %d services in %d clusters",

@@ -252,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="where services' clusterset IPs are chosen (the same in every replica; docs/capture.md)",
     )
+    kube.add_argument(
+        "--no-service-imports",
+        dest="service_imports",
+        action="store_false",
+        help="do not write MCS ServiceImports into member clusters (written where the CRD exists)",
+    )
 
     hook = serve.add_argument_group("sidecar injection (docs/injection.md)")
     hook.add_argument(
@@ -572,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             debounce_quiet=args.debounce,
             debounce_max=args.debounce_max,
             clusterset_range=args.clusterset_range,
+            service_imports=args.service_imports,
             webhook_address=args.webhook_address,
             webhook_sans=tuple(args.webhook_san),
             inject_xds_address=args.inject_xds_address,

@@ -98,6 +98,7 @@ class ServeSettings:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     clusterset_range: str = DEFAULT_CLUSTERSET_RANGE  # where services' clusterset IPs are chosen
+    service_imports: bool = True  # write MCS ServiceImports into member clusters that have the CRD
     mtls: bool = True
     trust_domain: str = "cluster.local"
     ca_cert: Path | None = None

@@ -154,7 +154,7 @@ async def test_three_real_clusters_one_graph_with_least_privilege(
                 gaps.append(view)
             inner(view)
 
-        aggregator.on_view = watch_gaps  # type: ignore[assignment]
+        aggregator.on_view = watch_gaps
         old = members.members["a"].watcher.credentials.digest
         await reader_kubeconfig(real_clusters["a"], directory / "a.yaml")
         await real_clusters["a"].admin.apply(endpoint_slice(namespace, "web-a", ["10.0.0.3"]))
@@ -386,7 +386,7 @@ async def test_a_crd_installed_while_watched_keeps_the_cluster_synced(
         states.append(state("e")(view))
         inner(view)
 
-    aggregator.on_view = record  # type: ignore[assignment]
+    aggregator.on_view = record
     members = Members(aggregator, directory=directory, timing=TIMING, poll_interval=0.2)
     async with running(members):
         await g.until(lambda v: state("e")(v) is ClusterState.SYNCED, timeout=30)

@@ -29,5 +29,13 @@ def crd(group: str, version: str, kind: str, plural: str) -> dict[str, Any]:
     }
 
 
+def with_status(definition: dict[str, Any]) -> dict[str, Any]:
+    """``definition`` with status as a subresource (as the MCS project's ServiceImport CRD has it)."""
+    version = definition["spec"]["versions"][0]
+    version["subresources"] = {"status": {}}
+    return definition
+
+
+SERVICE_IMPORT = with_status(crd("multicluster.x-k8s.io", "v1alpha1", "ServiceImport", "serviceimports"))
 SERVICE_EXPORT = crd("multicluster.x-k8s.io", "v1alpha1", "ServiceExport", "serviceexports")
 TRAFFIC_SPLIT = crd("split.smi-spec.io", "v1alpha2", "TrafficSplit", "trafficsplits")

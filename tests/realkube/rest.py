@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "RoleBinding": Kind("apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "CustomResourceDefinition": Kind("apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False),
     "ServiceExport": Kind("apis/multicluster.x-k8s.io/v1alpha1", "serviceexports", True),
+    "ServiceImport": Kind("apis/multicluster.x-k8s.io/v1alpha1", "serviceimports", True),
     "TrafficSplit": Kind("apis/split.smi-spec.io/v1alpha2", "trafficsplits", True),
 }
 

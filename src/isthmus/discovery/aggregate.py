@@ -185,7 +185,7 @@ class Aggregator:
         clock: Callable[[], float] = time.monotonic,
         clusterset_range: clusterset.Network = clusterset.DEFAULT_NETWORK,
     ) -> None:
-        self._on_view = on_view
+        self.on_view = on_view
         self._range = clusterset_range
         self._vips: dict[ServiceKey, str] = {}
         self.quiet = quiet
@@ -316,7 +316,7 @@ class Aggregator:
         self.flushes += 1
         if view.version != self.version:
             self.version = view.version
-            self._on_view(view)
+            self.on_view(view)
         return view
 
     async def run(self) -> None:

@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.cluster import SOURCE, ClusterPolicy, ClusterWatcher
+from isthmus.discovery.kube.imports import ImportWriter
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.discovery.kube.reflector import Timing
 from isthmus.discovery.kube.reviews import Review, Reviewer
@@ -49,6 +51,7 @@ class Members:
         timing: Timing | None = None,
         poll_interval: float = 2.0,
         secrets: SecretMembers | None = None,
+        service_imports: bool = False,
     ) -> None:
         self.aggregator = aggregator
         self.static = dict(static or {})
@@ -67,6 +70,10 @@ class Members:
         self.removed: dict[str, str] = {}  # cluster -> when it was removed (ISO 8601, UTC)
         self._reviewers: dict[str, Reviewer] = {}  # cluster -> TokenReviews with its credentials
         self.on_pods: Callable[[str, Collection[str] | None], None] | None = None  # ClusterWatcher.on_pods
+        # ServiceImports written into each member cluster (discovery.kube.imports), if on.
+        self.service_imports = service_imports
+        self._writers: dict[str, tuple[ImportWriter, asyncio.Task[None]]] = {}
+        self._imports: Mapping[str, dict[str, object]] | None = None
 
     # ---- reading kubeconfigs ------------------------------------------------------------
 
@@ -130,6 +137,7 @@ class Members:
             if warming is not None:
                 await _stop(warming)
             self.aggregator.remove_shard(SOURCE, name)
+            await self._stop_writer(name)
             reviewer = self._reviewers.pop(name, None)
             if reviewer is not None:
                 await reviewer.close()
@@ -139,6 +147,7 @@ class Members:
                 self.removed.pop(name, None)
                 log.info("cluster %s added to the mesh", name)
                 self.members[name] = self._start(credentials, publish=True)
+                self._start_writer(name)
             elif current.watcher.credentials.digest != credentials.digest:
                 warming = self._warming.get(name)
                 if warming is None or warming.watcher.credentials.digest != credentials.digest:
@@ -164,8 +173,37 @@ class Members:
         finally:
             for member in [*self.members.values(), *self._warming.values()]:
                 await _stop(member)
+            for name in list(self._writers):
+                await self._stop_writer(name)
             for reviewer in self._reviewers.values():
                 await reviewer.close()
+
+    # ---- ServiceImports --------------------------------------------------------------------
+
+    def write_imports(self, wanted: Mapping[str, dict[str, object]]) -> None:
+        """The ServiceImports every member cluster should have (imports.Desired of the view)."""
+        self._imports = wanted
+        for writer, _ in self._writers.values():
+            writer.want(wanted)
+
+    def _start_writer(self, name: str) -> None:
+        if not self.service_imports or name in self._writers:
+            return
+
+        async def connect() -> Any:  # the member's current credentials (rotated ones included)
+            return await self.members[name].watcher.credentials.api_client()
+
+        writer = ImportWriter(name, connect)
+        if self._imports is not None:
+            writer.want(self._imports)
+        self._writers[name] = (writer, asyncio.create_task(writer.run(), name=f"imports-{name}"))
+
+    async def _stop_writer(self, name: str) -> None:
+        found = self._writers.pop(name, None)
+        if found is not None:
+            found[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await found[1]
 
     async def _reconcile_loop(self) -> None:
         """Reconcile every ``poll_interval`` (files), at once when the Secrets change, and while a
@@ -197,6 +235,8 @@ class Members:
                 out[name]["degraded"] = dict(sorted(w.degraded.items()))
             if w.unreachable_since is not None:
                 out[name]["unreachable_since"] = _iso(time.time() - (time.monotonic() - w.unreachable_since))
+            if name in self._writers:
+                out[name]["service_imports"] = self._writers[name][0].status()
         for name, error in self.errors.items():
             out.setdefault(
                 name,

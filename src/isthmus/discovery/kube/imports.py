@@ -1,0 +1,269 @@
+"""ServiceImports (MCS, multicluster.x-k8s.io/v1alpha1): isthmus's writes into member clusters.
+
+Every service of the mesh that has a clusterset IP gets one ServiceImport, the same in every member
+cluster that has the CRD: ``spec.type: ClusterSetIP``, ``spec.ips`` the clusterset IP
+(discovery.clusterset: every replica of isthmus picks the same), ``spec.ports`` the service's
+ports (the mesh's: those of the first cluster by name that defines it, as discovery merges them),
+and ``status.clusters`` the member clusters that export it. They carry the label
+``app.kubernetes.io/managed-by: isthmus``; isthmus deletes the ones it made when their service
+leaves the mesh, and never touches others.
+
+``service_import`` and ``desired`` are pure. An ``ImportWriter`` per member cluster writes the
+difference between what it wrote last and what is wanted now, one cluster never waiting for
+another: it lists its own ServiceImports at start (and after any failure, and every
+``resync`` seconds, so edits by others are undone), creates, replaces (spec, then status: a
+subresource) and deletes. A cluster without the CRD (404) is asked again every ``recheck`` seconds;
+a namespace that does not exist there is skipped until the next change; a refusal (403: the
+cluster's role does not grant the writes, deploy/member-cluster/rbac.yaml) is reported in its
+status and retried with backoff, like any other error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from isthmus.discovery.model import MeshView, Service
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL, KIND = "multicluster.x-k8s.io", "v1alpha1", "serviceimports", "ServiceImport"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "isthmus"
+
+Obj = dict[str, Any]
+FOREIGN: Obj = {}  # _write's answer for a name taken by a ServiceImport isthmus did not make
+
+
+def service_import(service: Service) -> Obj:
+    """The ServiceImport of one service (one with a clusterset IP)."""
+    ports = []
+    for port in service.ports:
+        entry: Obj = {"name": port.name, "protocol": "TCP", "port": port.port}
+        if port.protocol.is_http:
+            entry["appProtocol"] = port.protocol.value
+        ports.append(entry)
+    exporters = sorted({name for name, _ in service.addresses} | service.clusters)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": service.name, "namespace": service.namespace, "labels": {MANAGED_BY: MANAGER}},
+        "spec": {"type": "ClusterSetIP", "ips": [service.vip], "ports": ports},
+        "status": {"clusters": [{"cluster": name} for name in exporters if name]},
+    }
+
+
+class Desired:
+    """``desired(view)`` with each service's ServiceImport made once per distinct content: a new
+    view that changes endpoints only (the common case) reuses every object."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[object, Obj]] = {}
+
+    def __call__(self, view: MeshView) -> dict[str, Obj]:
+        out: dict[str, Obj] = {}
+        made: dict[str, tuple[object, Obj]] = {}
+        for key, service in view.services.items():
+            if not service.vip:
+                continue
+            name = str(key)
+            inputs = (service.ports, service.vip, service.addresses, service.clusters)
+            known = self._made.get(name)
+            obj = known[1] if known is not None and known[0] == inputs else service_import(service)
+            made[name] = (inputs, obj)
+            out[name] = obj
+        self._made = made
+        return out
+
+
+def _same(written: Obj, wanted: Obj) -> bool:
+    labels = (written.get("metadata") or {}).get("labels") or {}
+    return (
+        labels.get(MANAGED_BY) == MANAGER
+        and written.get("spec") == wanted["spec"]
+        and written.get("status") == wanted["status"]
+    )
+
+
+def _reason(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    return f"{status} {reason}" if status else f"{reason}: {exc}"
+
+
+class ImportWriter:
+    """Keeps one member cluster's ServiceImports equal to the wanted ones."""
+
+    def __init__(
+        self,
+        cluster: str,
+        connect: Callable[[], Awaitable[client.ApiClient]],
+        *,
+        recheck: float = 60.0,
+        resync: float = 300.0,
+        backoff: tuple[float, float] = (1.0, 30.0),
+        timeout: float = 10.0,
+    ) -> None:
+        self.cluster = cluster
+        self.connect = connect
+        self.recheck, self.resync, self.backoff, self.timeout = recheck, resync, backoff, timeout
+        self._wanted: Mapping[str, Obj] | None = None
+        self._written: dict[str, Obj] | None = None  # None: list before writing
+        self._listed_at = 0.0
+        self._wake = asyncio.Event()
+        self._api: client.ApiClient | None = None
+        self.installed: bool | None = None  # the CRD: None = not asked yet
+        self.error = ""
+        self.writes = 0
+        self.skipped: set[str] = set()  # wanted, but their namespace does not exist here
+        self.foreign: set[str] = set()  # wanted, but a ServiceImport that isthmus did not make is there
+
+    def want(self, wanted: Mapping[str, Obj]) -> None:
+        """The ServiceImports this cluster should have (namespace/name -> object); latest wins."""
+        self._wanted = wanted
+        self._wake.set()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "installed": self.installed,
+            "imports": len(self._written or {}),
+            "writes": self.writes,
+            "skipped_namespaces": sorted({k.split("/", 1)[0] for k in self.skipped}),
+            "error": self.error,
+        }
+
+    async def run(self) -> None:
+        delay = self.backoff[0]
+        try:
+            while True:
+                timeout = self.recheck if self.installed is False else self.resync
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    self._written = None  # re-list: undo others' edits, see a new CRD
+                self._wake.clear()
+                if self._wanted is None:
+                    continue
+                try:
+                    await self._sync(self._wanted)
+                    self.error, delay = "", self.backoff[0]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    why = _reason(exc)
+                    if why != self.error:
+                        log.warning("cluster %s: writing ServiceImports failed: %s", self.cluster, why)
+                    self.error = why
+                    self._written = None
+                    if self._api is not None:  # reconnect: with the cluster's current credentials
+                        await self._api.close()
+                        self._api = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff[1])
+                    self._wake.set()
+        finally:
+            if self._api is not None:
+                await self._api.close()
+
+    async def _objects(self) -> Any:
+        if self._api is None:
+            self._api = await self.connect()
+        return client.CustomObjectsApi(self._api)
+
+    async def _sync(self, wanted: Mapping[str, Obj]) -> None:
+        api = await self._objects()
+        if self._written is None or time.monotonic() - self._listed_at > self.resync:
+            try:
+                listed = await api.list_cluster_custom_object(
+                    GROUP,
+                    VERSION,
+                    PLURAL,
+                    label_selector=f"{MANAGED_BY}={MANAGER}",
+                    _request_timeout=self.timeout,
+                )
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    if self.installed is not False:
+                        log.info(
+                            "cluster %s has no ServiceImport CRD: no ServiceImports written", self.cluster
+                        )
+                    self.installed = False
+                    return
+                raise
+            if self.installed is not True:
+                log.info("cluster %s: writing ServiceImports", self.cluster)
+            self.installed = True
+            self._written = {
+                f"{o['metadata']['namespace']}/{o['metadata']['name']}": o for o in listed.get("items", [])
+            }
+            self._listed_at = time.monotonic()
+            self.foreign = set()  # try them again: their owner may have deleted them
+        written = self._written
+        skipped: set[str] = set()
+        for key, obj in wanted.items():
+            have = written.get(key)
+            if have is not None and _same(have, obj):
+                continue
+            if have is None and key in self.foreign:
+                continue  # until the next listing: maybe its owner deleted it
+            made = await self._write(api, obj, have)
+            if made is None:
+                skipped.add(key)
+            elif made is FOREIGN:
+                if key not in self.foreign:
+                    log.warning(
+                        "cluster %s: ServiceImport %s exists and is not isthmus's: left alone",
+                        self.cluster,
+                        key,
+                    )
+                self.foreign.add(key)
+            else:
+                written[key] = made
+        for key in [k for k in written if k not in wanted]:
+            namespace, name = key.split("/", 1)
+            try:
+                await api.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout
+                )
+                self.writes += 1
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+            del written[key]
+        self.skipped = skipped
+
+    async def _write(self, api: Any, obj: Obj, have: Obj | None) -> Obj | None:
+        """Create or replace ``obj`` (spec, then status); None when its namespace does not exist,
+        FOREIGN when a ServiceImport of that name exists that isthmus did not make."""
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        body = dict(obj)  # with its status, which an API server keeps when status is no subresource
+        try:
+            if have is None:
+                made = await api.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.timeout
+                )
+            else:
+                body = {**body, "metadata": {**meta, "resourceVersion": have["metadata"]["resourceVersion"]}}
+                made = await api.replace_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=self.timeout
+                )
+            self.writes += 1
+            if made.get("status") != obj["status"]:  # status is a subresource (the MCS CRD's is)
+                made = await api.replace_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, {**made, "status": obj["status"]},
+                    _request_timeout=self.timeout,
+                )  # fmt: skip
+                self.writes += 1
+        except client.ApiException as exc:
+            if exc.status == 404 and have is None:
+                return None  # no such namespace in this cluster (or the CRD just went: re-listed)
+            if exc.status == 409 and have is None:
+                return FOREIGN  # already exists, unlabelled: another MCS implementation's
+            raise  # 409 on replace: changed since listed; the error path lists again
+        return dict(made)
