@@ -57,7 +57,9 @@ async def until(
 
 
 async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_touched(
-    real_cluster_factory: Callable[..., list[RealCluster]], graph: tuple[Graph, Aggregator], tmp_path: Path
+    real_cluster_factory: Callable[..., list[RealCluster]],
+    graph: tuple[Graph, Aggregator],  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
 ) -> None:
     g, aggregator = graph
     ia, ib, ic = real_cluster_factory("ia", "ib", "ic")
