@@ -125,20 +125,24 @@ def random_shard(rng: random.Random, cluster: str, previous: Shard | None) -> Sh
     services = dict(previous.services) if previous else {}
     endpoints = dict(previous.endpoints) if previous else {}
     ips = dict(previous.addresses) if previous else {}
+    since = dict(previous.exported_at) if previous else {}
     for key in rng.sample(KEYS, rng.randint(0, 3)):
         services.pop(key, None)
         endpoints.pop(key, None)
         ips.pop(key, None)
+        since.pop(key, None)
         if rng.random() < 0.8:
             services[key] = rng.choice(PORTS)
             ips[key] = rng.choice([(), ("10.96.0.1",), ("10.96.0.2", "fd00::2")])
+            if rng.random() < 0.7:
+                since[key] = rng.choice(["2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"])
         if rng.random() < 0.8:
             addresses = rng.sample(range(1, 6), rng.randint(0, 3))
             health = rng.choice(list(Health))
             endpoints[key] = tuple(
                 Endpoint(f"10.0.0.{a}", Locality("r", "z", cluster), health=health) for a in addresses
             )
-    return Shard(member, services, endpoints, addresses=ips)
+    return Shard(member, services, endpoints, addresses=ips, exported_at=since)
 
 
 def view_differences(view: MeshView, reference: MeshView) -> list[str]:
@@ -202,3 +206,19 @@ def test_build_and_incremental_versions_agree() -> None:
     view = merge([shard("b", "127.0.2.1"), shard("a", "127.0.1.2", "127.0.1.1")])
     shuffled = [replace(s, endpoints=tuple(reversed(s.endpoints))) for s in view.services.values()]
     assert MeshView.build(shuffled, view.clusters.values()).version == view.version
+
+
+def test_the_oldest_export_decides_the_ports() -> None:
+    """MCS: when clusters export a service with different ports, the oldest export's win; without
+    times (the file source) the first cluster's by name."""
+    web = ServiceKey("shop", "web")
+    alt = (ServicePort("http", 8080, 8080),)
+    a = Shard(MemberCluster("a"), {web: HTTP}, exported_at={web: "2026-12-01T10:00:00Z"})
+    b = Shard(MemberCluster("b"), {web: alt}, exported_at={web: "2026-11-30T09:00:00Z"})
+    assert merge([a, b]).services[web].ports == alt
+    agg = Aggregator(lambda view: None)
+    agg.set_shard("kube", a)
+    agg.set_shard("kube", b)
+    assert agg.flush().services[web].ports == alt
+    untimed = [Shard(MemberCluster("a"), {web: HTTP}), Shard(MemberCluster("b"), {web: alt})]
+    assert merge(untimed).services[web].ports == HTTP

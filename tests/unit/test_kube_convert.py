@@ -195,3 +195,13 @@ def test_slice_index_follows_relabels_and_deletions() -> None:
     assert index.update("shop/s", unlabelled) == {api}
     assert index.update("shop/s", None) == set()
     assert index.slices(api) == []
+
+
+def test_a_service_is_exported_since_its_service_export_else_its_service() -> None:
+    svc = service()
+    svc["metadata"]["creationTimestamp"] = "2026-11-01T00:00:00Z"
+    shard = shard_of(CLUSTER, objects(services={"shop/web": svc}))
+    assert shard.exported_at[WEB] == "2026-11-01T00:00:00Z"
+    export = {"metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2026-11-20T00:00:00Z"}}
+    exported = objects(services={"shop/web": svc}, service_exports={"shop/web": export})
+    assert shard_of(CLUSTER, exported, ExportPolicy.SERVICE_EXPORT).exported_at[WEB] == "2026-11-20T00:00:00Z"

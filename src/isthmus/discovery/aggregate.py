@@ -7,7 +7,7 @@ maximum delay) into one immutable MeshView; a flush that changes nothing produce
 no new version, because MeshView versions are content hashes.
 
 Services merge by namespace/name across shards ("namespace sameness"): the port
-list of the alphabetically first cluster that defines the service wins, and the
+list of the oldest export wins (MCS), between equals the first cluster's by name; the
 endpoints of every shard are concatenated, each keeping its own locality; so are
 the ClusterIPs each cluster gives it. Every merged service gets its clusterset IP
 (discovery.clusterset) from the set of service keys.
@@ -58,6 +58,8 @@ class Shard:
     splits: tuple[TrafficSplit, ...] = ()
     # The ClusterIPs of the services this cluster's API server defines (a headless one: none).
     addresses: Mapping[ServiceKey, tuple[str, ...]] = field(default_factory=dict)
+    # When each service was exported here (RFC 3339; its ServiceExport's creation, else its Service's).
+    exported_at: Mapping[ServiceKey, str] = field(default_factory=dict)
 
 
 def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
@@ -75,41 +77,29 @@ def merge(
     clusterset_range: clusterset.Network = clusterset.DEFAULT_NETWORK,
 ) -> MeshView:
     """Merge shards into one MeshView (pure)."""
-    ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
-    endpoints: dict[ServiceKey, list[Endpoint]] = {}
-    addresses: dict[ServiceKey, list[tuple[str, tuple[str, ...]]]] = {}
     clusters: dict[str, MemberCluster] = {c.name: c for c in extra_clusters}
     all_shards = sorted(shards, key=lambda s: s.cluster.name)
     for shard in all_shards:
-        for key, ips in shard.addresses.items():
-            addresses.setdefault(key, []).append((shard.cluster.name, ips))
         clusters.setdefault(shard.cluster.name, shard.cluster)
-        for key, service_ports in shard.services.items():
-            if key not in ports:
-                ports[key] = service_ports
-            elif ports[key] != service_ports:
-                log.debug(
-                    "service %s: ports differ in cluster %s; keeping the first", key, shard.cluster.name
-                )
-        for key, eps in shard.endpoints.items():
-            endpoints.setdefault(key, []).extend(eps)
-    vips = clusterset.allocate(ports, clusterset_range)
-    services = [
-        Service(
-            key,
-            service_ports,
-            tuple(endpoints.get(key, ())),
-            tuple(addresses.get(key, ())),
-            vips.get(key, ""),
-        )
-        for key, service_ports in ports.items()
-    ]
-    return MeshView.build(services, [c for c in clusters.values() if c.name], merge_splits(all_shards))
+    keys = {key for shard in all_shards for key in shard.services}
+    vips = clusterset.allocate(keys, clusterset_range)
+    services = [merge_service(key, all_shards, vips.get(key, "")) for key in keys]
+    return MeshView.build(
+        [s for s in services if s is not None],
+        [c for c in clusters.values() if c.name],
+        merge_splits(all_shards),
+    )
+
+
+NEVER = "~"  # exported_at of a service with no timestamp: after every RFC 3339 time
 
 
 def merge_service(key: ServiceKey, shards: Iterable[Shard], vip: str = "") -> Service | None:
-    """Merge one service across shards given in merge order (by cluster name); None if none defines it."""
+    """Merge one service across shards given in merge order (by cluster name); None if none defines
+    it. Its ports are the oldest export's (MCS: the oldest ServiceExport wins a conflict), between
+    equals (or without times: the file source) the first cluster's by name."""
     ports: tuple[ServicePort, ...] | None = None
+    oldest = ""
     endpoints: list[Endpoint] = []
     addresses: ClusterAddresses = ()
     for shard in shards:
@@ -117,10 +107,14 @@ def merge_service(key: ServiceKey, shards: Iterable[Shard], vip: str = "") -> Se
         if ips is not None:
             addresses += ((shard.cluster.name, ips),)
         shard_ports = shard.services.get(key)
-        if ports is None:
-            ports = shard_ports
-        elif shard_ports is not None and shard_ports != ports:
-            log.debug("service %s: ports differ in cluster %s; keeping the first", key, shard.cluster.name)
+        if shard_ports is not None:
+            since = shard.exported_at.get(key, NEVER)
+            if ports is None or since < oldest:
+                ports, oldest = shard_ports, since
+            elif shard_ports != ports:
+                log.debug(
+                    "service %s: ports differ in cluster %s; keeping the oldest", key, shard.cluster.name
+                )
         endpoints.extend(shard.endpoints.get(key, ()))
     return (
         None
@@ -150,6 +144,7 @@ def shard_changes(old: Shard | None, new: Shard | None) -> set[ServiceKey]:
         *changed_keys(old.services, new.services),
         *changed_keys(old.endpoints, new.endpoints),
         *changed_keys(old.addresses, new.addresses),
+        *changed_keys(old.exported_at, new.exported_at),
     }
 
 

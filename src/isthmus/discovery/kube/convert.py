@@ -16,7 +16,9 @@ Rules (documented in docs/discovery.md):
 * endpoint health from EndpointSlice conditions: ready -> healthy; serving and terminating ->
   draining; otherwise unhealthy; an address in several slices counts once (the healthiest; between
   equals, the one in the slice whose name sorts first);
-* a service's addresses in the cluster: its ``clusterIPs`` (none when headless);
+* a service's addresses in the cluster: its ``clusterIPs`` (none when headless); when it was
+  exported there: its ServiceExport's creation time, else its Service's (the oldest export's ports
+  win across clusters);
 * locality: region from the node's ``topology.kubernetes.io/region``, zone from the endpoint's zone
   (else the node's), the member cluster as sub-zone; identity from the Pod's service account.
 """
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from isthmus.discovery.aggregate import Shard
+from isthmus.discovery.aggregate import NEVER, Shard
 from isthmus.discovery.kube.gateway import is_gateway_service, sidecar_port
 from isthmus.discovery.model import (
     Endpoint,
@@ -141,8 +143,8 @@ def endpoint_health(conditions: Obj) -> Health:
 
 _RANK = {Health.HEALTHY: 0, Health.DRAINING: 1, Health.UNHEALTHY: 2}
 
-# (ports, sorted endpoints, ClusterIPs)
-ServiceEntry = tuple[tuple[ServicePort, ...], tuple[Endpoint, ...], tuple[str, ...]]
+# (ports, sorted endpoints, ClusterIPs, exported at)
+ServiceEntry = tuple[tuple[ServicePort, ...], tuple[Endpoint, ...], tuple[str, ...], str]
 
 
 def cluster_ips(service: Obj) -> tuple[str, ...]:
@@ -250,12 +252,13 @@ def shard_of(
     services: dict[ServiceKey, tuple[ServicePort, ...]] = {}
     endpoints: dict[ServiceKey, tuple[Endpoint, ...]] = {}
     addresses: dict[ServiceKey, tuple[str, ...]] = {}
+    since: dict[ServiceKey, str] = {}
     for svc in objs.services.values():
         key = service_key(svc)
         entry = service_entry(cluster, objs, index, key, svc, export, require_namespace_label)
         if entry is not None:
-            services[key], endpoints[key], addresses[key] = entry
-    return Shard(cluster, services, endpoints, addresses=addresses)
+            services[key], endpoints[key], addresses[key], since[key] = entry
+    return Shard(cluster, services, endpoints, addresses=addresses, exported_at=since)
 
 
 def update_shard(
@@ -270,6 +273,7 @@ def update_shard(
     services = dict(shard.services)
     endpoints = dict(shard.endpoints)
     addresses = dict(shard.addresses)
+    since = dict(shard.exported_at)
     for key in dirty:
         svc = objs.services.get(str(key))
         entry = None
@@ -279,9 +283,10 @@ def update_shard(
             services.pop(key, None)
             endpoints.pop(key, None)
             addresses.pop(key, None)
+            since.pop(key, None)
         else:
-            services[key], endpoints[key], addresses[key] = entry
-    return Shard(shard.cluster, services, endpoints, addresses=addresses)
+            services[key], endpoints[key], addresses[key], since[key] = entry
+    return Shard(shard.cluster, services, endpoints, addresses=addresses, exported_at=since)
 
 
 def service_entry(
@@ -304,7 +309,14 @@ def service_entry(
     ports = service_ports(service)
     if not ports:
         return None
-    return ports, _endpoints(cluster, objs, key, ports, index.slices(key)), cluster_ips(service)
+    export_obj = objs.service_exports.get(str(key))
+    since = str(_meta(export_obj if export_obj is not None else service).get("creationTimestamp") or "")
+    return (
+        ports,
+        _endpoints(cluster, objs, key, ports, index.slices(key)),
+        cluster_ips(service),
+        since or NEVER,
+    )
 
 
 def _endpoints(
