@@ -26,7 +26,7 @@ from isthmus.discovery.file import (
 )
 from isthmus.discovery.kube.cluster import ClusterPolicy
 from isthmus.discovery.kube.convert import ExportPolicy
-from isthmus.discovery.kube.imports import Desired
+from isthmus.discovery.kube.mcs import Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers

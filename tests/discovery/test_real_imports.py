@@ -1,4 +1,4 @@
-"""MCS ServiceImports written by isthmus into real kube-apiservers (discovery.kube.imports), with the
+"""MCS ServiceImports written by isthmus into real kube-apiservers (discovery.kube.mcs), with the
 roles of deploy/member-cluster/rbac.yaml: every service of the mesh gets its ServiceImport, with the
 same clusterset IP in every cluster that has the CRD and the clusters that export it; a cluster
 without the CRD, a namespace a cluster lacks and a ServiceImport that isthmus did not make are left
@@ -8,6 +8,7 @@ of isthmus's requests, whose only writes are to ServiceImports."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +19,19 @@ from test_kube_members import Graph
 from test_real_kube import READER_USER, TIMING, graph, refused, running  # noqa: F401 (graph: a fixture)
 
 from isthmus.discovery.aggregate import Aggregator
-from isthmus.discovery.kube.imports import MANAGED_BY, Desired
+from isthmus.discovery.kube.mcs import MANAGED_BY, Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.model import MeshView, ServiceKey
 from realkube.cluster import RealCluster
-from realkube.crds import SERVICE_IMPORT
+from realkube.crds import SERVICE_EXPORT, SERVICE_IMPORT, with_status
 from realkube.fixtures import reader_kubeconfig
 from realkube.rest import ApiError
 
 pytestmark = pytest.mark.realkube
+
+
+async def _equal(got: Any, want: Any) -> bool:
+    return bool(await got == want)
 
 
 def service(namespace: str, name: str) -> dict[str, Any]:
@@ -65,11 +70,15 @@ async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_to
     ia, ib, ic = real_cluster_factory("ia", "ib", "ic")
     for cluster in (ia, ib):
         await cluster.admin.create(SERVICE_IMPORT)
+        await cluster.admin.create(with_status(copy.deepcopy(SERVICE_EXPORT)))
     for cluster in (ia, ib, ic):
         await cluster.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
     await ia.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "only-a"}})
-    for cluster in (ia, ib):
-        await cluster.admin.create(service("shop", "web"))
+    await ia.admin.create(service("shop", "web"))
+    other = service("shop", "web")  # ib exports web with one more port: a conflict, ia's is older
+    other["spec"]["ports"].append({"name": "http-admin", "port": 9000})
+    await asyncio.sleep(1.1)  # creation times have one-second resolution
+    await ib.admin.create(other)
     await ia.admin.create(service("shop", "api"))
     await ia.admin.create(service("only-a", "db"))
     # In ib, a ServiceImport named like a service of the mesh that another MCS implementation made.
@@ -80,6 +89,13 @@ async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_to
         "spec": {"type": "ClusterSetIP", "ips": ["10.0.0.99"], "ports": [{"port": 1, "protocol": "TCP"}]},
     }
     await until(lambda: ib.admin.create(foreign), "ib's ServiceImport CRD to serve")
+    for cluster, name in ((ia, "web"), (ib, "web"), (ia, "ghost")):
+        export = {
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport",
+            "metadata": {"name": name, "namespace": "shop"},
+        }
+        await until(lambda c=cluster, e=export: c.admin.create(e), f"{cluster.name}'s ServiceExport CRD")
     directory = tmp_path / "kubeconfigs"
     directory.mkdir()
     for cluster in (ia, ib, ic):
@@ -102,11 +118,12 @@ async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_to
         vip = view.services[web].vip
         assert vip.startswith("240.240."), vip
         for cluster in (ia, ib):
-            imported = await until(
-                lambda c=cluster: c.admin.get("ServiceImport", "shop", "web"),
-                f"{cluster.name}'s import",
-                status=members.status,
-            )
+
+            async def both_exporters(c: RealCluster = cluster) -> dict[str, Any] | None:
+                found = await c.admin.get("ServiceImport", "shop", "web")
+                return found if found and len(found.get("status", {}).get("clusters", [])) == 2 else None
+
+            imported = await until(both_exporters, f"{cluster.name}'s import", status=members.status)
             assert imported["metadata"]["labels"][MANAGED_BY] == "isthmus"
             assert imported["spec"]["type"] == "ClusterSetIP"
             assert imported["spec"]["ips"] == [vip]  # one address in every cluster
@@ -130,6 +147,20 @@ async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_to
             )
 
         await until(reported, "the writers' status")
+
+        def conditions(obj: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
+            found = ((obj or {}).get("status") or {}).get("conditions") or []
+            return {c["type"]: (c["status"], c["reason"]) for c in found}
+
+        async def export_status(cluster: RealCluster, name: str) -> dict[str, tuple[str, str]]:
+            return conditions(await cluster.admin.get("ServiceExport", "shop", name))
+
+        valid = {"Valid": ("True", "Exported"), "Conflict": ("False", "NoConflict")}
+        assert await until(lambda: _equal(export_status(ia, "web"), valid), "ia's export conditions")
+        conflict = {"Valid": ("True", "Exported"), "Conflict": ("True", "PortConflict")}
+        assert await until(lambda: _equal(export_status(ib, "web"), conflict), "ib's export conflict")
+        ghost = {"Valid": ("False", "NoService")}
+        assert await until(lambda: _equal(export_status(ia, "ghost"), ghost), "the ghost's export")
         assert members.status()["ia"]["service_imports"]["error"] == ""  # type: ignore[index]
         # web leaves the mesh in both clusters: its imports go; the foreign one stays.
         for cluster in (ia, ib):
@@ -148,8 +179,13 @@ async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_to
             for e in cluster.audit()[audit_start[cluster.name] :]
             if e["user"]["username"] == READER_USER and e["verb"] not in ("get", "list", "watch")
         }
-        assert {resource for _, resource, _ in writes} <= {"serviceimports"}, writes
+        assert {(resource, sub) for _, resource, sub in writes} <= {
+            ("serviceimports", ""),
+            ("serviceimports", "status"),
+            ("serviceexports", "status"),
+        }, writes
     assert ("create", "serviceimports", "") in writes_in["ia"], writes_in
     assert ("update", "serviceimports", "status") in writes_in["ia"], writes_in  # status: its subresource
     assert ("delete", "serviceimports", "") in writes_in["ib"], writes_in
+    assert ("update", "serviceexports", "status") in writes_in["ib"], writes_in
     assert writes_in["ic"] == set(), writes_in

@@ -250,3 +250,40 @@ def test_the_node_says_whether_it_is_captured_and_a_bad_policy_is_refused() -> N
     assert proxy_from_node(node()).capture is False
     with pytest.raises(ValueError, match="outbound_traffic='everything'"):
         proxy_from_node(node(capture=True, outbound_traffic="everything"))
+
+
+# ---- MCS objects ---------------------------------------------------------------------------------
+
+
+def test_a_service_import_and_the_conditions_of_its_exports() -> None:
+    from isthmus.discovery.kube.mcs import export_conditions, service_import
+
+    web = Service(
+        key("web"),
+        HTTP,
+        addresses=(("a", ("10.96.0.10",)), ("b", ("10.96.0.11",))),
+        vip="240.240.0.1",
+    )
+    imported = service_import(web)
+    assert imported["spec"] == {
+        "type": "ClusterSetIP",
+        "ips": ["240.240.0.1"],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 80, "appProtocol": "http"}],
+    }
+    assert imported["status"] == {"clusters": [{"cluster": "a"}, {"cluster": "b"}]}
+    first = export_conditions(HTTP, imported, [], "T1")
+    assert [(c["type"], c["status"], c["reason"], c["lastTransitionTime"]) for c in first] == [
+        ("Valid", "True", "Exported", "T1"),
+        ("Conflict", "False", "NoConflict", "T1"),
+    ]
+    # Same statuses later: the transition times stay; a conflict changes only Conflict's.
+    assert export_conditions(HTTP, imported, first, "T2") == first
+    other = export_conditions(TCP, imported, first, "T3")
+    assert [(c["type"], c["status"], c["lastTransitionTime"]) for c in other] == [
+        ("Valid", "True", "T1"),
+        ("Conflict", "True", "T3"),
+    ]
+    assert "tcp 5432" in other[1]["message"]
+    assert "http 80 (http)" in other[1]["message"]
+    gone = export_conditions(None, imported, other, "T4")
+    assert [(c["type"], c["status"], c["reason"]) for c in gone] == [("Valid", "False", "NoService")]

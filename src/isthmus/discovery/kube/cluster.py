@@ -50,7 +50,7 @@ from isthmus.discovery.kube.convert import (
 from isthmus.discovery.kube.gateway import gateway_of
 from isthmus.discovery.kube.kubeconfig import Credentials
 from isthmus.discovery.kube.reflector import ListFn, Obj, Reflector, Timing
-from isthmus.discovery.model import ClusterState, Gateway, MemberCluster, ServiceKey
+from isthmus.discovery.model import ClusterState, Gateway, MemberCluster, ServiceKey, ServicePort
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,13 @@ class ClusterWatcher:
             changed = changed or known.get(key, summary(None)) != now
             known[key] = now
         return None if changed else set()
+
+    def service_exports(self) -> dict[str, tuple[Obj, tuple[ServicePort, ...] | None]]:
+        """Each ServiceExport of the cluster, with the ports this cluster exports its service with
+        (None: the service is not in the mesh here: no Service, a namespace out of the mesh, ...)."""
+        shard = self._shard
+        ports = shard.services if shard is not None else {}
+        return {key: (obj, ports.get(key_of(key))) for key, obj in self._store(MCS_PLURAL).items()}
 
     def _store(self, kind: str) -> dict[str, Obj]:
         reflector = self._reflectors.get(kind)

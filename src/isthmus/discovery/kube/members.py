@@ -24,8 +24,8 @@ from typing import Any
 
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.cluster import SOURCE, ClusterPolicy, ClusterWatcher
-from isthmus.discovery.kube.imports import ImportWriter
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
+from isthmus.discovery.kube.mcs import ImportWriter
 from isthmus.discovery.kube.reflector import Timing
 from isthmus.discovery.kube.reviews import Review, Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
@@ -70,7 +70,7 @@ class Members:
         self.removed: dict[str, str] = {}  # cluster -> when it was removed (ISO 8601, UTC)
         self._reviewers: dict[str, Reviewer] = {}  # cluster -> TokenReviews with its credentials
         self.on_pods: Callable[[str, Collection[str] | None], None] | None = None  # ClusterWatcher.on_pods
-        # ServiceImports written into each member cluster (discovery.kube.imports), if on.
+        # ServiceImports written into each member cluster (discovery.kube.mcs), if on.
         self.service_imports = service_imports
         self._writers: dict[str, tuple[ImportWriter, asyncio.Task[None]]] = {}
         self._imports: Mapping[str, dict[str, object]] | None = None
@@ -193,7 +193,11 @@ class Members:
         async def connect() -> Any:  # the member's current credentials (rotated ones included)
             return await self.members[name].watcher.credentials.api_client()
 
-        writer = ImportWriter(name, connect)
+        def exports() -> Any:
+            member = self.members.get(name)
+            return member.watcher.service_exports() if member is not None else {}
+
+        writer = ImportWriter(name, connect, exports)
         if self._imports is not None:
             writer.want(self._imports)
         self._writers[name] = (writer, asyncio.create_task(writer.run(), name=f"imports-{name}"))

@@ -1,16 +1,22 @@
-"""ServiceImports (MCS, multicluster.x-k8s.io/v1alpha1): isthmus's writes into member clusters.
+"""MCS (multicluster.x-k8s.io/v1alpha1): isthmus's writes into member clusters, ServiceImports and
+the conditions of ServiceExports.
 
 Every service of the mesh that has a clusterset IP gets one ServiceImport, the same in every member
 cluster that has the CRD: ``spec.type: ClusterSetIP``, ``spec.ips`` the clusterset IP
 (discovery.clusterset: every replica of isthmus picks the same), ``spec.ports`` the service's
-ports (the mesh's: those of the first cluster by name that defines it, as discovery merges them),
+ports (the mesh's: the oldest export's, as discovery merges them),
 and ``status.clusters`` the member clusters that export it. They carry the label
 ``app.kubernetes.io/managed-by: isthmus``; isthmus deletes the ones it made when their service
 leaves the mesh, and never touches others.
 
-``service_import`` and ``desired`` are pure. An ``ImportWriter`` per member cluster writes the
-difference between what it wrote last and what is wanted now, one cluster never waiting for
-another: it lists its own ServiceImports at start (and after any failure, and every
+Each ServiceExport gets two conditions (KEP-1645): ``Valid`` (True: its Service is in the mesh;
+False, reason ``NoService``, when the cluster has no such Service in the mesh) and ``Conflict``
+(True, reason ``PortConflict``, when this cluster exports other ports than the ones the mesh uses:
+the oldest export's; else False, ``NoConflict``). ``lastTransitionTime`` changes only with a status.
+
+``service_import``, ``export_conditions`` and ``Desired`` are pure. An ``ImportWriter`` per member
+cluster writes the difference between what it wrote last and what is wanted now, one cluster never
+waiting for another: it lists its own ServiceImports at start (and after any failure, and every
 ``resync`` seconds, so edits by others are undone), creates, replaces (spec, then status: a
 subresource) and deletes. A cluster without the CRD (404) is asked again every ``recheck`` seconds;
 a namespace that does not exist there is skipped until the next change; a refusal (403: the
@@ -21,6 +27,7 @@ status and retried with backoff, like any other error.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,11 +35,12 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from isthmus.discovery.model import MeshView, Service
+from isthmus.discovery.model import MeshView, Service, ServicePort
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "multicluster.x-k8s.io", "v1alpha1", "serviceimports", "ServiceImport"
+EXPORTS = "serviceexports"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "isthmus"
 
@@ -40,14 +48,19 @@ Obj = dict[str, Any]
 FOREIGN: Obj = {}  # _write's answer for a name taken by a ServiceImport isthmus did not make
 
 
-def service_import(service: Service) -> Obj:
-    """The ServiceImport of one service (one with a clusterset IP)."""
-    ports = []
-    for port in service.ports:
+def import_ports(ports: tuple[ServicePort, ...]) -> list[Obj]:
+    out = []
+    for port in ports:
         entry: Obj = {"name": port.name, "protocol": "TCP", "port": port.port}
         if port.protocol.is_http:
             entry["appProtocol"] = port.protocol.value
-        ports.append(entry)
+        out.append(entry)
+    return out
+
+
+def service_import(service: Service) -> Obj:
+    """The ServiceImport of one service (one with a clusterset IP)."""
+    ports = import_ports(service.ports)
     exporters = sorted({name for name, _ in service.addresses} | service.clusters)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -56,6 +69,54 @@ def service_import(service: Service) -> Obj:
         "spec": {"type": "ClusterSetIP", "ips": [service.vip], "ports": ports},
         "status": {"clusters": [{"cluster": name} for name in exporters if name]},
     }
+
+
+def export_conditions(
+    own: tuple[ServicePort, ...] | None, wanted: Obj | None, before: list[Obj], now: str
+) -> list[Obj]:
+    """The conditions of a ServiceExport whose cluster exports ``own`` ports (None: no Service in
+    the mesh there), given the service's ServiceImport (None: none), its ``before`` conditions."""
+    if own is None or wanted is None:
+        found = [("Valid", "False", "NoService", "no Service of this name in the mesh in this cluster")]
+    else:
+        mesh = wanted["spec"]["ports"]
+        mine = import_ports(own)
+        conflict = (
+            (
+                "Conflict",
+                "True",
+                "PortConflict",
+                f"this cluster exports {_ports(mine)}; the mesh uses the oldest export's: {_ports(mesh)}",
+            )
+            if mine != mesh
+            else ("Conflict", "False", "NoConflict", "")
+        )
+        found = [("Valid", "True", "Exported", ""), conflict]
+    old = {c.get("type"): c for c in before}
+    out = []
+    for kind, status, reason, message in found:
+        previous = old.get(kind) or {}
+        since = previous.get("lastTransitionTime") if previous.get("status") == status else None
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since or now,
+            }
+        )
+    return out
+
+
+def _ports(ports: list[Obj]) -> str:
+    return ", ".join(
+        f"{p['name']} {p['port']}" + (f" ({p['appProtocol']})" if "appProtocol" in p else "") for p in ports
+    )
+
+
+def _without_times(conditions: list[Obj]) -> list[Obj]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
 
 
 class Desired:
@@ -103,6 +164,7 @@ class ImportWriter:
         self,
         cluster: str,
         connect: Callable[[], Awaitable[client.ApiClient]],
+        exports: Callable[[], Mapping[str, tuple[Obj, tuple[ServicePort, ...] | None]]] = dict,
         *,
         recheck: float = 60.0,
         resync: float = 300.0,
@@ -111,6 +173,7 @@ class ImportWriter:
     ) -> None:
         self.cluster = cluster
         self.connect = connect
+        self.exports = exports  # the cluster's ServiceExports and the ports it exports them with
         self.recheck, self.resync, self.backoff, self.timeout = recheck, resync, backoff, timeout
         self._wanted: Mapping[str, Obj] | None = None
         self._written: dict[str, Obj] | None = None  # None: list before writing
@@ -177,6 +240,10 @@ class ImportWriter:
 
     async def _sync(self, wanted: Mapping[str, Obj]) -> None:
         api = await self._objects()
+        await self._imports(api, wanted)
+        await self._export_statuses(api, wanted)
+
+    async def _imports(self, api: Any, wanted: Mapping[str, Obj]) -> None:
         if self._written is None or time.monotonic() - self._listed_at > self.resync:
             try:
                 listed = await api.list_cluster_custom_object(
@@ -236,6 +303,32 @@ class ImportWriter:
                     raise
             del written[key]
         self.skipped = skipped
+
+    async def _export_statuses(self, api: Any, wanted: Mapping[str, Obj]) -> None:
+        """Write the conditions of every ServiceExport of the cluster that has other ones."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for key, (export, own) in self.exports().items():
+            status = export.get("status") or {}
+            before = list(status.get("conditions") or [])
+            conditions = export_conditions(own, wanted.get(key), before, now)
+            if _without_times(conditions) == _without_times(before):
+                continue
+            meta = export["metadata"]
+            body = {**export, "status": {**status, "conditions": conditions}}
+            try:
+                await api.replace_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    meta["namespace"],
+                    EXPORTS,
+                    meta["name"],
+                    body,
+                    _request_timeout=self.timeout,
+                )
+                self.writes += 1
+            except client.ApiException as exc:
+                if exc.status not in (404, 409):  # gone, or changed since watched: its event wakes us
+                    raise
 
     async def _write(self, api: Any, obj: Obj, have: Obj | None) -> Obj | None:
         """Create or replace ``obj`` (spec, then status); None when its namespace does not exist,
