@@ -26,7 +26,7 @@ from isthmus.discovery.model import (
     ServiceKey,
     ServicePort,
 )
-from isthmus.xds import naming
+from isthmus.xds import naming, types
 from isthmus.xds.generate import listeners, routes
 from isthmus.xds.proxy import OutboundTraffic, Proxy, Role, proxy_from_node
 
@@ -227,6 +227,12 @@ def test_route_domains_hold_the_addresses_of_the_proxys_cluster_only() -> None:
     hosts_c = routes.generate(view, captured("c"))[naming.OUTBOUND_HTTP_ROUTE].virtual_hosts[-1].domains
     assert "10.96.0.10" not in hosts_c  # c's 10.96.0.10 (if any) is not web
     assert "240.240.0.1" in hosts_c
+    # Uncaptured proxies route by name only: one route table for every member cluster.
+    plain = [replace(captured(cluster), capture=False) for cluster in ("a", "c")]
+    hosts = [routes.generate(view, p)[naming.OUTBOUND_HTTP_ROUTE].virtual_hosts[-1].domains for p in plain]
+    assert "240.240.0.1" not in hosts[0]
+    assert plain[0].for_type(types.ROUTE) == plain[1].for_type(types.ROUTE)
+    assert captured("a").for_type(types.ROUTE) != captured("c").for_type(types.ROUTE)
 
 
 def test_uncaptured_sidecars_keep_their_listeners() -> None:

@@ -78,8 +78,8 @@ class Proxy:
         reduced = self
         if kept is not None:
             blank = Proxy("", self.role, "", "", "", Locality("", "", ""))
-            values = {name: getattr(self, name) for name in kept if name != CLUSTER_ONLY}
-            if CLUSTER_ONLY in kept:
+            values = {name: getattr(self, name) for name in kept if name not in _PSEUDO}
+            if CLUSTER_ONLY in kept or (CLUSTER_IF_CAPTURED in kept and self.capture):
                 values["locality"] = Locality(cluster=self.cluster)
             reduced = replace(blank, **values)
         self._groups[type_url] = reduced
@@ -150,8 +150,11 @@ def proxy_from_node(node: Any) -> Proxy:
 
 
 # What each type's generator reads of the proxy (xds/generate/*): see Proxy.for_type.
-# CLUSTER_ONLY: of the locality, only the member cluster (not the region and zone).
+# CLUSTER_ONLY: of the locality, only the member cluster (not the region and zone);
+# CLUSTER_IF_CAPTURED: that, and the capture flag, for captured proxies only.
 CLUSTER_ONLY = "cluster"
+CLUSTER_IF_CAPTURED = "cluster-if-captured"
+_PSEUDO = (CLUSTER_ONLY, CLUSTER_IF_CAPTURED)
 _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
     types.CLUSTER: ("locality", "namespace", "service", "app_address", "listen_address", "capture"),
     "cds-shared": (CLUSTER_ONLY,),  # gateways: their member cluster's exported services
@@ -167,6 +170,7 @@ _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
         "capture",
         "outbound_traffic",
     ),
-    types.ROUTE: ("namespace", CLUSTER_ONLY),  # by-address domains: the ClusterIPs of its own cluster
+    # Captured proxies' routes also match their own cluster's ClusterIPs (and clusterset IPs) as Hosts.
+    types.ROUTE: ("namespace", "capture", CLUSTER_IF_CAPTURED),
     types.SECRET: ("namespace", "service_account"),
 }

@@ -5,9 +5,10 @@ weights (weighted_clusters); each backend is balanced by its own EDS, so backend
 member cluster.
 
 Short names (``web``) resolve in the proxy's own namespace only, as Kubernetes DNS
-does. A service's ClusterIPs in the proxy's member cluster and its clusterset IP are names too
-(a captured client that calls an address sends it as Host). A Host without a port means port 80
-if the service has it, else its first HTTP port.
+does. For a captured proxy, a service's ClusterIPs in its member cluster and its clusterset IP are
+names too (a captured client that calls an address sends it as Host); an uncaptured one reaches
+services by name only, and its route table is the same in every member cluster. A Host without a
+port means port 80 if the service has it, else its first HTTP port.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def outbound_routes(view: MeshView, proxy: Proxy) -> Any:
                 port,
                 short=service.namespace == proxy.namespace,
                 portless=port is portless,
-                addresses=service.reachable_at(proxy.cluster),
+                addresses=service.reachable_at(proxy.cluster) if proxy.capture else (),
             )
             domains = [h for h in hosts if h not in seen]
             seen.update(domains)
