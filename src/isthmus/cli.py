@@ -22,6 +22,7 @@ from isthmus import __version__
 from isthmus.app import ControlPlane
 from isthmus.discovery.clusterset import DEFAULT_RANGE as DEFAULT_CLUSTERSET_RANGE
 from isthmus.discovery.file import MeshFileError
+from isthmus.discovery.kube import registration
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.inject.manifests import inject_documents
 from isthmus.inject.pod import DEFAULT_CAPTURE_IMAGE, DEFAULT_PROXY_IMAGE, InjectError, InjectSettings
@@ -302,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
         "~/.kube/config), for a control plane with --admin-kube-auth",
     )
 
+    _cluster_arguments(sub)
+
     boot = sub.add_parser("bootstrap", help="write an Envoy bootstrap that connects to `isthmus serve`")
     boot.add_argument("--role", choices=[r.value for r in Role], required=True)
     boot.add_argument("--cluster", required=True, help="member cluster this Envoy runs in")
@@ -408,6 +411,114 @@ def _inject(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
     return 0
+
+
+def _cluster_arguments(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="register member clusters (docs/discovery.md)")
+    verbs = cluster.add_subparsers(dest="verb", required=True)
+
+    def home(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--home-kubeconfig",
+            metavar="FILE",
+            help="the home cluster (default: in-cluster, else ~/.kube/config)",
+        )
+        parser.add_argument("--home-context", metavar="NAME")
+        parser.add_argument(
+            "--namespace",
+            default="isthmus-system",
+            help="where isthmus watches member Secrets (--cluster-secrets-namespace)",
+        )
+
+    add = verbs.add_parser(
+        "add", help="make a read-only account in the member cluster and register it at home"
+    )
+    add.add_argument("name", help="the member cluster's name in the mesh (a lowercase DNS label)")
+    add.add_argument(
+        "--kubeconfig", metavar="FILE", help="the member cluster, as you reach it (default ~/.kube/config)"
+    )
+    add.add_argument("--context", metavar="NAME", help="its context (default: the current one)")
+    add.add_argument(
+        "--server", metavar="URL", help="the API server URL isthmus uses (default: the kubeconfig's)"
+    )
+    add.add_argument(
+        "--dry-run", action="store_true", help="print the member Secret as YAML; change nothing at home"
+    )
+    add.add_argument(
+        "--allow-exec-auth", action="store_true", help="let the kubeconfig's exec plugin run (never copied)"
+    )
+    home(add)
+    remove = verbs.add_parser(
+        "remove", help="unregister a member cluster (and with --kubeconfig, its account)"
+    )
+    remove.add_argument("name")
+    remove.add_argument(
+        "--kubeconfig", metavar="FILE", help="also delete the account made in the member cluster"
+    )
+    remove.add_argument("--context", metavar="NAME")
+    home(remove)
+    listing = verbs.add_parser(
+        "list", help="the registered member clusters (and their state, from --admin-address)"
+    )
+    listing.add_argument(
+        "--admin-address", metavar="HOST:PORT", help="a running isthmus: add its view of each"
+    )
+    listing.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    home(listing)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """isthmus cluster add | remove | list."""
+    try:
+        home = (
+            registration.read_target(args.home_kubeconfig, args.home_context, True)
+            if args.home_kubeconfig
+            else None
+        )
+        if args.verb == "add":
+            member = registration.read_target(args.kubeconfig, args.context, args.allow_exec_auth)
+            added = asyncio.run(
+                registration.add(
+                    args.name, member, home, args.namespace, server=args.server, dry_run=args.dry_run
+                )
+            )
+            if not added.written:
+                print(yaml.safe_dump(added.secret, sort_keys=False), end="")
+            else:
+                print(
+                    f"cluster {args.name} added: Secret {args.namespace}/{added.secret['metadata']['name']}"
+                )
+            return 0
+        if args.verb == "remove":
+            owned = (
+                registration.read_target(args.kubeconfig, args.context, True) if args.kubeconfig else None
+            )
+            for line in asyncio.run(registration.remove(args.name, home, args.namespace, owned)):
+                print(f"deleted {line}")
+            return 0
+        rows = [
+            {"name": n, "source": s} for n, s in asyncio.run(registration.registered(home, args.namespace))
+        ]
+        if args.admin_address:
+            host, port = parse_hostport(args.admin_address, "--admin-address")
+            state = _admin_call("GET", f"http://{host}:{port}/readyz").get("member_clusters", {})
+            for row in rows:
+                seen = state.get(row["name"], {})
+                row |= {"state": seen.get("state", "unknown"), "detail": seen.get("detail", "")}
+        if args.output == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            columns = list(rows[0]) if rows else ["name", "source"]
+            print("  ".join(c.upper() for c in columns))
+            for row in rows:
+                print("  ".join(str(row[c]) for c in columns))
+        return 0
+    except registration.RegistrationError as exc:
+        print(f"isthmus: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, urllib.error.URLError) as exc:
+        print(f"isthmus: {exc}", file=sys.stderr)
+        return 1
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -542,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bootstrap(args)
         if args.command == "inject":
             return _inject(args)
+        if args.command == "cluster":
+            return _cluster(args)
         settings = ServeSettings(
             xds_address=args.xds_address,
             admin_address=args.admin_address,

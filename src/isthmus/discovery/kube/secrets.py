@@ -28,7 +28,7 @@ from isthmus.discovery.kube.reflector import Obj, Reflector, Timing
 log = logging.getLogger(__name__)
 
 MEMBER_LABEL = "isthmus.io/member-cluster"
-_CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ def credentials_of(secrets: Mapping[str, Obj]) -> Found:
                 )
                 continue
             origins[cluster] = origin
-            if not _CLUSTER_NAME.match(cluster):
+            if not CLUSTER_NAME.match(cluster):
                 errors[cluster] = f"{origin}: not a valid cluster name (lowercase DNS label)"
                 continue
             try:
