@@ -10,7 +10,7 @@ ADMIN_ADDRESS ?= 127.0.0.1:15014
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install kube-binaries demo run test unit lint typecheck layers golden bench clean
+.PHONY: help install kube-binaries helm demo run test unit lint typecheck layers golden bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ kube-binaries: ## build etcd and the Kubernetes binaries for the tests (Go; ~12 
 	@bash hack/kube-binaries.sh all >/dev/null
 	@bash hack/node-packages.sh
 
+helm: ## build helm for the chart tests (Go; ~3 min once, then cached; version in hack/versions.env)
+	@bash hack/helm.sh >/dev/null
+
 demo: $(STAMP) ## a two-cluster mesh of real Envoys on this machine, failing over and back (~40 s)
 	$(BIN)/python demo/run.py
 
@@ -44,7 +47,7 @@ typecheck: $(STAMP) ## mypy --strict on src/
 layers: $(STAMP) ## import-linter layer contracts
 	$(BIN)/lint-imports
 
-unit: $(STAMP) kube-binaries ## the test suite only, without the quality gates
+unit: $(STAMP) kube-binaries helm ## the test suite only, without the quality gates
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 golden: $(STAMP) ## regenerate tests/golden/ from the generators and the injector (review the diff!)
