@@ -120,7 +120,8 @@ async def counter(envoy: NsEnvoy, name: str) -> int:
 
 async def captured_pod(dp: DataPath, policy: str) -> tuple[NsEnvoy, NsProcess, Any]:
     """The mesh, the control plane, west's gateway and resolver, and east as one captured pod with
-    its sidecar: returns (the sidecar, the resolver, the pods by name)."""
+    its sidecar, configured (web answers by its ClusterIP): returns (the sidecar, the resolver, the
+    pods by name). Call it inside ``resolv_conf(east, west's transit address)``."""
     east, west = dp.topology["east"], dp.topology["west"]
     p = await pods(dp, ("west", "api-west"), ("east", "web-east"), ("east", "db-east"))
     outside = await dp.app("west", "outside", address=west.transit_address, port=OUTSIDE_PORT)
@@ -146,7 +147,25 @@ async def captured_pod(dp: DataPath, policy: str) -> tuple[NsEnvoy, NsProcess, A
         "east", "client", listen_address="0.0.0.0", app_address="127.0.0.1", capture=policy, uid=PROXY_UID
     )
     await sidecar.wait_live()
+    await web_by_cluster_ip(dp)  # 10.96.0.10 is web in east (in west it is api's)
     return sidecar, resolver, p
+
+
+def isolated(dp: DataPath) -> tuple[ClusterNet, ClusterNet]:
+    if not dp.topology.isolated:
+        pytest.skip("needs network namespaces (root)")
+    return dp.topology["east"], dp.topology["west"]
+
+
+async def web_by_cluster_ip(dp: DataPath) -> None:
+    """Until east's client reaches web by its ClusterIP in east (the captured pod is configured)."""
+
+    async def answered() -> None:
+        got = await dp.agents["east"].requests("http://10.96.0.10/", count=3)
+        assert got.all_ok, got.summary()
+        assert got.apps == {"web-east"}, got.summary()
+
+    await eventually(answered, within=20, what="web by its ClusterIP")
 
 
 async def _says(process: NsProcess, text: str) -> None:
@@ -157,20 +176,11 @@ async def _says(process: NsProcess, text: str) -> None:
 async def test_a_captured_pod_reaches_services_by_address_and_name_and_the_rest_by_passthrough(
     dp: DataPath,
 ) -> None:
-    if not dp.topology.isolated:
-        pytest.skip("needs network namespaces (root)")
-    east, west = dp.topology["east"], dp.topology["west"]
+    east, west = isolated(dp)
     with resolv_conf(east, west.transit_address):
         sidecar, resolver, _ = await captured_pod(dp, "allow-any")
         agent = dp.agents["east"]
 
-        # By ClusterIP: 10.96.0.10 is web in east (in west it is api's).
-        async def by_cluster_ip() -> None:
-            got = await agent.requests("http://10.96.0.10/", count=5)
-            assert got.all_ok, got.summary()
-            assert got.apps == {"web-east"}, got.summary()
-
-        await eventually(by_cluster_ip, within=20, what="web by its ClusterIP")
         # A service that exists only in west, by its cluster.local name through the system resolver
         # and the search path: the sidecar's DNS answers its clusterset IP; west answers over mTLS
         # through west's gateway.
@@ -209,19 +219,11 @@ async def test_a_captured_pod_reaches_services_by_address_and_name_and_the_rest_
 
 
 async def test_registry_only_refuses_destinations_outside_the_mesh(dp: DataPath) -> None:
-    if not dp.topology.isolated:
-        pytest.skip("needs network namespaces (root)")
-    east, west = dp.topology["east"], dp.topology["west"]
+    east, west = isolated(dp)
     with resolv_conf(east, west.transit_address):
         sidecar, _, _ = await captured_pod(dp, "registry-only")
         agent = dp.agents["east"]
 
-        async def by_cluster_ip() -> None:
-            got = await agent.requests("http://10.96.0.10/", count=3)
-            assert got.all_ok, got.summary()
-            assert got.apps == {"web-east"}, got.summary()
-
-        await eventually(by_cluster_ip, within=20, what="web by its ClusterIP")
         got = await agent.requests(f"http://{west.transit_address}:{OUTSIDE_PORT}/", count=3)
         assert got.errors == 3, got.summary()
         apps = await dp.agents["west"].apps()

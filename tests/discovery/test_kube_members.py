@@ -208,7 +208,7 @@ async def test_credentials_rotate_without_a_gap(
         seen.append(len(addresses(view)))
         original(view)
 
-    aggregator._on_view = record
+    aggregator.on_view = record
     try:
         await graph.until(lambda v: len(addresses(v)) == 1)
         api.add_token("rotated")

@@ -80,7 +80,7 @@ async def test_secrets_add_rotate_and_remove_member_clusters(
         seen.append(addresses(view))
         original(view)
 
-    aggregator._on_view = record
+    aggregator.on_view = record
     task = asyncio.create_task(members.run())
     try:
         # A poll interval of 30 s: everything below happens through the watch, not the poll.

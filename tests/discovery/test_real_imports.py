@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,12 @@ from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.mcs import MANAGED_BY, Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.model import MeshView, ServiceKey
+from realkube import objects
 from realkube.cluster import RealCluster
 from realkube.crds import SERVICE_EXPORT, SERVICE_IMPORT, with_status
 from realkube.fixtures import reader_kubeconfig
 from realkube.rest import ApiError
+from realkube.wait import until as waiting
 
 pytestmark = pytest.mark.realkube
 
@@ -35,30 +36,14 @@ async def _equal(got: Any, want: Any) -> bool:
 
 
 def service(namespace: str, name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080}, {"name": "tcp-db", "port": 5432}]
-        },
-    }
+    return objects.service(
+        name, namespace, [{"name": "http", "port": 80, "targetPort": 8080}, {"name": "tcp-db", "port": 5432}]
+    )
 
 
-async def until(
-    check: Callable[[], Any], what: str, timeout: float = 60.0, status: Callable[[], Any] = lambda: ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await check()
-            if last:
-                return last
-        except ApiError as exc:  # a new CRD answers 404/429 for a moment
-            last = exc
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last} {status()}")
+async def until(check: Callable[[], Any], what: str, status: Callable[[], object] | None = None) -> Any:
+    """realkube.wait.until, where a new CRD's first answers (404, 429) mean "not yet"."""
+    return await waiting(check, what, retry_on=(ApiError,), state=status)
 
 
 async def test_service_imports_in_every_cluster_with_the_crd_and_nothing_else_touched(

@@ -13,6 +13,7 @@ interrupted; a failure report gets the tail of each component's log.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,8 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
+from datapath.netns import Topology
 from realkube.binaries import ROOT, kube_bin
 from realkube.cluster import RealCluster
+from realkube.node import Node
 
 RBAC = ROOT / "deploy" / "member-cluster" / "rbac.yaml"
 READER_NAMESPACE, READER = "isthmus-system", "isthmus-reader"
@@ -129,3 +132,35 @@ def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
     clusters: list[RealCluster] = list((funcargs.get("real_clusters") or {}).values())
     clusters += funcargs.get("_dedicated_clusters") or []
     return [(f"real cluster {c.name}", c.logs()) for c in clusters]
+
+
+@contextlib.contextmanager
+def clusters_with_nodes(
+    names: tuple[str, ...], base: Path, binaries: Path, prepare: Callable[[Node], None] = lambda node: None
+) -> Iterator[tuple[Topology, dict[str, Node]]]:
+    """Real clusters ``names`` (in ``base``), each with a scheduler and a real node in its own
+    namespace of a data-path Topology, joined only by its transit bridge; ``prepare`` runs on each
+    started node (images to import, ...). Everything is removed afterwards, each step even when one
+    before it fails (the first failure is raised at the end), and the nodes' logs are printed."""
+    clusters = [RealCluster(name, base / name, binaries) for name in names]
+    topology = Topology(list(names), mode="netns").create()
+    made: dict[str, Node] = {}
+    try:
+        start_all(clusters)
+        for cluster in clusters:
+            net = topology[cluster.name]
+            cluster.start_scheduler()
+            made[cluster.name] = Node(
+                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
+            )
+            made[cluster.name].start()
+            prepare(made[cluster.name])
+        yield topology, made
+    finally:
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(topology.close)
+            for cluster in clusters:
+                cleanup.callback(cluster.stop)
+            for node in made.values():
+                print(f"--- node {node.name}\n{node.logs()}")
+                cleanup.callback(node.stop)

@@ -59,12 +59,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from datapath.netns import CLUSTER_LINK, Topology
+from datapath.netns import CLUSTER_LINK
 from realkube.binaries import kube_bin
 from realkube.cluster import RealCluster
-from realkube.fixtures import READER_NAMESPACE, reader_kubeconfig, start_all
+from realkube.fixtures import READER_NAMESPACE, clusters_with_nodes, reader_kubeconfig
 from realkube.images import with_libraries, write_image
-from realkube.node import APP_IMAGE, ENVOY_IMAGE, Node, available
+from realkube.node import ENVOY_IMAGE, Node, available
+from realkube.objects import deployment, service
 from realkube.rest import path_of
 from realkube.test_real_inject import (
     ISTHMUS,
@@ -112,43 +113,6 @@ def why_not() -> str | None:
 
 
 # ---- objects ---------------------------------------------------------------------------------------
-
-
-def app_deployment(name: str, answer: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": SHOP},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [
-                        {
-                            "name": "app",
-                            "image": APP_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "args": ["serve", answer],
-                            "ports": [{"name": "http", "containerPort": 8080}],
-                            "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
-                        }
-                    ],
-                },
-            },
-        },
-    }
-
-
-def app_service(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": SHOP},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }
 
 
 def client_pod(name: str, nameserver: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -408,96 +372,83 @@ def _skip_if_unable() -> None:
 async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     binaries = kube_bin("all")
     base = tmp_path_factory.mktemp("capture")
-    clusters = [RealCluster(name, base / name, binaries) for name in ("east", "west")]
-    topology = Topology([c.name for c in clusters], mode="netns").create()
-    made: dict[str, Node] = {}
+
+    def prepare(node: Node) -> None:
+        node.import_envoy()
+        node.import_capture()
+        masquerade(node)
+
     mesh: Mesh | None = None
     try:
-        start_all(clusters)
-        for cluster in clusters:
-            net = topology[cluster.name]
-            cluster.start_scheduler()
-            made[cluster.name] = Node(
-                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
+        with clusters_with_nodes(("east", "west"), base, binaries, prepare) as (_, made):
+            east, west = Cluster("east", made["east"]), Cluster("west", made["west"])
+            files = {
+                **with_libraries("/usr/bin/curl", Path(str(shutil.which("curl")))),
+                "/testapp": binaries / "testapp",
+            }
+            east.node.import_image(
+                write_image(east.node.dir / "curl-1.tar", CURL_IMAGE, files, ["/testapp", "pause"])
             )
-            made[cluster.name].start()
-            made[cluster.name].import_envoy()
-            made[cluster.name].import_capture()
-            masquerade(made[cluster.name])
-        east, west = Cluster("east", made["east"]), Cluster("west", made["west"])
-        files = {
-            **with_libraries("/usr/bin/curl", Path(str(shutil.which("curl")))),
-            "/testapp": binaries / "testapp",
-        }
-        east.node.import_image(
-            write_image(east.node.dir / "curl-1.tar", CURL_IMAGE, files, ["/testapp", "pause"])
-        )
 
-        kubeconfigs = base / "kubeconfigs"
-        kubeconfigs.mkdir()
-        for c in (east, west):
-            await reader_kubeconfig(c.api, kubeconfigs / f"{c.name}.yaml")
-        # Every sidecar and the gateway reach isthmus at west's transit address (forwarded to its
-        # loopback port); east's cross the transit bridge.
-        xds_host = west.node.address
-        isthmus = Isthmus(base / "isthmus", kubeconfigs, xds_sans=(xds_host,), inject_xds_host=xds_host)
-        isthmus.process.argv += ["--cluster-gateway", f"west={west.node.address}:{GATEWAY_PORT}"]
-        west.node.expose(isthmus.xds_port)
-        mesh = Mesh(east, west, isthmus)
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(serving(isthmus))
+            kubeconfigs = base / "kubeconfigs"
+            kubeconfigs.mkdir()
             for c in (east, west):
-                await stack.enter_async_context(namespaces(c.api, {SHOP: {"isthmus.io/inject": "enabled"}}))
-                config = webhook_configuration(
-                    f"isthmus-capture-{os.getpid()}", c.name, isthmus.webhook_port, isthmus.ca_pem, [SHOP]
-                )
-                await stack.enter_async_context(registered(c.api, config))
-            for c in (east, west):
-                await webhook_active(c.api, SHOP)
-            # West: the api service and its east-west gateway.
-            for obj in gateway_objects(
-                gateway_bootstrap("west", xds_host, isthmus.xds_port, west.node.address), isthmus.ca_pem
-            ):
-                await west.api.admin.apply(obj)
-            await west.api.admin.apply(app_service("api"))
-            await west.api.admin.apply(app_deployment("api", "api-west"))
-            # East: no api; web (same-cluster) and the clients.
-            await east.api.admin.apply(app_service("web"))
-            await east.api.admin.apply(app_deployment("web", "web-east"))
-            nameserver = east.node.address  # nothing listens on port 53 there
-            await east.api.admin.create(client_pod("client", nameserver))
-            await east.api.admin.create(
-                client_pod("bypass", nameserver, {"isthmus.io/exclude-outbound-ports": "8080"})
-            )
-            await east.api.admin.create(
-                client_pod("registry", nameserver, {"isthmus.io/outbound-traffic": "registry-only"})
-            )
-            try:
-                for c, namespace, app in (
-                    (west, SHOP, "api"),
-                    (west, GATEWAY_NS, GATEWAY_POD),
-                    (east, SHOP, "web"),
-                    (east, SHOP, "client"),
-                    (east, SHOP, "bypass"),
-                    (east, SHOP, "registry"),
+                await reader_kubeconfig(c.api, kubeconfigs / f"{c.name}.yaml")
+            # Every sidecar and the gateway reach isthmus at west's transit address (forwarded to its
+            # loopback port); east's cross the transit bridge.
+            xds_host = west.node.address
+            isthmus = Isthmus(base / "isthmus", kubeconfigs, xds_sans=(xds_host,), inject_xds_host=xds_host)
+            isthmus.process.argv += ["--cluster-gateway", f"west={west.node.address}:{GATEWAY_PORT}"]
+            west.node.expose(isthmus.xds_port)
+            mesh = Mesh(east, west, isthmus)
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(serving(isthmus))
+                for c in (east, west):
+                    await stack.enter_async_context(
+                        namespaces(c.api, {SHOP: {"isthmus.io/inject": "enabled"}})
+                    )
+                    config = webhook_configuration(
+                        f"isthmus-capture-{os.getpid()}", c.name, isthmus.webhook_port, isthmus.ca_pem, [SHOP]
+                    )
+                    await stack.enter_async_context(registered(c.api, config))
+                for c in (east, west):
+                    await webhook_active(c.api, SHOP)
+                # West: the api service and its east-west gateway.
+                for obj in gateway_objects(
+                    gateway_bootstrap("west", xds_host, isthmus.xds_port, west.node.address), isthmus.ca_pem
                 ):
-                    mesh.pods[app] = await ready_pod(c.api, namespace, app)
-                for app in SIDECARS:
-                    assert PROXY in names(mesh.pods[app]["spec"]["initContainers"]), app
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{mesh.logs()}") from None
-            yield mesh
+                    await west.api.admin.apply(obj)
+                await west.api.admin.apply(service("api", SHOP))
+                await west.api.admin.apply(deployment("api", "api-west", SHOP))
+                # East: no api; web (same-cluster) and the clients.
+                await east.api.admin.apply(service("web", SHOP))
+                await east.api.admin.apply(deployment("web", "web-east", SHOP))
+                nameserver = east.node.address  # nothing listens on port 53 there
+                await east.api.admin.create(client_pod("client", nameserver))
+                await east.api.admin.create(
+                    client_pod("bypass", nameserver, {"isthmus.io/exclude-outbound-ports": "8080"})
+                )
+                await east.api.admin.create(
+                    client_pod("registry", nameserver, {"isthmus.io/outbound-traffic": "registry-only"})
+                )
+                try:
+                    for c, namespace, app in (
+                        (west, SHOP, "api"),
+                        (west, GATEWAY_NS, GATEWAY_POD),
+                        (east, SHOP, "web"),
+                        (east, SHOP, "client"),
+                        (east, SHOP, "bypass"),
+                        (east, SHOP, "registry"),
+                    ):
+                        mesh.pods[app] = await ready_pod(c.api, namespace, app)
+                    for app in SIDECARS:
+                        assert PROXY in names(mesh.pods[app]["spec"]["initContainers"]), app
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\n{mesh.logs()}") from None
+                yield mesh
     finally:
         if mesh is not None:
             print(mesh.logs())
-        # Each step runs even if one before it fails; the first failure is raised at the end.
-        with contextlib.ExitStack() as cleanup:
-            cleanup.callback(topology.close)
-            for cluster in clusters:
-                cleanup.callback(cluster.stop)
-            for node in made.values():
-                print(f"--- node {node.name}\n{node.logs()}")
-                cleanup.callback(node.stop)
 
 
 # ---- the tests ------------------------------------------------------------------------------------

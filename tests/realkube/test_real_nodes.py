@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 
-from datapath.netns import Topology
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reflector import Timing
 from isthmus.discovery.model import MeshView, ServiceKey
 from realkube.binaries import kube_bin
 from realkube.cluster import RealCluster
-from realkube.fixtures import reader_kubeconfig, start_all
+from realkube.fixtures import clusters_with_nodes, reader_kubeconfig
 from realkube.node import APP_IMAGE, ENVOY_IMAGE, Node, available
+from realkube.objects import deployment, service
 from realkube.wait import until
 
 pytestmark = [pytest.mark.realkube, pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -38,65 +38,11 @@ pytestmark = [pytest.mark.realkube, pytest.mark.skipif(available() is not None, 
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
-    binaries = kube_bin("all")
-    base = tmp_path_factory.mktemp("realnodes")
-    clusters = [RealCluster(name, base / name, binaries) for name in ("east", "west")]
-    topology = Topology([c.name for c in clusters], mode="netns").create()
-    made: dict[str, Node] = {}
-    try:
-        start_all(clusters)
-        for cluster in clusters:
-            net = topology[cluster.name]
-            cluster.start_scheduler()
-            made[cluster.name] = Node(
-                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
-            )
-            made[cluster.name].start()
+    with clusters_with_nodes(("east", "west"), tmp_path_factory.mktemp("realnodes"), kube_bin("all")) as (
+        _,
+        made,
+    ):
         yield made
-    finally:
-        for node in made.values():
-            node.stop()
-        for cluster in clusters:
-            cluster.stop()
-        topology.close()
-
-
-def deployment(name: str, answer: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name, **(labels or {})}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [
-                        {
-                            "name": "app",
-                            "image": APP_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "args": ["serve", answer],
-                            "ports": [{"name": "http", "containerPort": 8080}],
-                            "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
-                        }
-                    ],
-                },
-            },
-        },
-    }
-
-
-def service(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }
 
 
 async def node_ready(node: Node) -> None:
