@@ -490,9 +490,7 @@ def _cluster(args: argparse.Namespace) -> int:
                 )
             return 0
         if args.verb == "remove":
-            owned = (
-                registration.read_target(args.kubeconfig, args.context, True) if args.kubeconfig else None
-            )
+            owned = registration.read_target(args.kubeconfig, args.context, True) if args.kubeconfig else None
             for line in asyncio.run(registration.remove(args.name, home, args.namespace, owned)):
                 print(f"deleted {line}")
             return 0

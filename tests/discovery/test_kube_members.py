@@ -309,6 +309,20 @@ async def test_gateways_and_sidecars_are_discovered(
         assert service_a is not None
         a.update({**service_a, "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}})
         await graph.until(lambda v: v.clusters["a"].gateway == Gateway("198.51.100.1", 15443))
+        # Its readiness, what every replica reads alike: unknown without EndpointSlices, then its
+        # pods' ready condition; b's configured gateway has none.
+        assert view.clusters["a"].gateway_ready is None
+        gateway_slice = endpoint_slice("eastwest-x", ["127.0.1.9"], svc="eastwest")
+        a.create(gateway_slice)
+        view = await graph.until(lambda v: v.clusters["a"].gateway_ready is True)
+        assert view.clusters["a"].gateway_down is False
+        stored = a.get("endpointslices", "shop", "eastwest-x")
+        assert stored is not None
+        stored["endpoints"][0]["conditions"] = {"ready": False}
+        a.update(stored)
+        view = await graph.until(lambda v: v.clusters["a"].gateway_ready is False)
+        assert view.clusters["a"].gateway_down is True
+        assert view.clusters["b"].gateway_ready is None
     finally:
         task.cancel()
 

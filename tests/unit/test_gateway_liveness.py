@@ -73,3 +73,35 @@ def test_a_dead_gateway_is_pushed_unhealthy_not_removed() -> None:
     assert gateway_health(dead) == [2]  # UNHEALTHY, still there
     aggregator.set_gateways_down(set())
     assert aggregator.flush().version == alive.version
+
+
+def test_a_gateways_readiness_from_its_api_server_decides_for_every_replica() -> None:
+    """Two replicas (two aggregators): the gateway's stream moved from A to B, so A's own streams
+    say gone and B's say alive; the gateway pods' readiness, which both read from b's API server,
+    is what both push."""
+    from dataclasses import replace
+
+    from isthmus.discovery.kube.gateway import gateway_ready
+
+    view = parse_mesh(MESH)
+    replicas = [Aggregator(lambda v: None), Aggregator(lambda v: None)]
+    replicas[0].set_gateways_down({"b"})  # A: the stream left
+    replicas[1].set_gateways_down(set())  # B: the stream is here
+
+    def pushed(ready: bool | None) -> list[bool]:
+        for agg in replicas:
+            shards = shards_of_view(view)
+            agg.set_source(
+                "kube", [replace(s, cluster=replace(s.cluster, gateway_ready=ready)) for s in shards]
+            )
+        return [agg.flush().clusters["b"].gateway_down for agg in replicas]
+
+    assert pushed(None) == [True, False]  # no readiness known: each replica's streams (the divergence)
+    assert pushed(True) == [False, False]  # pods ready: alive for both
+    assert pushed(False) == [True, True]  # no pod ready: dead for both, even where the stream is
+    # What discovery reads: any ready endpoint in the gateway Service's slices; no slices: unknown.
+    slice_of = lambda *ready: {"endpoints": [{"conditions": {"ready": r}} for r in ready]}  # noqa: E731
+    assert gateway_ready([slice_of(False), slice_of(False, True)]) is True
+    assert gateway_ready([slice_of(False)]) is False
+    assert gateway_ready([slice_of()]) is False
+    assert gateway_ready([]) is None

@@ -278,7 +278,12 @@ class Aggregator:
         return [self._overlay(c) for c in clusters.values() if c.name]
 
     def _overlay(self, cluster: MemberCluster) -> MemberCluster:
-        down = cluster.name in self._gateways_down
+        # A readiness every replica sees alike wins over this replica's own view of the streams.
+        down = (
+            (not cluster.gateway_ready)
+            if cluster.gateway_ready is not None
+            else cluster.name in self._gateways_down
+        )
         weight = self._weights.get(cluster.name, cluster.weight)
         if down == cluster.gateway_down and weight == cluster.weight:
             return cluster

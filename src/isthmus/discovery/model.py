@@ -184,6 +184,9 @@ class MemberCluster:
     state: ClusterState = ClusterState.STATIC
     detail: str = ""
     gateway_down: bool = False  # the gateway is known to be dead (unknown counts as alive)
+    # Its pods' readiness from the cluster's API server (None: not known): the same for every
+    # replica, so it decides gateway_down when known (discovery.kube.gateway).
+    gateway_ready: bool | None = None
     weight: int = 100  # percent of its normal share of traffic; lowered step by step by a drain
 
 
@@ -208,7 +211,10 @@ def _version(
     A cluster's ``detail`` (the last error text) is for status pages; it changes with every
     retry while a cluster is down and must not make a new version.
     """
-    effective = [(c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down, c.weight) for c in clusters]
+    effective = [
+        (c.name, c.region, c.zone, c.gateway, c.state, c.gateway_down, c.gateway_ready, c.weight)
+        for c in clusters
+    ]
     h = hashlib.sha256(b"".join(s.digest for s in services))
     h.update(repr(effective).encode())
     h.update(repr(sorted(splits)).encode())

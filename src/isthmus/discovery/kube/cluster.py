@@ -47,7 +47,7 @@ from isthmus.discovery.kube.convert import (
     traffic_splits,
     update_shard,
 )
-from isthmus.discovery.kube.gateway import gateway_of
+from isthmus.discovery.kube.gateway import gateway_of, gateway_ready, gateway_service
 from isthmus.discovery.kube.kubeconfig import Credentials
 from isthmus.discovery.kube.reflector import ListFn, Obj, Reflector, Timing
 from isthmus.discovery.model import ClusterState, Gateway, MemberCluster, ServiceKey, ServicePort
@@ -289,7 +289,13 @@ class ClusterWatcher:
         )
 
     def _member(self) -> MemberCluster:
-        gateway = self.policy.gateway or gateway_of(self._store("services"), self._store("nodes"))
+        services = self._store("services")
+        gateway = self.policy.gateway or gateway_of(services, self._store("nodes"))
+        ready = None
+        key = None if self.policy.gateway else gateway_service(services)
+        if key is not None:
+            slices = self._store("endpointslices")
+            ready = gateway_ready(slices[k] for k in self._index.slices(key_of(key)) if k in slices)
         return MemberCluster(
             self.name,
             region=self.policy.region,
@@ -297,6 +303,7 @@ class ClusterWatcher:
             gateway=gateway,
             state=self.state,
             detail=self.detail,
+            gateway_ready=ready,
         )
 
     def build_shard(self) -> Shard:

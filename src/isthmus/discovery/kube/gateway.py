@@ -5,13 +5,16 @@
   LoadBalancer ingress IP (or hostname); else, for a NodePort (or LoadBalancer still pending)
   Service, a node's ExternalIP (else InternalIP) with the node port. The port is the Service port
   named ``tls`` (else the one numbered 15443, else the first).
+* Its readiness, the same for every replica of isthmus: whether any endpoint of that Service's
+  EndpointSlices is ready (its pods pass their readiness probe: Envoy's /ready). None when the
+  Service has no EndpointSlices (no selector): then nothing is known.
 * A pod has a sidecar when it carries the annotation ``isthmus.io/inbound-port`` (the port of its
   sidecar's inbound mTLS listener), as the sidecar injector writes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from isthmus.discovery.model import Gateway
@@ -48,6 +51,26 @@ def _node_address(nodes: Mapping[str, Obj]) -> str | None:
                 if address.get("type") == kind and address.get("address"):
                     return str(address["address"])
     return None
+
+
+def gateway_service(services: Mapping[str, Obj]) -> str | None:
+    """The store key (namespace/name) of the cluster's gateway Service, the one ``gateway_of`` reads."""
+    for key in sorted(services):
+        if is_gateway_service(services[key]) and _gateway_port(services[key]) is not None:
+            return key
+    return None
+
+
+def gateway_ready(slices: Iterable[Obj]) -> bool | None:
+    """Whether any endpoint of the gateway Service's EndpointSlices is ready (None: no slices)."""
+    found = False
+    for endpoint_slice in slices:
+        found = True
+        for endpoint in endpoint_slice.get("endpoints") or []:
+            ready = (endpoint.get("conditions") or {}).get("ready")
+            if ready is None or ready is True:
+                return True
+    return False if found else None
 
 
 def gateway_of(services: Mapping[str, Obj], nodes: Mapping[str, Obj]) -> Gateway | None:
