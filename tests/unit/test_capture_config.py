@@ -293,3 +293,14 @@ def test_a_service_import_and_the_conditions_of_its_exports() -> None:
     assert "http 80 (http)" in other[1]["message"]
     gone = export_conditions(None, imported, other, "T4")
     assert [(c["type"], c["status"], c["reason"]) for c in gone] == [("Valid", "False", "NoService")]
+
+
+def test_the_packaged_member_rbac_is_deploys() -> None:
+    """`isthmus cluster add` applies the packaged copy; deploy/member-cluster/rbac.yaml is what
+    operators apply by hand: one content (a symlink would vanish from wheels built without deploy/)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    packaged = root / "src/isthmus/manifests/member-rbac.yaml"
+    assert not packaged.is_symlink()
+    assert packaged.read_text() == (root / "deploy/member-cluster/rbac.yaml").read_text()
