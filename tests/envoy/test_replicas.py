@@ -14,13 +14,13 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import LOOPBACK, ControlPlaneProcess, Processes
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from protocol.client import DeltaClient, make_node
 
+from conftest import LOOPBACK, ControlPlaneProcess, Processes
 from isthmus.discovery.file import example_mesh_text
 from isthmus.xds import naming, types
+from protocol.client import DeltaClient, make_node
 
 pytestmark = pytest.mark.envoy
 
@@ -152,7 +152,8 @@ async def test_two_replicas_serve_the_same_bytes_and_a_moving_proxy_gets_nothing
             held[type_url] = dict(reply.versions)
             await client.ack(reply)
         await client.close()
-    assert held[types.CLUSTER] and held[types.LISTENER]
+    assert held[types.CLUSTER]
+    assert held[types.LISTENER]
     async with channel(second) as ch:
         client = DeltaClient(ch, node)
         for type_url in (types.CLUSTER, types.LISTENER):
