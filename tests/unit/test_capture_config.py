@@ -18,6 +18,7 @@ from isthmus.discovery.aggregate import Aggregator, Shard, merge
 from isthmus.discovery.file import MeshFileError, parse_mesh
 from isthmus.discovery.kube.convert import ClusterObjects, cluster_ips, shard_of
 from isthmus.discovery.model import (
+    Endpoint,
     Locality,
     MemberCluster,
     MeshView,
@@ -304,3 +305,25 @@ def test_the_packaged_member_rbac_is_deploys() -> None:
     packaged = root / "src/isthmus/manifests/member-rbac.yaml"
     assert not packaged.is_symlink()
     assert packaged.read_text() == (root / "deploy/member-cluster/rbac.yaml").read_text()
+
+
+def test_desired_imports_are_the_same_mapping_while_no_import_changes() -> None:
+    from isthmus.discovery.kube.mcs import Desired
+
+    desired = Desired()
+    first = desired(mesh())
+    assert set(first) == {"shop/web", "shop/db"}  # "old" has no clusterset IP
+    pod = Endpoint("10.1.0.7", Locality("r", "z", "a"))
+    moved = MeshView.build(
+        [replace(s, endpoints=(pod,)) if s.name == "web" else s for s in mesh().services.values()],
+        mesh().clusters.values(),
+    )
+    assert desired(moved) is first  # an endpoint in a cluster that exports web already: nothing new
+    renumbered = MeshView.build(
+        [replace(s, vip="240.240.0.9") if s.name == "db" else s for s in mesh().services.values()],
+        mesh().clusters.values(),
+    )
+    again = desired(renumbered)
+    assert again is not first
+    assert again["shop/db"]["spec"]["ips"] == ["240.240.0.9"]
+    assert again["shop/web"] is first["shop/web"]

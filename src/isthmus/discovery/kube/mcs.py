@@ -58,16 +58,20 @@ def import_ports(ports: tuple[ServicePort, ...]) -> list[Obj]:
     return out
 
 
+def exporters(service: Service) -> tuple[str, ...]:
+    """The member clusters that export the service: they define it, or have endpoints of it."""
+    return tuple(sorted(n for n in {name for name, _ in service.addresses} | service.clusters if n))
+
+
 def service_import(service: Service) -> Obj:
     """The ServiceImport of one service (one with a clusterset IP)."""
     ports = import_ports(service.ports)
-    exporters = sorted({name for name, _ in service.addresses} | service.clusters)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
         "metadata": {"name": service.name, "namespace": service.namespace, "labels": {MANAGED_BY: MANAGER}},
         "spec": {"type": "ClusterSetIP", "ips": [service.vip], "ports": ports},
-        "status": {"clusters": [{"cluster": name} for name in exporters if name]},
+        "status": {"clusters": [{"cluster": name} for name in exporters(service)]},
     }
 
 
@@ -121,25 +125,33 @@ def _without_times(conditions: list[Obj]) -> list[Obj]:
 
 class Desired:
     """``desired(view)`` with each service's ServiceImport made once per distinct content: a new
-    view that changes endpoints only (the common case) reuses every object."""
+    view that changes endpoints only (the common case) reuses every object, and gives back the very
+    same mapping, which the writers then know they have written (Members.write_imports)."""
 
     def __init__(self) -> None:
         self._made: dict[str, tuple[object, Obj]] = {}
+        self._out: dict[str, Obj] = {}
 
     def __call__(self, view: MeshView) -> dict[str, Obj]:
         out: dict[str, Obj] = {}
         made: dict[str, tuple[object, Obj]] = {}
+        fresh = False
         for key, service in view.services.items():
             if not service.vip:
                 continue
             name = str(key)
-            inputs = (service.ports, service.vip, service.addresses, service.clusters)
+            inputs = (service.ports, service.vip, exporters(service))
             known = self._made.get(name)
-            obj = known[1] if known is not None and known[0] == inputs else service_import(service)
+            if known is not None and known[0] == inputs:
+                obj = known[1]
+            else:
+                obj, fresh = service_import(service), True
             made[name] = (inputs, obj)
             out[name] = obj
         self._made = made
-        return out
+        if fresh or out.keys() != self._out.keys():
+            self._out = out
+        return self._out
 
 
 def _same(written: Obj, wanted: Obj) -> bool:

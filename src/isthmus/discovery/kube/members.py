@@ -181,7 +181,10 @@ class Members:
     # ---- ServiceImports --------------------------------------------------------------------
 
     def write_imports(self, wanted: Mapping[str, dict[str, object]]) -> None:
-        """The ServiceImports every member cluster should have (imports.Desired of the view)."""
+        """The ServiceImports every member cluster should have (mcs.Desired of the view); the same
+        mapping again (a view that changed no import) wakes nobody."""
+        if wanted is self._imports:
+            return
         self._imports = wanted
         for writer, _ in self._writers.values():
             writer.want(wanted)
