@@ -10,7 +10,7 @@ ADMIN_ADDRESS ?= 127.0.0.1:15014
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install kube-binaries helm demo run test unit lint typecheck layers golden bench clean
+.PHONY: help install kube-binaries helm demo run test unit lint typecheck layers golden bench clean api
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,10 @@ unit: $(STAMP) kube-binaries helm ## the test suite only, without the quality ga
 
 golden: $(STAMP) ## regenerate tests/golden/ from the generators and the injector (review the diff!)
 	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py tests/unit/test_inject.py
+
+api: $(STAMP) ## regenerate src/isthmus/api/v1alpha1 (Python) and deploy/crds (CRDs) from api/protos
+	$(BIN)/python -m isthmus.api.generate python src
+	$(BIN)/python -m isthmus.api.generate crds deploy/crds
 
 test: lint typecheck layers unit ## everything CI runs: quality gates, then the whole test suite
 
