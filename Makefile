@@ -53,9 +53,10 @@ unit: $(STAMP) kube-binaries helm ## the test suite only, without the quality ga
 golden: $(STAMP) ## regenerate tests/golden/ from the generators and the injector (review the diff!)
 	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py tests/unit/test_inject.py
 
-api: $(STAMP) ## regenerate src/isthmus/api/v1alpha1 (Python) and deploy/crds (CRDs) from api/protos
+api: $(STAMP) ## regenerate src/isthmus/api/v1alpha1 (Python) and deploy/crds (CRDs, also the chart's crds/) from api/protos
 	$(BIN)/python -m isthmus.api.generate python src
 	$(BIN)/python -m isthmus.api.generate crds deploy/crds
+	cp deploy/crds/*.yaml deploy/helm/isthmus/crds/
 
 test: lint typecheck layers unit ## everything CI runs: quality gates, then the whole test suite
 

@@ -7,6 +7,8 @@ import asyncio
 import datetime
 import gc
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -25,12 +27,13 @@ from isthmus.discovery.file import (
     watch_mesh_file,
 )
 from isthmus.discovery.kube.cluster import ClusterPolicy
+from isthmus.discovery.kube.config_api import MemberClusters
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.mcs import Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
-from isthmus.discovery.model import Gateway, Locality, MeshView
+from isthmus.discovery.model import FULL_WEIGHT, Gateway, Locality, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_kube import KubeAdmin
 from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
@@ -102,6 +105,33 @@ class ControlPlane:
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
         self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
+        # The configuration API (MemberCluster objects in the home cluster): drains every replica follows.
+        self.config: MemberClusters | None = None
+        self._config_started: set[str] = set()  # clusters whose recorded weight was applied
+        self._writes: set[asyncio.Task[None]] = set()
+        if settings.config_namespace:
+            identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+            self.config = MemberClusters(
+                settings.config_namespace, identity, self._config_changed, settings.home_kubeconfig
+            )
+
+    def _config_changed(self) -> None:
+        """MemberClusters changed: every cluster's weight goes toward its object's drain target; a
+        cluster seen for the first time starts from the weight its status recorded (a restart
+        resumes a drain where it was instead of sending traffic back first)."""
+        assert self.config is not None
+        applied = self.config.applied()
+        for cluster, target in sorted(self.config.desired().items()):
+            start = None
+            if cluster not in self._config_started:
+                self._config_started.add(cluster)
+                start = applied.get(cluster)
+                if start is not None and start != FULL_WEIGHT:
+                    self.aggregator.set_cluster_weight(cluster, start)
+            progress = self.drains.progress.get(cluster)
+            at = start if start is not None else progress.weight if progress is not None else FULL_WEIGHT
+            if target != at or start is not None or (progress is not None and progress.state == "running"):
+                self.drains.toward(cluster, target, start)  # from a recorded weight: its progress shows
 
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
@@ -122,6 +152,8 @@ class ControlPlane:
     def readiness(self) -> Readiness:
         if self.ads.port is None:
             return Readiness(False, "xDS server not listening")
+        if self.config is not None and not self.config.synced:
+            return Readiness(False, "configuration API (MemberCluster objects) not read yet")
         if self.members is not None and not self.members.all_synced():
             loop = asyncio.get_running_loop()
             if self._ready_deadline is not None and loop.time() < self._ready_deadline:
@@ -247,6 +279,8 @@ class ControlPlane:
                     )
                 if self.members is not None:
                     tasks.create_task(self.members.run(), name="member-clusters")
+                if self.config is not None:
+                    tasks.create_task(self.config.run(self.drains.status), name="configuration-api")
                 if self.cache.ca is not None:
                     tasks.create_task(self._rotate_certificates(), name="certificates")
                 tasks.create_task(self._watch_gateways(), name="gateway-liveness")
@@ -317,8 +351,25 @@ class ControlPlane:
     def _drain(self, cluster: str, drain: bool) -> dict[str, object]:
         if cluster not in self.cache.view.clusters:
             raise KeyError(cluster)
+        if self.config is not None:  # into the cluster's object: every replica follows it
+            task = asyncio.get_running_loop().create_task(
+                self.config.set_drain(cluster, 0 if drain else FULL_WEIGHT)
+            )
+            self._writes.add(task)
+            task.add_done_callback(self._written)
+            known = self.drains.status().get(cluster)
+            return {
+                "cluster": cluster,
+                "state": "requested",
+                "weight": known["weight"] if known else FULL_WEIGHT,
+            }
         self.drains.start(cluster, drain)
         return self.drains.status()[cluster]
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("writing the drain into the MemberCluster object failed: %s", task.exception())
 
     async def _freeze_after_sync(self) -> None:
         """Once ready, move everything built so far (the member clusters' objects, the first view

@@ -254,6 +254,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where services' clusterset IPs are chosen (the same in every replica; docs/capture.md)",
     )
     kube.add_argument(
+        "--config-namespace",
+        metavar="NS",
+        help="read MemberCluster objects (isthmus.io/v1alpha1: drains every replica follows) in this "
+        "namespace of the home cluster (--home-kubeconfig, else in-cluster)",
+    )
+    kube.add_argument(
         "--no-service-imports",
         dest="service_imports",
         action="store_false",
@@ -533,7 +539,13 @@ def _drain(args: argparse.Namespace) -> int:
         progress = _admin_call("POST", f"{base}/{action}/{args.cluster}", token)
         shown = ""
         deadline = time.monotonic() + args.timeout
-        while not args.no_wait and progress.get("state") == "running" and time.monotonic() < deadline:
+        # "requested": written into the cluster's MemberCluster object (configuration API); the
+        # replicas take it from there, and the progress shows once one has started.
+        while (
+            not args.no_wait
+            and progress.get("state") in ("running", "requested")
+            and time.monotonic() < deadline
+        ):
             line = f"{args.cluster}: {action} at {progress['weight']}%"
             if progress.get("waiting_for"):
                 line += f", waiting for {len(progress['waiting_for'])} proxies to ACK"
@@ -541,7 +553,10 @@ def _drain(args: argparse.Namespace) -> int:
                 print(line, flush=True)
                 shown = line
             time.sleep(0.5)
-            progress = _admin_call("GET", f"{base}/drain", token)[args.cluster]
+            now = _admin_call("GET", f"{base}/drain", token).get(args.cluster)
+            target = 0 if action == "drain" else 100
+            if now is not None and (now["state"] != "done" or now["weight"] == target):
+                progress = now
     except urllib.error.HTTPError as exc:
         print(f"isthmus: {exc.read().decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -551,7 +566,7 @@ def _drain(args: argparse.Namespace) -> int:
     print(f"{args.cluster}: {action} {progress.get('state')} at {progress.get('weight')}%")
     if progress.get("timed_out"):
         print(f"  proxies that did not ACK in time: {', '.join(progress['timed_out'])}")
-    return 0 if progress.get("state") in ("done", "running") else 1
+    return 0 if progress.get("state") in ("done", "running", "requested") else 1
 
 
 def _drain_token(args: argparse.Namespace) -> str | None:
@@ -690,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             debounce_max=args.debounce_max,
             clusterset_range=args.clusterset_range,
             service_imports=args.service_imports,
+            config_namespace=args.config_namespace,
             webhook_address=args.webhook_address,
             webhook_sans=tuple(args.webhook_san),
             inject_xds_address=args.inject_xds_address,

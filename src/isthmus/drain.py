@@ -56,9 +56,23 @@ class Drains:
 
     def start(self, cluster: str, drain: bool = True) -> DrainProgress:
         """Begin draining (or undraining) ``cluster``; a running operation on it is replaced."""
+        return self.toward(cluster, 0 if drain else FULL_WEIGHT)
+
+    def toward(self, cluster: str, target: int, start: int | None = None) -> DrainProgress:
+        """Move ``cluster``'s weight to ``target`` in the usual steps, from ``start`` (a weight
+        already applied, e.g. recorded before a restart) or from where it is; a running operation
+        to another target is replaced, one to the same target goes on."""
         current = self.progress.get(cluster)
-        weight = current.weight if current is not None else FULL_WEIGHT
-        steps = [w for w in DRAIN_STEPS if w < weight] if drain else [w for w in UNDRAIN_STEPS if w > weight]
+        if current is not None and current.state == "running" and current.steps[-1:] == [target]:
+            return current
+        weight = start if start is not None else current.weight if current is not None else FULL_WEIGHT
+        drain = target < weight or (target == weight and target < FULL_WEIGHT)
+        if drain:
+            steps = [w for w in DRAIN_STEPS if target <= w < weight]
+        else:
+            steps = [w for w in UNDRAIN_STEPS if weight < w <= target]
+        if not steps or steps[-1] != target:
+            steps.append(target)
         previous = self._tasks.pop(cluster, None)
         if previous is not None:
             previous.cancel()

@@ -99,6 +99,7 @@ class ServeSettings:
     debounce_max: float = 1.0
     clusterset_range: str = DEFAULT_CLUSTERSET_RANGE  # where services' clusterset IPs are chosen
     service_imports: bool = True  # write MCS ServiceImports into member clusters that have the CRD
+    config_namespace: str | None = None  # read MemberCluster objects (isthmus.io) there, home cluster
     mtls: bool = True
     trust_domain: str = "cluster.local"
     ca_cert: Path | None = None
@@ -157,9 +158,12 @@ class ServeSettings:
             raise SettingsError(f"--export-policy: {self.export_policy!r} is not all or serviceexport")
         if self.withdraw_after is not None and self.withdraw_after < self.max_staleness:
             raise SettingsError("--withdraw-after must not be shorter than --max-staleness")
-        if self.home_kubeconfig is not None and not (self.cluster_secrets_namespace or self.admin_kube_auth):
+        if self.home_kubeconfig is not None and not (
+            self.cluster_secrets_namespace or self.admin_kube_auth or self.config_namespace
+        ):
             raise SettingsError(
-                "--home-kubeconfig is only used with --cluster-secrets-namespace or --admin-kube-auth"
+                "--home-kubeconfig is only used with --cluster-secrets-namespace, --admin-kube-auth "
+                "or --config-namespace"
             )
         if self.kubeconfig_dir is not None and not self.kubeconfig_dir.is_dir():
             raise SettingsError(f"--kubeconfig-dir: {self.kubeconfig_dir} is not a directory")

@@ -179,9 +179,21 @@ def test_lint_and_template_every_values_file(helm: Callable[..., str], tmp_path:
         assert ("PodDisruptionBudget", "isthmus") in objs
         service = objs[("Service", "isthmus")]
         assert {p["port"] for p in service["spec"]["ports"]} >= {15012, 15014}
-        # The home cluster's roles: Secrets of the release namespace (a Role), the admin reviews.
+        # The home cluster's roles: Secrets of the release namespace (a Role), the MemberCluster
+        # objects and the status Lease there (the configuration API), the admin reviews.
         assert objs[("Role", "isthmus-member-secrets")]["rules"] == [
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
+            {
+                "apiGroups": ["isthmus.io"],
+                "resources": ["memberclusters"],
+                "verbs": ["get", "list", "watch", "create", "patch"],
+            },
+            {"apiGroups": ["isthmus.io"], "resources": ["memberclusters/status"], "verbs": ["update"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["get", "create", "update"],
+            },
         ]
         assert not [o for o in objs.values() if o["kind"] == "ClusterRole" and "secrets" in json.dumps(o)]
     default = by_kind(render(helm, "home-default"))

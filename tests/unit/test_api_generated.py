@@ -264,3 +264,14 @@ def test_unsupported_field_kinds_fail_loudly() -> None:
     pool.Add(proto)
     with pytest.raises(crds.UnsupportedField, match=r"t\.M\.n"):
         crds.message_schema(pool.FindMessageTypeByName("t.M"))
+
+
+def test_the_chart_installs_the_generated_crds() -> None:
+    """Helm installs a chart's crds/ directory: the same files `make api` writes to deploy/crds/."""
+    root = Path(__file__).resolve().parents[2]
+    generated = sorted((root / "deploy" / "crds").glob("*.yaml"))
+    assert generated
+    for path in generated:
+        assert (root / "deploy" / "helm" / "isthmus" / "crds" / path.name).read_text() == path.read_text(), (
+            path.name
+        )
