@@ -211,11 +211,12 @@ async def _apply(api: client.ApiClient, obj: Obj, request_timeout: float) -> Obj
     return dict(answer)
 
 
-async def _get(api: client.ApiClient, path: str, request_timeout: float) -> Obj | None:
+async def _call(api: client.ApiClient, method: str, path: str, request_timeout: float) -> Obj | None:
+    """GET or DELETE ``path``: its answer, None when it does not exist (404)."""
     try:
         answer = await api.call_api(
             path,
-            "GET",
+            method,
             header_params={"Accept": "application/json"},
             response_types_map={200: "object"},
             auth_settings=["BearerToken"],
@@ -226,23 +227,15 @@ async def _get(api: client.ApiClient, path: str, request_timeout: float) -> Obj 
         if exc.status == 404:
             return None
         raise
-    return dict(answer)
+    return dict(answer or {})
+
+
+async def _get(api: client.ApiClient, path: str, request_timeout: float) -> Obj | None:
+    return await _call(api, "GET", path, request_timeout)
 
 
 async def _delete(api: client.ApiClient, path: str, request_timeout: float) -> bool:
-    try:
-        await api.call_api(
-            path,
-            "DELETE",
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-            _request_timeout=request_timeout,
-        )
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return await _call(api, "DELETE", path, request_timeout) is not None
 
 
 def _why(exc: BaseException) -> str:
