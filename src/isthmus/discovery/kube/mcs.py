@@ -217,8 +217,9 @@ class ImportWriter:
         try:
             while True:
                 timeout = self.recheck if self.installed is False else self.resync
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                try:  # asyncio.timeout: wait_for can swallow a cancellation on Python 3.11
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 except TimeoutError:
                     self._written = None  # re-list: undo others' edits, see a new CRD
                 self._wake.clear()
