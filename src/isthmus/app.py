@@ -121,7 +121,12 @@ class ControlPlane:
         resumes a drain where it was instead of sending traffic back first)."""
         assert self.config is not None
         applied = self.config.applied()
-        for cluster, target in sorted(self.config.desired().items()):
+        desired = self.config.desired()
+        for cluster in sorted(self._config_started - set(desired) - set(self.config.errors)):
+            # Its object was deleted: back to normal, as a replica that starts now would be.
+            self._config_started.discard(cluster)
+            self.drains.toward(cluster, FULL_WEIGHT)
+        for cluster, target in sorted(desired.items()):
             start = None
             if cluster not in self._config_started:
                 self._config_started.add(cluster)

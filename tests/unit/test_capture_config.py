@@ -179,7 +179,7 @@ def test_the_outbound_listener_matches_each_service_by_its_addresses_in_the_prox
     assert listener.address.socket_address.address == "127.0.0.1"  # never on the pod's address
     assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
     assert chains(listener) == {
-        "outbound_http_15001": (15001, []),  # the explicit proxy: Host routing
+        "outbound_http_15001": (15001, ["127.0.0.1"]),  # the explicit proxy (an app told so): Host routing
         "outbound_http_80": (80, ["10.96.0.10", "240.240.0.1"]),
         "outbound|5432||db.shop.svc.cluster.local": (5432, ["240.240.0.2"]),  # a: clusterset IP only
     }
@@ -327,3 +327,11 @@ def test_desired_imports_are_the_same_mapping_while_no_import_changes() -> None:
     assert again is not first
     assert again["shop/db"]["spec"]["ips"] == ["240.240.0.9"]
     assert again["shop/web"] is first["shop/web"]
+
+
+def test_an_ipv6_clusterset_range_gives_ipv6_addresses() -> None:
+    got = clusterset.allocate([key("web"), key("db")], clusterset.network("fd00:240::/120"))
+    assert all(ipaddress.ip_address(a).version == 6 for a in got.values()), got
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("fd00:240::/120") for a in got.values())
+    low = clusterset.allocate([key("web")], clusterset.network("::/120"))  # ints below 2**32
+    assert ipaddress.ip_address(low[key("web")]).version == 6, low

@@ -49,7 +49,6 @@ def allocate(keys: Iterable[ServiceKey], net: Network) -> dict[ServiceKey, str]:
     """An address of ``net`` for each key (its network and broadcast addresses never); keys beyond
     the range's capacity get none, and a warning says how many."""
     size = net.num_addresses - 2
-    first = int(net.network_address) + 1
     taken: set[int] = set()
     out: dict[ServiceKey, str] = {}
     ordered = sorted(keys, key=lambda k: (_home(k, size), k))
@@ -58,7 +57,7 @@ def allocate(keys: Iterable[ServiceKey], net: Network) -> dict[ServiceKey, str]:
         while slot in taken:
             slot = (slot + 1) % size
         taken.add(slot)
-        out[key] = str(ipaddress.ip_address(first + slot))
+        out[key] = str(net.network_address + 1 + slot)
     if len(ordered) > size:
         log.warning("clusterset range %s is full: %d services get no clusterset IP", net, len(ordered) - size)
     return out

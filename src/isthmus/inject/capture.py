@@ -8,6 +8,9 @@ network namespace (``nft -f``), as a pure function of what to capture.
   sidecar's own ports (readiness probes, the admin API stays on loopback anyway), not the excluded
   ports.
 
+Outbound capture is IPv4 only (the sidecar's outbound and DNS listeners are on 127.0.0.1): IPv6
+connections of a dual-stack pod go out directly, uncaptured.
+
 One table of its own (``inet isthmus``), created fresh: loading the ruleset twice gives the same
 rules, and nothing else in the namespace is touched.
 """
@@ -66,9 +69,9 @@ def nft_rules(capture: Capture) -> str:
         ports = sorted(set(capture.exclude_outbound_ports))
         lines.append(f"    tcp dport {_set([str(p) for p in ports])} return")
     if capture.dns_port:
-        lines.append(f"    udp dport 53 redirect to :{capture.dns_port}")
+        lines.append(f"    meta nfproto ipv4 udp dport 53 redirect to :{capture.dns_port}")
     lines += [
-        f"    meta l4proto tcp redirect to :{capture.outbound_port}",
+        f"    meta nfproto ipv4 meta l4proto tcp redirect to :{capture.outbound_port}",
         "  }",
         "}",
         "",

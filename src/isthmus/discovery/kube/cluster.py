@@ -107,6 +107,8 @@ class ClusterWatcher:
         # Hears which pods changed ("namespace/name" keys; None: all, after a relist): identity
         # closes the streams of pod-bound tokens whose pod is gone (Members.on_pods).
         self.on_pods: Callable[[str, Collection[str] | None], None] | None = None
+        # ServiceExports or Services changed: their conditions may have to be written (Members).
+        self.on_exports: Callable[[str], None] | None = None
         self._failing: set[str] = set()
         self._dirty = asyncio.Event()
         self._reflectors: dict[str, Reflector] = {}
@@ -238,6 +240,8 @@ class ClusterWatcher:
         """A reflector's store changed: note the services to recompute (or drop the shard: rebuild)."""
         if kind == "pods" and self.on_pods is not None:
             self.on_pods(self.name, keys)
+        if kind in (MCS_PLURAL, "services") and self.on_exports is not None:
+            self.on_exports(self.name)
         if self._shard is not None:
             touched = self._services_touched(kind, keys) if keys is not None else None
             if touched is None:

@@ -198,6 +198,11 @@ class ImportWriter:
         self.skipped: set[str] = set()  # wanted, but their namespace does not exist here
         self.foreign: set[str] = set()  # wanted, but a ServiceImport that isthmus did not make is there
 
+    def wake(self) -> None:
+        """Write again what is wanted (the cluster's ServiceExports or Services changed)."""
+        if self._wanted is not None:
+            self._wake.set()
+
     def want(self, wanted: Mapping[str, Obj]) -> None:
         """The ServiceImports this cluster should have (namespace/name -> object); latest wins."""
         self._wanted = wanted
@@ -341,7 +346,7 @@ class ImportWriter:
                 self.writes += 1
             except client.ApiException as exc:
                 if exc.status not in (404, 409):  # gone, or changed since watched: its event wakes us
-                    raise
+                    raise  # (ClusterWatcher.on_exports -> ImportWriter.wake)
 
     async def _write(self, api: Any, obj: Obj, have: Obj | None) -> Obj | None:
         """Create or replace ``obj`` (spec, then status); None when its namespace does not exist,
@@ -370,6 +375,12 @@ class ImportWriter:
             if exc.status == 404 and have is None:
                 return None  # no such namespace in this cluster (or the CRD just went: re-listed)
             if exc.status == 409 and have is None:
-                return FOREIGN  # already exists, unlabelled: another MCS implementation's
+                existing = await api.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout
+                )
+                labels = (existing.get("metadata") or {}).get("labels") or {}
+                if labels.get(MANAGED_BY) != MANAGER:
+                    return FOREIGN  # another MCS implementation's
+                return await self._write(api, obj, dict(existing))  # another replica's: ours to keep
             raise  # 409 on replace: changed since listed; the error path lists again
         return dict(made)

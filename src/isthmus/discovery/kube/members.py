@@ -119,6 +119,7 @@ class Members:
         watcher = ClusterWatcher(credentials, self.aggregator, self._policy(credentials.cluster), self.timing)
         watcher.publish = publish
         watcher.on_pods = self._pods_changed
+        watcher.on_exports = self._exports_changed
         task = asyncio.create_task(watcher.run(), name=f"cluster-{credentials.cluster}")
         task.add_done_callback(lambda t: self._ended(credentials.cluster, t))
         return _Member(watcher, task)
@@ -189,6 +190,11 @@ class Members:
         for writer, _ in self._writers.values():
             writer.want(wanted)
 
+    def _exports_changed(self, cluster: str) -> None:
+        found = self._writers.get(cluster)
+        if found is not None:
+            found[0].wake()
+
     def _start_writer(self, name: str) -> None:
         if not self.service_imports or name in self._writers:
             return
@@ -209,8 +215,7 @@ class Members:
         found = self._writers.pop(name, None)
         if found is not None:
             found[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await found[1]
+            await asyncio.wait([found[1]])  # not `await task`: a cancellation of ours must not be swallowed
 
     async def _reconcile_loop(self) -> None:
         """Reconcile every ``poll_interval`` (files), at once when the Secrets change, and while a
@@ -307,5 +312,4 @@ def _iso(timestamp: float) -> str:
 
 async def _stop(member: _Member) -> None:
     member.task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await member.task
+    await asyncio.wait([member.task])  # not `await task`: a cancellation of ours must not be swallowed

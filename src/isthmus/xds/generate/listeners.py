@@ -139,11 +139,9 @@ def captured_outbound_listener(view: MeshView, proxy: Proxy) -> Any:
                     filters=[_tcp_proxy(f"outbound_tcp_{port.port}", cluster)],
                 )
             )
-    explicit = listener_components_pb2.FilterChain(
+    explicit = listener_components_pb2.FilterChain(  # the app told to use the sidecar: 127.0.0.1:15001
         name=naming.outbound_http_listener(proxy.outbound_port),
-        filter_chain_match=listener_components_pb2.FilterChainMatch(
-            destination_port=wrappers_pb2.UInt32Value(value=proxy.outbound_port)
-        ),
+        filter_chain_match=_destination(proxy.outbound_port, ["127.0.0.1"]),
         filters=[_outbound_http()],
     )
     http_chains = [
