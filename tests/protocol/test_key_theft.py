@@ -123,11 +123,15 @@ async def attempt(
                             node=node, type_url=types.SECRET, resource_names_subscribe=names
                         )
                     )
+            first = True
             while True:
-                try:  # a served stream stays open: what it had to say came within a second
-                    response = await asyncio.wait_for(call.read(), 1.0)
+                # The first answer or the refusal must come (generous, for a loaded machine); after
+                # that a served stream stays open: what it had to say came within a second.
+                try:
+                    response = await asyncio.wait_for(call.read(), 10.0 if first else 1.0)
                 except TimeoutError:
                     break
+                first = False
                 if response is grpc.aio.EOF:
                     break
                 loot.take(response)
