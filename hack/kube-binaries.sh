@@ -6,6 +6,8 @@
 #
 #   hack/kube-binaries.sh            # all seven binaries (~13 min cold on 2 cores, then ~0 s)
 #   hack/kube-binaries.sh control    # etcd, kube-apiserver, kube-controller-manager only (~5 min cold)
+#   hack/kube-binaries.sh previous   # the five upgraded components of KUBE_PREVIOUS_VERSION (the upgrade
+#                                    # test's starting point; no etcd: the upgrade keeps the same one)
 #
 # Why a script and not `go install`: k8s.io/kubernetes has `replace ./staging/...` directives, which
 # `go install pkg@version` refuses. In a writable copy of the module we drop them and require the published
@@ -16,15 +18,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 what="${1:-all}"
-cache="${ISTHMUS_CACHE:-$HOME/.cache/isthmus}/kube/${KUBE_VERSION}-etcd${ETCD_VERSION}"
-bin="$cache/bin"
 control=(kube-apiserver kube-controller-manager)
 node=(kube-scheduler kubelet kube-proxy kubectl)
 case "$what" in
   control) cmds=("${control[@]}") ;;
   all) cmds=("${control[@]}" "${node[@]}") ;;
-  *) echo "usage: $0 [all|control]" >&2; exit 2 ;;
+  previous) cmds=("${control[@]}" kube-scheduler kubelet kube-proxy); KUBE_VERSION="$KUBE_PREVIOUS_VERSION" ;;
+  *) echo "usage: $0 [all|control|previous]" >&2; exit 2 ;;
 esac
+if [[ "$what" == previous ]]; then
+  cache="${ISTHMUS_CACHE:-$HOME/.cache/isthmus}/kube/${KUBE_VERSION}"
+else
+  cache="${ISTHMUS_CACHE:-$HOME/.cache/isthmus}/kube/${KUBE_VERSION}-etcd${ETCD_VERSION}"
+fi
+bin="$cache/bin"
 
 # The test images' one binary (hack/images/testapp.go, standard library only): rebuilt when its
 # source is newer than the cached binary (about 2 s).
@@ -36,7 +43,7 @@ if [[ "$what" == all && ( ! -x "$bin/testapp" || "$here/images/testapp.go" -nt "
 fi
 
 missing=()
-[[ -x "$bin/etcd" ]] || missing+=(etcd)
+[[ "$what" == previous || -x "$bin/etcd" ]] || missing+=(etcd)
 for c in "${cmds[@]}"; do [[ -x "$bin/$c" ]] || missing+=("$c"); done
 if [[ ${#missing[@]} -eq 0 ]]; then echo "$bin"; exit 0; fi
 
