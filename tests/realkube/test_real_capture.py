@@ -45,30 +45,41 @@ Everything is removed at the end, also on failure: the nodes, clusters, namespac
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from datapath.netns import CLUSTER_LINK
 from realkube.binaries import kube_bin
-from realkube.cluster import RealCluster
-from realkube.fixtures import READER_NAMESPACE, clusters_with_nodes, reader_kubeconfig
-from realkube.images import with_libraries, write_image
-from realkube.node import ENVOY_IMAGE, Node, available
+from realkube.fixtures import clusters_with_nodes, reader_kubeconfig
+from realkube.mesh import (
+    GATEWAY_NS,
+    GATEWAY_POD,
+    GATEWAY_PORT,
+    GATEWAY_SA,
+    SHOP,
+    Cluster,
+    client_pod,
+    gateway_admin,
+    gateway_bootstrap,
+    gateway_objects,
+    import_curl,
+    masquerade,
+    pod_log,
+    pod_pid,
+    proxy_admin,
+    ready_pod,
+    stat,
+)
+from realkube.node import Node, available
 from realkube.objects import deployment, service
-from realkube.rest import path_of
 from realkube.test_real_inject import (
-    ISTHMUS,
     PROXY,
     Isthmus,
     names,
@@ -78,14 +89,9 @@ from realkube.test_real_inject import (
     webhook_active,
     webhook_configuration,
 )
-from realkube.wait import until
 
 pytestmark = [pytest.mark.realkube, pytest.mark.asyncio(loop_scope="module")]
 
-SHOP = "shop"
-CURL_IMAGE = "isthmus.test/curl:1"  # this machine's curl and its libraries, and /testapp (pause)
-GATEWAY_PORT, GATEWAY_ADMIN, GATEWAY_READY = 15443, 15000, 15021
-GATEWAY_NS, GATEWAY_SA, GATEWAY_POD = READER_NAMESPACE, "isthmus-gateway", "eastwest"
 A, AAAA = 1, 28
 # One DNS query over UDP (argv: server, name, type); prints the answer's rcode and answer count.
 DNS_QUERY = """
@@ -101,7 +107,6 @@ flags, _, answers = struct.unpack(">HHH", answer[2:8])
 print(flags & 15, answers)
 """
 SIDECARS = ("api", "web", "client", "bypass", "registry")  # the injected pods
-SEARCHES = [f"{SHOP}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
 
 
 def why_not() -> str | None:
@@ -110,143 +115,6 @@ def why_not() -> str | None:
     if shutil.which("curl") is None:
         return "curl is not installed (hack/node-packages.sh installs it)"
     return None
-
-
-# ---- objects ---------------------------------------------------------------------------------------
-
-
-def client_pod(name: str, nameserver: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """A pod whose container sleeps (commands are run in it, as kubectl exec would), with curl, and
-    a resolv.conf of Kubernetes' shape whose nameserver answers nothing (only the sidecar does)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": SHOP,
-            "labels": {"app": name},
-            "annotations": annotations or {},
-        },
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "dnsPolicy": "None",
-            "dnsConfig": {
-                "nameservers": [nameserver],
-                "searches": SEARCHES,
-                "options": [{"name": "ndots", "value": "5"}],
-            },
-            "containers": [{"name": "client", "image": CURL_IMAGE, "imagePullPolicy": "Never"}],
-        },
-    }
-
-
-def gateway_bootstrap(cluster: str, xds_host: str, xds_port: int, listen: str) -> str:
-    """What `isthmus bootstrap --role gateway` writes for the gateway pod (JSON, for --config-yaml)."""
-    argv = [
-        str(ISTHMUS), "bootstrap", "--role", "gateway", "--cluster", cluster,
-        "--namespace", GATEWAY_NS, "--service", GATEWAY_SA, "--service-account", GATEWAY_SA,
-        "--pod-name", GATEWAY_POD, "--node-name", f"{cluster}-node",
-        "--xds-address", f"{xds_host}:{xds_port}", "--xds-root-ca", "/etc/isthmus/root/ca.crt",
-        "--xds-server-name", xds_host, "--token-file", "/var/run/secrets/isthmus/token",
-        "--admin-port", str(GATEWAY_ADMIN), "--readiness-port", str(GATEWAY_READY),
-        "--listen-address", listen, "--delta", "--format", "json",
-    ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
-    return json.dumps(json.loads(done.stdout), separators=(",", ":"))
-
-
-def gateway_objects(bootstrap: str, root_pem: str) -> list[dict[str, Any]]:
-    """The gateway's ServiceAccount, the mesh root it trusts, and its host-network pod."""
-    meta = {"namespace": GATEWAY_NS}
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": GATEWAY_SA, **meta}},
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "isthmus-root", **meta},
-            "data": {"ca.crt": root_pem},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": GATEWAY_POD, "labels": {"app": GATEWAY_POD}, **meta},
-            "spec": {
-                "hostNetwork": True,
-                "serviceAccountName": GATEWAY_SA,
-                "automountServiceAccountToken": False,
-                "terminationGracePeriodSeconds": 1,
-                "containers": [
-                    {
-                        "name": "envoy",
-                        "image": ENVOY_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "args": ["--config-yaml", bootstrap, "--disable-hot-restart", "--log-level", "info"],
-                        "readinessProbe": {
-                            "httpGet": {"path": "/ready", "port": GATEWAY_READY},
-                            "periodSeconds": 1,
-                        },
-                        "volumeMounts": [
-                            {"name": "token", "mountPath": "/var/run/secrets/isthmus", "readOnly": True},
-                            {"name": "root", "mountPath": "/etc/isthmus/root", "readOnly": True},
-                        ],
-                    }
-                ],
-                "volumes": [
-                    {
-                        "name": "token",
-                        "projected": {
-                            "sources": [
-                                {
-                                    "serviceAccountToken": {
-                                        "audience": "isthmus",
-                                        "expirationSeconds": 3600,
-                                        "path": "token",
-                                    }
-                                }
-                            ]
-                        },
-                    },
-                    {"name": "root", "configMap": {"name": "isthmus-root"}},
-                ],
-            },
-        },
-    ]
-
-
-# ---- looking into pods -----------------------------------------------------------------------------
-
-
-def is_ready(obj: dict[str, Any] | None) -> bool:
-    conditions = (obj or {}).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-async def ready_pod(cluster: RealCluster, namespace: str, app: str, timeout: float = 180) -> dict[str, Any]:
-    async def find() -> dict[str, Any] | None:
-        pods = await cluster.admin.request("GET", f"{path_of('Pod', namespace)}?labelSelector=app%3D{app}")
-        return next((dict(p) for p in pods["items"] if is_ready(p)), None)
-
-    return await until(find, f"a Ready pod of {app} in {cluster.name}/{namespace}", timeout)
-
-
-def pod_log(node: Node, namespace: str, pod: str, container: str) -> str:
-    """The kubelet's log of a container (in the node's podLogsDir, or the host's /var/log/pods)."""
-    found: list[Path] = []
-    for base in (node.dir / "pod-logs", Path("/var/log/pods")):
-        found += sorted(base.glob(f"{namespace}_{pod}_*/{container}/*.log"))
-    return "\n".join(p.read_text(errors="replace")[-4000:] for p in found) or "<no log>"
-
-
-@dataclass
-class Cluster:
-    """A member cluster and its node."""
-
-    name: str
-    node: Node
-
-    @property
-    def api(self) -> RealCluster:
-        return self.node.cluster
 
 
 @dataclass
@@ -258,11 +126,7 @@ class Mesh:
 
     def pod_pid(self, cluster: Cluster, pod: str, with_file: str = "") -> int:
         """A process of ``pod`` (one whose root holds ``with_file``, when given: a container's)."""
-        pids = sorted(cluster.node.pod_pids(self.pods[pod]["metadata"]["uid"]))
-        for pid in pids:
-            if not with_file or Path(f"/proc/{pid}/root{with_file}").exists():
-                return pid
-        raise AssertionError(f"no process of pod {pod} with {with_file or 'anything'}: {pids}")
+        return pod_pid(cluster.node, self.pods[pod], with_file)
 
     def exec(
         self, cluster: Cluster, pod: str, *argv: str, timeout: float = 60
@@ -295,30 +159,10 @@ class Mesh:
 
     def proxy_admin(self, cluster: Cluster, pod: str, path: str) -> str:
         """The sidecar's admin API (loopback of the pod's network namespace; not captured)."""
-        netns = f"/proc/{self.pod_pid(cluster, pod)}/ns/net"
-        done = subprocess.run(
-            [
-                "nsenter",
-                f"--net={netns}",
-                "--",
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                f"http://127.0.0.1:15000{path}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return proxy_admin(cluster.node, self.pods[pod], path)
 
     def gateway_admin(self, path: str) -> str:
-        url = f"http://127.0.0.1:{GATEWAY_ADMIN}{path}"
-        done = self.west.node.run_in("curl", "-sS", "--max-time", "10", url)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return gateway_admin(self.west.node, path)
 
     def logs(self) -> str:
         out = []
@@ -333,30 +177,6 @@ class Mesh:
                 )
         out.append(f"--- west gateway\n{pod_log(self.west.node, GATEWAY_NS, GATEWAY_POD, 'envoy')}")
         return "\n".join(out)
-
-
-def stat(stats: str, name: str) -> int:
-    """A counter of an Envoy /stats text (0 if absent)."""
-    match = re.search(rf"^{re.escape(name)}: (\d+)$", stats, re.MULTILINE)
-    return int(match.group(1)) if match else 0
-
-
-def masquerade(node: Node) -> None:
-    """Pods leaving the node for the transit network go out as the node's transit address."""
-    done = node.run_in(
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        node.pod_cidr,
-        "-o",
-        CLUSTER_LINK,
-        "-j",
-        "MASQUERADE",
-    )
-    assert done.returncode == 0, done.stderr
 
 
 # ---- the module's two clusters, nodes, isthmus, gateway and workloads ------------------------------
@@ -382,13 +202,7 @@ async def mesh(_skip_if_unable: None, tmp_path_factory: pytest.TempPathFactory) 
     try:
         with clusters_with_nodes(("east", "west"), base, binaries, prepare) as (_, made):
             east, west = Cluster("east", made["east"]), Cluster("west", made["west"])
-            files = {
-                **with_libraries("/usr/bin/curl", Path(str(shutil.which("curl")))),
-                "/testapp": binaries / "testapp",
-            }
-            east.node.import_image(
-                write_image(east.node.dir / "curl-1.tar", CURL_IMAGE, files, ["/testapp", "pause"])
-            )
+            import_curl(east.node)
 
             kubeconfigs = base / "kubeconfigs"
             kubeconfigs.mkdir()
