@@ -16,6 +16,12 @@ tied to the test process with a parent-death signal (``setpriv --pdeathsig KILL`
 main thread only: the signal fires when the spawning thread ends), so a killed run leaves nothing.
 ``stop_apiserver``/``start_apiserver`` make an outage; ``compact`` compacts etcd to its current
 revision through etcd's own API, so watches from older resourceVersions get 410 Gone.
+
+Versions: etcd comes from ``binaries``, the API server, controller manager and scheduler from
+``kube_binaries`` (default: the same directory), so a cluster can start on the previous Kubernetes
+version (realkube.binaries ``kube_bin("previous")``); ``stop_control_plane`` and
+``start_control_plane(other)`` upgrade it in place: the same etcd (never stopped), data, PKI, tokens,
+ports and log files, other binaries.
 """
 
 from __future__ import annotations
@@ -139,10 +145,14 @@ class RealCluster:
         binaries: Path,
         *,
         extra_apiserver_args: Sequence[str] = (),
+        kube_binaries: Path | None = None,
     ) -> None:
+        """``binaries``: etcd's directory (and the others', unless ``kube_binaries`` gives the
+        directory of kube-apiserver, kube-controller-manager and kube-scheduler)."""
         self.name = name
         self.dir = directory
         self.bin = binaries
+        self.kube_bin = kube_binaries or binaries
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pki: ClusterPki = make_pki(self.dir / "pki", name)
         self.admin_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
@@ -173,10 +183,15 @@ class RealCluster:
         self._extra_apiserver_args = list(extra_apiserver_args)
         self._spares: list[Process] = []
         self.apiserver = self._apiserver_process(self.port, "kube-apiserver")
-        self.controller_manager = Process(
+        self.controller_manager = self._controller_manager_process()
+        self.admin = Rest(self.url, str(self.pki.ca_cert), self.admin_token)
+        self.scheduler: Process | None = None
+
+    def _controller_manager_process(self) -> Process:
+        return Process(
             "kube-controller-manager",
             [
-                str(binaries / "kube-controller-manager"),
+                str(self.kube_bin / "kube-controller-manager"),
                 f"--kubeconfig={self.admin_kubeconfig}",
                 f"--service-account-private-key-file={self.pki.sa_key}",
                 f"--root-ca-file={self.pki.ca_cert}",
@@ -188,15 +203,13 @@ class RealCluster:
             ],
             self.dir / "kube-controller-manager.log",
         )
-        self.admin = Rest(self.url, str(self.pki.ca_cert), self.admin_token)
-        self.scheduler: Process | None = None
 
     def _apiserver_process(self, port: int, name: str) -> Process:
         tokens = self.dir / "tokens.csv"
         return Process(
             name,
             [
-                str(self.bin / "kube-apiserver"),
+                str(self.kube_bin / "kube-apiserver"),
                 f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
                 f"--bind-address={LOOPBACK}",
                 f"--advertise-address={LOOPBACK}",
@@ -256,7 +269,7 @@ class RealCluster:
         self.scheduler = Process(
             "kube-scheduler",
             [
-                str(self.bin / "kube-scheduler"),
+                str(self.kube_bin / "kube-scheduler"),
                 f"--kubeconfig={self.admin_kubeconfig}",
                 "--leader-elect=false",
                 "--secure-port=0",
@@ -265,6 +278,34 @@ class RealCluster:
             self.dir / "kube-scheduler.log",
         )
         self.scheduler.start()
+
+    def stop_control_plane(self) -> None:
+        """Stop the scheduler, controller manager and API server (SIGTERM, in that order); etcd and
+        everything it stores stay. ``start_control_plane`` brings them back."""
+        if self.scheduler is not None:
+            self.scheduler.stop(grace=5)
+        self.controller_manager.stop(grace=5)
+        self.apiserver.stop(grace=10)
+
+    def start_control_plane(self, kube_binaries: Path | None = None, timeout: float = 60.0) -> None:
+        """Blocking, from the main thread: the API server (from ``kube_binaries`` if given: e.g. an
+        upgrade), against the same etcd with the same flags, until /readyz; then the controller
+        manager and (if the cluster had one) the scheduler from the same directory."""
+        if kube_binaries is not None:
+            self.kube_bin = kube_binaries
+        had_scheduler = self.scheduler is not None
+        self.apiserver = self._apiserver_process(self.port, "kube-apiserver")
+        self.controller_manager = self._controller_manager_process()
+        self.start_apiserver()
+        self.wait_ready_blocking(timeout)
+        self.controller_manager.start()
+        if had_scheduler:
+            self.start_scheduler()
+
+    async def version(self) -> str:
+        """The API server's gitVersion (GET /version), e.g. ``v1.37.2``."""
+        answer = await self.admin.request("GET", "/version")
+        return str(answer["gitVersion"])
 
     # ---- lifecycle ------------------------------------------------------------------------
 

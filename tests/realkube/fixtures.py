@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +136,21 @@ def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def clusters_with_nodes(
-    names: tuple[str, ...], base: Path, binaries: Path, prepare: Callable[[Node], None] = lambda node: None
+    names: tuple[str, ...],
+    base: Path,
+    binaries: Path,
+    prepare: Callable[[Node], None] = lambda node: None,
+    kube_binaries: Mapping[str, Path] | None = None,
 ) -> Iterator[tuple[Topology, dict[str, Node]]]:
     """Real clusters ``names`` (in ``base``), each with a scheduler and a real node in its own
     namespace of a data-path Topology, joined only by its transit bridge; ``prepare`` runs on each
-    started node (images to import, ...). Everything is removed afterwards, each step even when one
-    before it fails (the first failure is raised at the end), and the nodes' logs are printed."""
-    clusters = [RealCluster(name, base / name, binaries) for name in names]
+    started node (images to import, ...). ``kube_binaries``: a cluster's own directory of the API
+    server, controller manager, scheduler, kubelet and kube-proxy (e.g. the previous version's;
+    etcd and the images' testapp still come from ``binaries``). Everything is removed afterwards,
+    each step even when one before it fails (the first failure is raised at the end), and the
+    nodes' logs are printed."""
+    own = kube_binaries or {}
+    clusters = [RealCluster(name, base / name, binaries, kube_binaries=own.get(name)) for name in names]
     topology = Topology(list(names), mode="netns").create()
     made: dict[str, Node] = {}
     try:
@@ -151,7 +159,12 @@ def clusters_with_nodes(
             net = topology[cluster.name]
             cluster.start_scheduler()
             made[cluster.name] = Node(
-                cluster, net.index, binaries, netns=net.netns, address=net.transit_address
+                cluster,
+                net.index,
+                binaries,
+                netns=net.netns,
+                address=net.transit_address,
+                kube_binaries=own.get(cluster.name),
             )
             made[cluster.name].start()
             prepare(made[cluster.name])

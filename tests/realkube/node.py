@@ -24,6 +24,11 @@ network namespace, pods on a CNI bridge there, images imported from local tarbal
   process in the node's cgroups (containers included), containerd and its shims, the mounts under the
   node's directory, the namespace (and with it the bridge, veths and iptables rules), the cgroups.
   Leftovers of a killed test run (their owner's pid is gone) are removed by the next ``start``.
+* Versions: the kubelet and kube-proxy come from ``kube_binaries`` (default ``binaries``, which also
+  gives the test images' testapp), e.g. the previous Kubernetes version's;
+  ``stop_kubelet_and_proxy`` and ``start_kubelet_and_proxy(other)`` upgrade the node in place:
+  containerd, its shims and so the pods keep running, and the new kubelet starts on the same root
+  directory, configuration and credentials.
 """
 
 from __future__ import annotations
@@ -164,12 +169,15 @@ class Node:
         *,
         netns: str | None = None,
         address: str | None = None,
+        kube_binaries: Path | None = None,
     ) -> None:
         """``netns``/``address``: run in a namespace someone else made (a data-path Topology's
-        cluster namespace, whose transit address is then the node's); else the node makes its own."""
+        cluster namespace, whose transit address is then the node's); else the node makes its own.
+        ``kube_binaries``: where the kubelet and kube-proxy are (default ``binaries``)."""
         self.cluster = cluster
         self.n = n
         self.bin = binaries
+        self.kube_bin = kube_binaries or binaries
         self.name = f"{cluster.name}-node"
         self.owns_netns = netns is None
         self.netns = netns or f"{PREFIX}-{os.getpid()}-{cluster.name}"
@@ -181,6 +189,9 @@ class Node:
         self.forwarder = Forwarder()
         self.processes: list[Process] = []
         self.containerd: Process | None = None
+        self.kubelet: Process | None = None
+        self.kube_proxy: Process | None = None
+        self._kubeconfig: Path | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -196,6 +207,7 @@ class Node:
         listener = _listen_in_netns(self.netns, LOOPBACK, self.cluster.port)
         self.forwarder.forward(listener, LOOPBACK, self.cluster.port)
         kubeconfig = self.cluster.kubeconfig(self.dir / "node.kubeconfig", self.cluster.admin_token)
+        self._kubeconfig = kubeconfig
         self._write_configs(kubeconfig)
         self._make_cgroups()
         self.containerd = self._spawn(
@@ -204,21 +216,41 @@ class Node:
         self._wait(lambda: self.sock.exists(), "containerd's socket")
         self.import_image(self._image(PAUSE_IMAGE, ["/testapp", "pause"]))
         self.import_image(self._image(APP_IMAGE, ["/testapp"]))
-        self._spawn(
+        self.start_kubelet_and_proxy()
+
+    def start_kubelet_and_proxy(self, kube_binaries: Path | None = None) -> None:
+        """From the main thread: the kubelet and kube-proxy (from ``kube_binaries`` if given: e.g. an
+        upgrade) with the node's configuration; on a node whose pods run, the kubelet takes them
+        over from containerd."""
+        if kube_binaries is not None:
+            self.kube_bin = kube_binaries
+        assert self._kubeconfig is not None, "start the node first"
+        self.kubelet = self._spawn(
             "kubelet",
             [
-                str(self.bin / "kubelet"),
+                str(self.kube_bin / "kubelet"),
                 f"--config={self.dir / 'kubelet.yaml'}",
-                f"--kubeconfig={kubeconfig}",
+                f"--kubeconfig={self._kubeconfig}",
                 f"--root-dir={self.dir / 'kubelet'}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.address}",
                 "--v=1",
             ],
         )
-        self._spawn(
-            "kube-proxy", [str(self.bin / "kube-proxy"), f"--config={self.dir / 'kube-proxy.yaml'}", "--v=1"]
+        self.kube_proxy = self._spawn(
+            "kube-proxy",
+            [str(self.kube_bin / "kube-proxy"), f"--config={self.dir / 'kube-proxy.yaml'}", "--v=1"],
         )
+
+    def stop_kubelet_and_proxy(self) -> None:
+        """Stop kube-proxy and the kubelet (SIGTERM) and nothing else: containerd, its shims and the
+        pods' containers keep running, kube-proxy's iptables rules stay (it removes them only when
+        asked to with --cleanup)."""
+        for proc in (self.kube_proxy, self.kubelet):
+            if proc is not None:
+                proc.stop(grace=10)
+                self.processes.remove(proc)
+        self.kubelet = self.kube_proxy = None
 
     def _make_cgroups(self) -> None:
         """The kubelet's cgroup root, in every cgroup v1 hierarchy (the kubelet wants it to exist)."""
