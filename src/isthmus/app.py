@@ -27,13 +27,19 @@ from isthmus.discovery.file import (
     watch_mesh_file,
 )
 from isthmus.discovery.kube.cluster import ClusterPolicy
-from isthmus.discovery.kube.config_api import MemberClusters
+from isthmus.discovery.kube.config_api import (
+    MESH_CONFIG,
+    Condition,
+    ConfigApi,
+    Report,
+    mesh_overrides,
+)
 from isthmus.discovery.kube.convert import ExportPolicy
 from isthmus.discovery.kube.mcs import Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
-from isthmus.discovery.model import FULL_WEIGHT, Gateway, Locality, MeshView
+from isthmus.discovery.model import FULL_WEIGHT, ClusterState, Gateway, Locality, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_kube import KubeAdmin
 from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
@@ -49,9 +55,12 @@ from isthmus.settings import (
     INSECURE_PLAINTEXT_FLAG,
     INSECURE_UNAUTHENTICATED_FLAG,
     ServeSettings,
+    SettingsError,
     is_local,
+    mesh_settings_in_force,
     parse_hostport,
     parse_xds_address,
+    with_mesh_config,
 )
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
@@ -66,7 +75,11 @@ class ControlPlane:
     """One isthmus instance: mesh source -> cache -> ADS server, plus the admin endpoints."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        self.flags = settings  # as given; self.settings: in force (a MeshConfig may set some)
         self.settings = settings
+        self._overrides: dict[str, object] = {}  # what the MeshConfig sets, of what is in force
+        self._mesh_error: str | None = None  # why the MeshConfig is not in force
+        self._restart_required = ""  # a MeshConfig setting that takes effect only on restart
         self.cache = ConfigCache()
         limits = Limits(send_timeout=settings.send_timeout, send_budget=settings.send_budget)
         self.ads = AdsServer(self.cache, settings.xds_address, limits)
@@ -81,13 +94,6 @@ class ControlPlane:
             settings.debounce_max,
             clusterset_range=clusterset.network(settings.clusterset_range),
         )
-        gateways = {name: Gateway(host, port) for name, host, port in settings.cluster_gateways}
-        policy = ClusterPolicy(
-            export=ExportPolicy(settings.export_policy),
-            require_namespace_label=settings.require_namespace_label,
-            demote_after=settings.max_staleness,
-            withdraw_after=settings.withdraw_after,
-        )
         self.members: Members | None = None
         if settings.kubernetes:
             secrets = None
@@ -97,7 +103,7 @@ class ControlPlane:
                 self.aggregator,
                 dict(settings.clusters),
                 settings.kubeconfig_dir,
-                policy=lambda name: replace(policy, gateway=gateways.get(name)),
+                policy=self._cluster_policy,
                 secrets=secrets,
                 service_imports=settings.service_imports,
             )
@@ -106,14 +112,109 @@ class ControlPlane:
         self._gateways_down: set[str] = set()
         self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
         # The configuration API (MemberCluster objects in the home cluster): drains every replica follows.
-        self.config: MemberClusters | None = None
+        self.config: ConfigApi | None = None
         self._config_started: set[str] = set()  # clusters whose recorded weight was applied
         self._writes: set[asyncio.Task[None]] = set()
         if settings.config_namespace:
             identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-            self.config = MemberClusters(
-                settings.config_namespace, identity, self._config_changed, settings.home_kubeconfig
+            self.config = ConfigApi(
+                settings.config_namespace,
+                identity,
+                self._config_changed,
+                settings.home_kubeconfig,
+                on_mesh=self._mesh_changed,
             )
+
+    def _cluster_policy(self, cluster: str) -> ClusterPolicy:
+        """A member cluster's discovery policy, from the settings in force."""
+        settings = self.settings
+        gateway = next(((h, p) for name, h, p in settings.cluster_gateways if name == cluster), None)
+        return ClusterPolicy(
+            export=ExportPolicy(settings.export_policy),
+            require_namespace_label=settings.require_namespace_label,
+            demote_after=settings.max_staleness,
+            withdraw_after=settings.withdraw_after,
+            gateway=Gateway(*gateway) if gateway is not None else None,
+        )
+
+    def _mesh_changed(self) -> None:
+        """The MeshConfig changed: its settings over the flags are in force from now on, if they are
+        valid together; if not, the settings in force stay and its status says why."""
+        assert self.config is not None
+        obj = self.config.mesh_config()
+        try:
+            overrides = mesh_overrides(obj) if obj is not None else {}
+            settings = with_mesh_config(self.flags, overrides)
+        except (ValueError, SettingsError) as exc:
+            if str(exc) != self._mesh_error:
+                log.error(
+                    "MeshConfig %s/%s not applied (the settings in force stay): %s",
+                    self.config.namespace,
+                    MESH_CONFIG,
+                    exc,
+                )
+            self._mesh_error = str(exc)
+            return
+        self._mesh_error = None
+        ca = self.cache.ca
+        self._restart_required = ""
+        if ca is not None and settings.trust_domain != ca.trust_domain:
+            # The mesh CA's: every certificate and identity follows it. A restart applies it.
+            self._restart_required = (
+                f"trustDomain {settings.trust_domain} takes effect when isthmus restarts; "
+                f"{ca.trust_domain} is in force"
+            )
+            log.warning("MeshConfig: %s", self._restart_required)
+            settings = replace(settings, trust_domain=ca.trust_domain)
+            overrides = {k: v for k, v in overrides.items() if k != "trust_domain"}
+            if self.flags.trust_domain != ca.trust_domain:  # an earlier MeshConfig set it
+                overrides["trust_domain"] = ca.trust_domain
+        self._overrides = overrides
+        self._apply_settings(settings)
+
+    def _apply_settings(self, settings: ServeSettings) -> None:
+        old, self.settings = self.settings, settings
+        if old == settings:
+            return
+        changed = [
+            f"{name}={value} ({source})"
+            for (name, value, source), (_, before, _) in zip(
+                mesh_settings_in_force(self.flags, settings, self._overrides),
+                mesh_settings_in_force(self.flags, old, self._overrides),
+                strict=True,
+            )
+            if value != before
+        ]
+        log.info("settings in force changed: %s", ", ".join(changed))
+        if (old.debounce_quiet, old.debounce_max) != (settings.debounce_quiet, settings.debounce_max):
+            self.aggregator.set_debounce(settings.debounce_quiet, settings.debounce_max)
+        if old.clusterset_range != settings.clusterset_range:
+            self.aggregator.set_clusterset_range(clusterset.network(settings.clusterset_range))
+        if self.members is not None:
+            self.members.set_policy(self._cluster_policy)
+
+    def _report(self) -> Report:
+        """What the configuration API's status should say (see ConfigApi.write_status)."""
+        synced: dict[str, Condition] = {}
+        for name, cluster in self.cache.view.clusters.items():
+            if cluster.state is ClusterState.STATIC:
+                synced[name] = Condition("Synced", True, "MeshFile", "declared by the mesh file")
+        for name, status in (self.members.status() if self.members is not None else {}).items():
+            state = str(status["state"])
+            reason = "".join(part.title() for part in state.split("_"))
+            synced[name] = Condition("Synced", state == "synced", reason, str(status.get("detail") or ""))
+        applied = (
+            Condition("Applied", False, "RestartRequired", self._restart_required)
+            if self._restart_required
+            else Condition("Applied", True, "Applied")
+        )
+        return Report(
+            drains=self.drains.status(),
+            synced=synced,
+            in_force=mesh_settings_in_force(self.flags, self.settings, self._overrides),
+            mesh=[applied],
+            mesh_error=self._mesh_error,
+        )
 
     def _config_changed(self) -> None:
         """MemberClusters changed: every cluster's weight goes toward its object's drain target; a
@@ -155,10 +256,10 @@ class ControlPlane:
         self.aggregator.set_source("file", shards_of_view(view))
 
     def readiness(self) -> Readiness:
+        if self.config is not None and not self.config.synced:
+            return Readiness(False, "configuration API (MeshConfig, MemberClusters) not read yet")
         if self.ads.port is None:
             return Readiness(False, "xDS server not listening")
-        if self.config is not None and not self.config.synced:
-            return Readiness(False, "configuration API (MemberCluster objects) not read yet")
         if self.members is not None and not self.members.all_synced():
             loop = asyncio.get_running_loop()
             if self._ready_deadline is not None and loop.time() < self._ready_deadline:
@@ -177,6 +278,7 @@ class ControlPlane:
             "proxies": len(self.ads.status()),
             "member_clusters": self.members.status() if self.members is not None else {},
             "membership": self.members.membership_status() if self.members is not None else {},
+            "settings": self._settings_status(),
             "xds": {
                 "tls": list(self.settings.xds_sans) if self.settings.xds_sans else None,
                 "authentication": [
@@ -190,6 +292,22 @@ class ControlPlane:
                 "refused_streams": dict(sorted(self.ads.auth_failures.items())),  # by reason
                 "pod_bound_streams": len(self.pod_bindings) if self.pod_bindings is not None else 0,
             },
+        }
+
+    def _settings_status(self) -> dict[str, object]:
+        """The MeshConfig settings in force and where each comes from, and the MeshConfig's state."""
+        if self.config is None:
+            mesh_config = "not read (no --config-namespace)"
+        elif self._mesh_error is not None:
+            mesh_config = f"invalid, not applied: {self._mesh_error}"
+        elif self.config.mesh_config() is None:
+            mesh_config = "none"
+        else:
+            mesh_config = "applied" + (f"; {self._restart_required}" if self._restart_required else "")
+        in_force = mesh_settings_in_force(self.flags, self.settings, self._overrides)
+        return {
+            "mesh_config": mesh_config,
+            "in_force": {name: {"value": value, "source": source} for name, value, source in in_force},
         }
 
     def _locate(self, proxy: Proxy) -> Proxy:
@@ -243,7 +361,80 @@ class ControlPlane:
             self.load_file(await asyncio.to_thread(load_mesh_file, mesh))
             if self.members is None:
                 self.aggregator.flush()
-        self._ready_deadline = asyncio.get_running_loop().time() + self.settings.ready_timeout
+        host, port = parse_hostport(self.settings.admin_address, "--admin-address")
+        actions = DrainActions(self._drain, self.drains.status)
+        home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
+        runner = await start_admin(
+            make_admin_app(self.readiness, self.info, actions, self._admin_check(home)), host, port
+        )
+        log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
+        config: asyncio.Task[None] | None = None
+        webhook: tuple[web.AppRunner, HttpsServing] | None = None
+        try:
+            if self.config is not None:
+                # The MeshConfig may set what the CA, discovery and the first pushes are built with.
+                config = asyncio.create_task(self.config.run(self._report), name="configuration-api")
+                await self._configuration_read(config)
+            self._ready_deadline = asyncio.get_running_loop().time() + self.settings.ready_timeout
+            ca = await self._start_xds()
+            webhook = await self._start_webhook(ca)
+            self.started.set()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.aggregator.run(), name="aggregate")
+                if mesh is not None:
+                    tasks.create_task(
+                        watch_mesh_file(mesh, self.load_file, self.settings.mesh_poll_interval, loaded),
+                        name="mesh-file",
+                    )
+                if self.members is not None:
+                    tasks.create_task(self.members.run(), name="member-clusters")
+                if config is not None:
+                    tasks.create_task(_join(config), name="configuration-api")
+                if self.cache.ca is not None:
+                    tasks.create_task(self._rotate_certificates(), name="certificates")
+                tasks.create_task(self._watch_gateways(), name="gateway-liveness")
+                tasks.create_task(self._freeze_after_sync(), name="gc-freeze")
+                if webhook is not None:
+                    tasks.create_task(self._renew_webhook_certificate(webhook[1]), name="webhook-tls")
+                await stop.wait()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            log.info("shutting down: closing xDS streams (Envoy reconnects), then the admin server")
+            if config is not None and not config.done():
+                config.cancel()
+                await asyncio.wait([config])
+            await self.drains.close()
+            await self.ads.stop(self.settings.shutdown_grace)
+            await runner.cleanup()
+            if webhook is not None:
+                await webhook[0].cleanup()
+            if home is not None:
+                await home.close()
+
+    async def _configuration_read(self, config: asyncio.Task[None]) -> None:
+        """Wait until the configuration API's objects are listed (the MeshConfig applied), saying so
+        every 10 s; a configuration task that ends raises here."""
+        assert self.config is not None
+        loop = asyncio.get_running_loop()
+        warn_at = loop.time() + 10
+        while not self.config.synced:
+            if config.done():
+                config.result()
+                raise RuntimeError("the configuration API task ended before reading its objects")
+            await asyncio.sleep(0.05)
+            if loop.time() >= warn_at:
+                warn_at += 10
+                log.warning(
+                    "still reading the configuration API (MeshConfig, MemberClusters) in namespace %s "
+                    "of the home cluster: not serving xDS until it is read",
+                    self.config.namespace,
+                )
+        self._mesh_changed()
+
+    async def _start_xds(self) -> MeshCA | None:
+        """Load the mesh CA (with the trust domain in force), then serve xDS."""
         ca = (
             await asyncio.to_thread(load_ca, self.settings)
             if self.settings.mtls or self.settings.xds_sans
@@ -265,46 +456,7 @@ class ControlPlane:
         if self.members is not None:
             self.ads.locate = self._locate
         await self.ads.start()
-        host, port = parse_hostport(self.settings.admin_address, "--admin-address")
-        actions = DrainActions(self._drain, self.drains.status)
-        home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
-        runner = await start_admin(
-            make_admin_app(self.readiness, self.info, actions, self._admin_check(home)), host, port
-        )
-        log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
-        webhook = await self._start_webhook(ca)
-        self.started.set()
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.aggregator.run(), name="aggregate")
-                if mesh is not None:
-                    tasks.create_task(
-                        watch_mesh_file(mesh, self.load_file, self.settings.mesh_poll_interval, loaded),
-                        name="mesh-file",
-                    )
-                if self.members is not None:
-                    tasks.create_task(self.members.run(), name="member-clusters")
-                if self.config is not None:
-                    tasks.create_task(self.config.run(self.drains.status), name="configuration-api")
-                if self.cache.ca is not None:
-                    tasks.create_task(self._rotate_certificates(), name="certificates")
-                tasks.create_task(self._watch_gateways(), name="gateway-liveness")
-                tasks.create_task(self._freeze_after_sync(), name="gc-freeze")
-                if webhook is not None:
-                    tasks.create_task(self._renew_webhook_certificate(webhook[1]), name="webhook-tls")
-                await stop.wait()
-                raise _Stopped
-        except* _Stopped:
-            pass
-        finally:
-            log.info("shutting down: closing xDS streams (Envoy reconnects), then the admin server")
-            await self.drains.close()
-            await self.ads.stop(self.settings.shutdown_grace)
-            await runner.cleanup()
-            if webhook is not None:
-                await webhook[0].cleanup()
-            if home is not None:
-                await home.close()
+        return ca
 
     async def _start_webhook(self, ca: MeshCA | None) -> tuple[web.AppRunner, HttpsServing] | None:
         """The admission webhook on --webhook-address (HTTPS with a mesh-CA certificate), if asked."""
@@ -455,6 +607,11 @@ class GatewayLiveness:
             and cluster in self._last_seen
             and now - self._last_seen[cluster] > self.grace
         }
+
+
+async def _join(task: asyncio.Task[None]) -> None:
+    """Await a task started before the task group, as one of its tasks."""
+    await task
 
 
 class _Stopped(Exception):

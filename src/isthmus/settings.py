@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +158,10 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.export_policy not in ("all", "serviceexport"):
             raise SettingsError(f"--export-policy: {self.export_policy!r} is not all or serviceexport")
+        if self.max_staleness <= 0:
+            raise SettingsError("--max-staleness must be more than 0 seconds")
+        if self.debounce_quiet < 0 or self.debounce_max < self.debounce_quiet:
+            raise SettingsError("--debounce must not be negative, nor longer than --debounce-max")
         if self.withdraw_after is not None and self.withdraw_after < self.max_staleness:
             raise SettingsError("--withdraw-after must not be shorter than --max-staleness")
         if self.home_kubeconfig is not None and not (
@@ -201,3 +207,63 @@ class ServeSettings:
             raise SettingsError(f"--clusterset-range: {exc}") from None
         if self.mesh is not None and not self.mesh.is_file():
             raise SettingsError(f"--mesh: {self.mesh} is not a readable file")
+
+
+# ---- the settings a MeshConfig can set -------------------------------------------------------
+
+# The fields of a MeshConfig's spec (isthmus.io/v1alpha1, api/protos/.../mesh.proto) -> the
+# ServeSettings fields each sets, and the flag of the same meaning.
+MESH_SETTINGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "trustDomain": (("trust_domain",), "--trust-domain"),
+    "exportPolicy": (("export_policy",), "--export-policy"),
+    "maxStaleness": (("max_staleness",), "--max-staleness"),
+    "withdrawAfter": (("withdraw_after",), "--withdraw-after"),
+    "debounce": (("debounce_quiet", "debounce_max"), "--debounce"),
+    "gateways": (("cluster_gateways",), "--cluster-gateway"),
+    "clustersetRange": (("clusterset_range",), "--clusterset-range"),
+}
+_DEFAULTS = ServeSettings()
+
+
+def with_mesh_config(flags: ServeSettings, overrides: Mapping[str, object]) -> ServeSettings:
+    """The settings in force: ``flags`` with a MeshConfig's values over them (ServeSettings field ->
+    value). Gateways merge by cluster: the MeshConfig's win for the clusters it names. The result is
+    validated as flags are (SettingsError)."""
+    values = dict(overrides)
+    unknown = set(values) - {f for fields, _ in MESH_SETTINGS.values() for f in fields}
+    if unknown:
+        raise SettingsError(f"a MeshConfig cannot set {', '.join(sorted(unknown))}")
+    gateways = values.get("cluster_gateways")
+    if isinstance(gateways, tuple):
+        merged = {gateway[0]: gateway for gateway in flags.cluster_gateways}
+        merged.update({gateway[0]: gateway for gateway in gateways})
+        values["cluster_gateways"] = tuple(merged[name] for name in sorted(merged))
+    return dataclasses.replace(flags, **values)  # type: ignore[arg-type]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "never"
+    if isinstance(value, float):
+        return f"{value:g}s"
+    if isinstance(value, tuple):
+        return ",".join(f"{name}={host}:{port}" for name, host, port in value)
+    return str(value)
+
+
+def mesh_settings_in_force(
+    flags: ServeSettings, effective: ServeSettings, overrides: Mapping[str, object]
+) -> list[tuple[str, str, str]]:
+    """Each MeshConfig setting as it is in force: (spec field, value as text, where it comes from:
+    "meshconfig", "flag" or "default"). A flag equal to its default counts as the default."""
+    out = []
+    for name, (fields, _) in MESH_SETTINGS.items():
+        value = ",".join(_text(getattr(effective, f)) for f in fields)
+        if any(f in overrides for f in fields):
+            source = "meshconfig"
+        elif any(getattr(flags, f) != getattr(_DEFAULTS, f) for f in fields):
+            source = "flag"
+        else:
+            source = "default"
+        out.append((name, value, source))
+    return out

@@ -180,7 +180,7 @@ def test_lint_and_template_every_values_file(helm: Callable[..., str], tmp_path:
         service = objs[("Service", "isthmus")]
         assert {p["port"] for p in service["spec"]["ports"]} >= {15012, 15014}
         # The home cluster's roles: Secrets of the release namespace (a Role), the MemberCluster
-        # objects and the status Lease there (the configuration API), the admin reviews.
+        # and MeshConfig objects and the status Lease there (the configuration API), the admin reviews.
         assert objs[("Role", "isthmus-member-secrets")]["rules"] == [
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
             {
@@ -188,7 +188,12 @@ def test_lint_and_template_every_values_file(helm: Callable[..., str], tmp_path:
                 "resources": ["memberclusters"],
                 "verbs": ["get", "list", "watch", "create", "patch"],
             },
-            {"apiGroups": ["isthmus.io"], "resources": ["memberclusters/status"], "verbs": ["update"]},
+            {"apiGroups": ["isthmus.io"], "resources": ["meshconfigs"], "verbs": ["list", "watch"]},
+            {
+                "apiGroups": ["isthmus.io"],
+                "resources": ["memberclusters/status", "meshconfigs/status"],
+                "verbs": ["update"],
+            },
             {
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],

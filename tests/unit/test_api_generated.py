@@ -56,6 +56,7 @@ def test_generated_python_is_current(tmp_path: Path) -> None:
     assert not stale, f"{stale} differ from api/protos: run `make api`"
     assert {Path(p).name for p in generate.proto_files()} == {
         "options.proto",
+        "condition.proto",
         "mesh.proto",
         "member_cluster.proto",
     }
@@ -103,17 +104,23 @@ def test_crd_names_and_shape() -> None:
     mesh, member = docs[MESH], docs[MEMBER]
     assert mesh["spec"]["names"]["kind"] == "MeshConfig"
     assert member["spec"]["names"]["kind"] == "MemberCluster"
-    assert set(schema_of(mesh)["properties"]) == {"apiVersion", "kind", "metadata", "spec"}
-    assert "subresources" not in version_of(mesh)
-    assert set(schema_of(member)["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
-    assert version_of(member)["subresources"] == {"status": {}}
+    for crd in (mesh, member):
+        assert set(schema_of(crd)["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
+        assert version_of(crd)["subresources"] == {"status": {}}
+    mesh_columns = {c["name"]: c for c in version_of(mesh)["additionalPrinterColumns"]}
+    assert mesh_columns["Accepted"]["jsonPath"] == '.status.conditions[?(@.type=="Accepted")].status'
+    mesh_status = schema_of(mesh, "status")
+    assert list(mesh_status["properties"]) == ["inForce", "conditions"]
+    assert mesh_status["properties"]["inForce"]["x-kubernetes-list-map-keys"] == ["name"]
+    source = schema_of(mesh, "status", "inForce")["items"]["properties"]["source"]
+    assert source["enum"] == ["default", "flag", "meshconfig"]
     columns = {c["name"]: c for c in version_of(member)["additionalPrinterColumns"]}
     assert columns["Weight"]["jsonPath"] == ".status.drain.weight"
     assert columns["State"]["jsonPath"] == ".status.drain.state"
     assert columns["Drain"]["jsonPath"] == ".spec.drain.weight"
     for crd in docs.values():  # every printer column points at a field of the schema
         for column in version_of(crd)["additionalPrinterColumns"]:
-            if column["jsonPath"].startswith(".metadata."):
+            if column["jsonPath"].startswith(".metadata.") or "[" in column["jsonPath"]:
                 continue
             schema_of(crd, *column["jsonPath"].strip(".").split("."))
 
@@ -164,7 +171,14 @@ def test_member_cluster_schema() -> None:
     conditions = schema_of(member, "status", "conditions")
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     condition = conditions["items"]
-    assert list(condition["properties"]) == ["type", "status", "reason", "message", "lastTransitionTime"]
+    assert list(condition["properties"]) == [
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    ]
     assert condition["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
     assert condition["required"] == ["type", "status"]
     name = schema_of(member, "metadata", "name")
@@ -214,6 +228,7 @@ STATUS: dict[str, Any] = {
             "reason": "Listed",
             "message": "watching",
             "lastTransitionTime": "2026-01-02T03:04:05.500Z",
+            "observedGeneration": 3,
         }
     ],
 }

@@ -223,9 +223,16 @@ MESH_CONFIG = Kind(
     kind="MeshConfig",
     plural="meshconfigs",
     spec=descriptor(mesh_pb2.MeshConfigSpec),
+    status=descriptor(mesh_pb2.MeshConfigStatus),
     columns=(
         PrinterColumn("TrustDomain", "string", ".spec.trustDomain", "The mesh's SPIFFE trust domain."),
         PrinterColumn("Export", "string", ".spec.exportPolicy", "Which services join the mesh."),
+        PrinterColumn(
+            "Accepted",
+            "string",
+            '.status.conditions[?(@.type=="Accepted")].status',
+            "Whether the spec is valid and in force.",
+        ),
         AGE,
     ),
     description="The mesh-wide settings of isthmus, read from the home cluster; a set field overrides "

@@ -182,6 +182,7 @@ class Aggregator:
     ) -> None:
         self.on_view = on_view
         self._range = clusterset_range
+        self._reallocate = False  # the range changed: every clusterset IP is chosen again
         self._vips: dict[ServiceKey, str] = {}
         self.quiet = quiet
         self.max_delay = max_delay
@@ -259,7 +260,8 @@ class Aggregator:
         if added:
             self._services = {key: self._services[key] for key in sorted(self._services)}
         touched: Iterable[ServiceKey] = self._stale
-        if added or removed:  # the set of keys changed: addresses may move
+        if added or removed or self._reallocate:  # the set of keys (or the range) changed: addresses move
+            self._reallocate = False
             self._vips = clusterset.allocate(self._services, self._range)
             touched = list(self._services)
         for key in touched:
@@ -298,6 +300,17 @@ class Aggregator:
                 self._weights.pop(cluster, None)
             else:
                 self._weights[cluster] = weight
+            self._changed()
+
+    def set_debounce(self, quiet: float, max_delay: float) -> None:
+        """Debounce with these from the next event on."""
+        self.quiet, self.max_delay = quiet, max_delay
+
+    def set_clusterset_range(self, network: clusterset.Network) -> None:
+        """Choose services' clusterset IPs from ``network`` from now on (all of them again)."""
+        if network != self._range:
+            self._range = network
+            self._reallocate = True
             self._changed()
 
     def set_gateways_down(self, clusters: Iterable[str]) -> None:

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from isthmus.api.v1alpha1 import condition_pb2 as isthmus_dot_api_dot_v1alpha1_dot_condition__pb2
 from isthmus.api.v1alpha1 import options_pb2 as isthmus_dot_api_dot_v1alpha1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)isthmus/api/v1alpha1/member_cluster.proto\x12\x14isthmus.api.v1alpha1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"isthmus/api/v1alpha1/options.proto\"\x86\x01\n\x11MemberClusterSpec\x12<\n\x05\x64rain\x18\x01 \x01(\x0b\x32-.isthmus.api.v1alpha1.MemberClusterSpec.Drain\x1a\x33\n\x05\x44rain\x12\x1f\n\x06weight\x18\x01 \x01(\x05\x42\n\xc2\x8c\x19\x06\x08\x00\x10\x64\x38\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xb9\x06\n\x13MemberClusterStatus\x12>\n\x05\x64rain\x18\x01 \x01(\x0b\x32/.isthmus.api.v1alpha1.MemberClusterStatus.Drain\x12U\n\nconditions\x18\x02 \x03(\x0b\x32\x33.isthmus.api.v1alpha1.MemberClusterStatus.ConditionB\x0c\xc2\x8c\x19\x08J\x04typeP \x1a\xa6\x02\n\x05\x44rain\x12\x1f\n\x06weight\x18\x01 \x01(\x05\x42\n\xc2\x8c\x19\x06\x08\x00\x10\x64\x38\x01H\x00\x88\x01\x01\x12Q\n\x05state\x18\x02 \x01(\x0e\x32\x35.isthmus.api.v1alpha1.MemberClusterStatus.Drain.StateB\x06\xc2\x8c\x19\x02\x38\x01H\x01\x88\x01\x01\x12$\n\x0fproxies_waiting\x18\x03 \x01(\x05\x42\x06\xc2\x8c\x19\x02\x08\x00H\x02\x88\x01\x01\x12+\n\x07updated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x05State\x12\x0b\n\x07running\x10\x00\x12\x08\n\x04\x64one\x10\x01\x12\r\n\tcancelled\x10\x02\x42\t\n\x07_weightB\x08\n\x06_stateB\x12\n\x10_proxies_waiting\x1a\xe1\x02\n\tCondition\x12\x8a\x01\n\x04type\x18\x01 \x01(\tB|\xc2\x8c\x19x\x1ao^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$(\x01\x30\xbc\x02\x38\x01\x12,\n\x06status\x18\x02 \x01(\tB\x1c\xc2\x8c\x19\x18\"\x04True\"\x05\x46\x61lse\"\x07Unknown8\x01\x12\x44\n\x06reason\x18\x03 \x01(\tB4\xc2\x8c\x19\x30\x1a+^([A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?)?$0\x80\x08\x12\x19\n\x07message\x18\x04 \x01(\tB\x08\xc2\x8c\x19\x04\x30\x80\x80\x02\x12\x38\n\x14last_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)isthmus/api/v1alpha1/member_cluster.proto\x12\x14isthmus.api.v1alpha1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$isthmus/api/v1alpha1/condition.proto\x1a\"isthmus/api/v1alpha1/options.proto\"\x86\x01\n\x11MemberClusterSpec\x12<\n\x05\x64rain\x18\x01 \x01(\x0b\x32-.isthmus.api.v1alpha1.MemberClusterSpec.Drain\x1a\x33\n\x05\x44rain\x12\x1f\n\x06weight\x18\x01 \x01(\x05\x42\n\xc2\x8c\x19\x06\x08\x00\x10\x64\x38\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xc1\x03\n\x13MemberClusterStatus\x12>\n\x05\x64rain\x18\x01 \x01(\x0b\x32/.isthmus.api.v1alpha1.MemberClusterStatus.Drain\x12\x41\n\nconditions\x18\x02 \x03(\x0b\x32\x1f.isthmus.api.v1alpha1.ConditionB\x0c\xc2\x8c\x19\x08J\x04typeP \x1a\xa6\x02\n\x05\x44rain\x12\x1f\n\x06weight\x18\x01 \x01(\x05\x42\n\xc2\x8c\x19\x06\x08\x00\x10\x64\x38\x01H\x00\x88\x01\x01\x12Q\n\x05state\x18\x02 \x01(\x0e\x32\x35.isthmus.api.v1alpha1.MemberClusterStatus.Drain.StateB\x06\xc2\x8c\x19\x02\x38\x01H\x01\x88\x01\x01\x12$\n\x0fproxies_waiting\x18\x03 \x01(\x05\x42\x06\xc2\x8c\x19\x02\x08\x00H\x02\x88\x01\x01\x12+\n\x07updated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x05State\x12\x0b\n\x07running\x10\x00\x12\x08\n\x04\x64one\x10\x01\x12\r\n\tcancelled\x10\x02\x42\t\n\x07_weightB\x08\n\x06_stateB\x12\n\x10_proxies_waitingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,26 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERCLUSTERSTATUS_DRAIN'].fields_by_name['state']._serialized_options = b'\302\214\031\0028\001'
   _globals['_MEMBERCLUSTERSTATUS_DRAIN'].fields_by_name['proxies_waiting']._loaded_options = None
   _globals['_MEMBERCLUSTERSTATUS_DRAIN'].fields_by_name['proxies_waiting']._serialized_options = b'\302\214\031\002\010\000'
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['type']._loaded_options = None
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['type']._serialized_options = b'\302\214\031x\032o^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$(\0010\274\0028\001'
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['status']._loaded_options = None
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['status']._serialized_options = b'\302\214\031\030\"\004True\"\005False\"\007Unknown8\001'
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['reason']._loaded_options = None
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['reason']._serialized_options = b'\302\214\0310\032+^([A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?)?$0\200\010'
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['message']._loaded_options = None
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION'].fields_by_name['message']._serialized_options = b'\302\214\031\0040\200\200\002'
   _globals['_MEMBERCLUSTERSTATUS'].fields_by_name['conditions']._loaded_options = None
   _globals['_MEMBERCLUSTERSTATUS'].fields_by_name['conditions']._serialized_options = b'\302\214\031\010J\004typeP '
-  _globals['_MEMBERCLUSTERSPEC']._serialized_start=137
-  _globals['_MEMBERCLUSTERSPEC']._serialized_end=271
-  _globals['_MEMBERCLUSTERSPEC_DRAIN']._serialized_start=220
-  _globals['_MEMBERCLUSTERSPEC_DRAIN']._serialized_end=271
-  _globals['_MEMBERCLUSTERSTATUS']._serialized_start=274
-  _globals['_MEMBERCLUSTERSTATUS']._serialized_end=1099
-  _globals['_MEMBERCLUSTERSTATUS_DRAIN']._serialized_start=449
-  _globals['_MEMBERCLUSTERSTATUS_DRAIN']._serialized_end=743
-  _globals['_MEMBERCLUSTERSTATUS_DRAIN_STATE']._serialized_start=657
-  _globals['_MEMBERCLUSTERSTATUS_DRAIN_STATE']._serialized_end=702
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION']._serialized_start=746
-  _globals['_MEMBERCLUSTERSTATUS_CONDITION']._serialized_end=1099
+  _globals['_MEMBERCLUSTERSPEC']._serialized_start=175
+  _globals['_MEMBERCLUSTERSPEC']._serialized_end=309
+  _globals['_MEMBERCLUSTERSPEC_DRAIN']._serialized_start=258
+  _globals['_MEMBERCLUSTERSPEC_DRAIN']._serialized_end=309
+  _globals['_MEMBERCLUSTERSTATUS']._serialized_start=312
+  _globals['_MEMBERCLUSTERSTATUS']._serialized_end=761
+  _globals['_MEMBERCLUSTERSTATUS_DRAIN']._serialized_start=467
+  _globals['_MEMBERCLUSTERSTATUS_DRAIN']._serialized_end=761
+  _globals['_MEMBERCLUSTERSTATUS_DRAIN_STATE']._serialized_start=675
+  _globals['_MEMBERCLUSTERSTATUS_DRAIN_STATE']._serialized_end=720
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from isthmus.api.v1alpha1 import condition_pb2 as _condition_pb2
 from isthmus.api.v1alpha1 import options_pb2 as _options_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -43,21 +44,8 @@ class MemberClusterStatus(_message.Message):
         proxies_waiting: int
         updated: _timestamp_pb2.Timestamp
         def __init__(self, weight: _Optional[int] = ..., state: _Optional[_Union[MemberClusterStatus.Drain.State, str]] = ..., proxies_waiting: _Optional[int] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-    class Condition(_message.Message):
-        __slots__ = ("type", "status", "reason", "message", "last_transition_time")
-        TYPE_FIELD_NUMBER: _ClassVar[int]
-        STATUS_FIELD_NUMBER: _ClassVar[int]
-        REASON_FIELD_NUMBER: _ClassVar[int]
-        MESSAGE_FIELD_NUMBER: _ClassVar[int]
-        LAST_TRANSITION_TIME_FIELD_NUMBER: _ClassVar[int]
-        type: str
-        status: str
-        reason: str
-        message: str
-        last_transition_time: _timestamp_pb2.Timestamp
-        def __init__(self, type: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., last_transition_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     drain: MemberClusterStatus.Drain
-    conditions: _containers.RepeatedCompositeFieldContainer[MemberClusterStatus.Condition]
-    def __init__(self, drain: _Optional[_Union[MemberClusterStatus.Drain, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[MemberClusterStatus.Condition, _Mapping]]] = ...) -> None: ...
+    conditions: _containers.RepeatedCompositeFieldContainer[_condition_pb2.Condition]
+    def __init__(self, drain: _Optional[_Union[MemberClusterStatus.Drain, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[_condition_pb2.Condition, _Mapping]]] = ...) -> None: ...

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from isthmus.api.v1alpha1 import condition_pb2 as isthmus_dot_api_dot_v1alpha1_dot_condition__pb2
 from isthmus.api.v1alpha1 import options_pb2 as isthmus_dot_api_dot_v1alpha1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fisthmus/api/v1alpha1/mesh.proto\x12\x14isthmus.api.v1alpha1\x1a\x1egoogle/protobuf/duration.proto\x1a\"isthmus/api/v1alpha1/options.proto\"\xe5\x05\n\x0eMeshConfigSpec\x12\x41\n\x0ctrust_domain\x18\x01 \x01(\tB+\xc2\x8c\x19\'\x1a ^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$(\x01\x30\xfd\x01\x12M\n\rexport_policy\x18\x02 \x01(\x0e\x32\x31.isthmus.api.v1alpha1.MeshConfigSpec.ExportPolicyH\x00\x88\x01\x01\x12\x30\n\rmax_staleness\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0ewithdraw_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12?\n\x08\x64\x65\x62ounce\x18\x05 \x01(\x0b\x32-.isthmus.api.v1alpha1.MeshConfigSpec.Debounce\x12P\n\x08gateways\x18\x06 \x03(\x0b\x32,.isthmus.api.v1alpha1.MeshConfigSpec.GatewayB\x10\xc2\x8c\x19\x0cJ\x07\x63lusterP\x80\x02\x12&\n\x10\x63lusterset_range\x18\x07 \x01(\tB\x0c\xc2\x8c\x19\x08\x30+B\x04\x63idr\x1a\\\n\x08\x44\x65\x62ounce\x12(\n\x05quiet\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x84\x01\n\x07Gateway\x12?\n\x07\x63luster\x18\x01 \x01(\tB.\xc2\x8c\x19*\x1a$^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$0?8\x01\x12\x1c\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x0b\xc2\x8c\x19\x07(\x01\x30\xfd\x01\x38\x01\x12\x1a\n\x04port\x18\x03 \x01(\x05\x42\x0c\xc2\x8c\x19\x08\x08\x01\x10\xff\xff\x03\x38\x01\"*\n\x0c\x45xportPolicy\x12\x07\n\x03\x61ll\x10\x00\x12\x11\n\rserviceexport\x10\x01\x42\x10\n\x0e_export_policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fisthmus/api/v1alpha1/mesh.proto\x12\x14isthmus.api.v1alpha1\x1a\x1egoogle/protobuf/duration.proto\x1a$isthmus/api/v1alpha1/condition.proto\x1a\"isthmus/api/v1alpha1/options.proto\"\xe5\x05\n\x0eMeshConfigSpec\x12\x41\n\x0ctrust_domain\x18\x01 \x01(\tB+\xc2\x8c\x19\'\x1a ^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$(\x01\x30\xfd\x01\x12M\n\rexport_policy\x18\x02 \x01(\x0e\x32\x31.isthmus.api.v1alpha1.MeshConfigSpec.ExportPolicyH\x00\x88\x01\x01\x12\x30\n\rmax_staleness\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0ewithdraw_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12?\n\x08\x64\x65\x62ounce\x18\x05 \x01(\x0b\x32-.isthmus.api.v1alpha1.MeshConfigSpec.Debounce\x12P\n\x08gateways\x18\x06 \x03(\x0b\x32,.isthmus.api.v1alpha1.MeshConfigSpec.GatewayB\x10\xc2\x8c\x19\x0cJ\x07\x63lusterP\x80\x02\x12&\n\x10\x63lusterset_range\x18\x07 \x01(\tB\x0c\xc2\x8c\x19\x08\x30+B\x04\x63idr\x1a\\\n\x08\x44\x65\x62ounce\x12(\n\x05quiet\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x84\x01\n\x07Gateway\x12?\n\x07\x63luster\x18\x01 \x01(\tB.\xc2\x8c\x19*\x1a$^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$0?8\x01\x12\x1c\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x0b\xc2\x8c\x19\x07(\x01\x30\xfd\x01\x38\x01\x12\x1a\n\x04port\x18\x03 \x01(\x05\x42\x0c\xc2\x8c\x19\x08\x08\x01\x10\xff\xff\x03\x38\x01\"*\n\x0c\x45xportPolicy\x12\x07\n\x03\x61ll\x10\x00\x12\x11\n\rserviceexport\x10\x01\x42\x10\n\x0e_export_policy\"\xf3\x02\n\x10MeshConfigStatus\x12N\n\x08in_force\x18\x01 \x03(\x0b\x32..isthmus.api.v1alpha1.MeshConfigStatus.SettingB\x0c\xc2\x8c\x19\x08J\x04nameP@\x12\x41\n\nconditions\x18\x02 \x03(\x0b\x32\x1f.isthmus.api.v1alpha1.ConditionB\x0c\xc2\x8c\x19\x08J\x04typeP \x1a\xcb\x01\n\x07Setting\x12\x18\n\x04name\x18\x01 \x01(\tB\n\xc2\x8c\x19\x06(\x01\x30@8\x01\x12\x16\n\x05value\x18\x02 \x01(\tB\x07\xc2\x8c\x19\x03\x30\x80 \x12R\n\x06source\x18\x03 \x01(\x0e\x32\x35.isthmus.api.v1alpha1.MeshConfigStatus.Setting.SourceB\x06\xc2\x8c\x19\x02\x38\x01H\x00\x88\x01\x01\"/\n\x06Source\x12\x0b\n\x07\x64\x65\x66\x61ult\x10\x00\x12\x08\n\x04\x66lag\x10\x01\x12\x0e\n\nmeshconfig\x10\x02\x42\t\n\x07_sourceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +46,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESHCONFIGSPEC'].fields_by_name['gateways']._serialized_options = b'\302\214\031\014J\007clusterP\200\002'
   _globals['_MESHCONFIGSPEC'].fields_by_name['clusterset_range']._loaded_options = None
   _globals['_MESHCONFIGSPEC'].fields_by_name['clusterset_range']._serialized_options = b'\302\214\031\0100+B\004cidr'
-  _globals['_MESHCONFIGSPEC']._serialized_start=126
-  _globals['_MESHCONFIGSPEC']._serialized_end=867
-  _globals['_MESHCONFIGSPEC_DEBOUNCE']._serialized_start=578
-  _globals['_MESHCONFIGSPEC_DEBOUNCE']._serialized_end=670
-  _globals['_MESHCONFIGSPEC_GATEWAY']._serialized_start=673
-  _globals['_MESHCONFIGSPEC_GATEWAY']._serialized_end=805
-  _globals['_MESHCONFIGSPEC_EXPORTPOLICY']._serialized_start=807
-  _globals['_MESHCONFIGSPEC_EXPORTPOLICY']._serialized_end=849
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['name']._loaded_options = None
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['name']._serialized_options = b'\302\214\031\006(\0010@8\001'
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['value']._loaded_options = None
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['value']._serialized_options = b'\302\214\031\0030\200 '
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['source']._loaded_options = None
+  _globals['_MESHCONFIGSTATUS_SETTING'].fields_by_name['source']._serialized_options = b'\302\214\031\0028\001'
+  _globals['_MESHCONFIGSTATUS'].fields_by_name['in_force']._loaded_options = None
+  _globals['_MESHCONFIGSTATUS'].fields_by_name['in_force']._serialized_options = b'\302\214\031\010J\004nameP@'
+  _globals['_MESHCONFIGSTATUS'].fields_by_name['conditions']._loaded_options = None
+  _globals['_MESHCONFIGSTATUS'].fields_by_name['conditions']._serialized_options = b'\302\214\031\010J\004typeP '
+  _globals['_MESHCONFIGSPEC']._serialized_start=164
+  _globals['_MESHCONFIGSPEC']._serialized_end=905
+  _globals['_MESHCONFIGSPEC_DEBOUNCE']._serialized_start=616
+  _globals['_MESHCONFIGSPEC_DEBOUNCE']._serialized_end=708
+  _globals['_MESHCONFIGSPEC_GATEWAY']._serialized_start=711
+  _globals['_MESHCONFIGSPEC_GATEWAY']._serialized_end=843
+  _globals['_MESHCONFIGSPEC_EXPORTPOLICY']._serialized_start=845
+  _globals['_MESHCONFIGSPEC_EXPORTPOLICY']._serialized_end=887
+  _globals['_MESHCONFIGSTATUS']._serialized_start=908
+  _globals['_MESHCONFIGSTATUS']._serialized_end=1279
+  _globals['_MESHCONFIGSTATUS_SETTING']._serialized_start=1076
+  _globals['_MESHCONFIGSTATUS_SETTING']._serialized_end=1279
+  _globals['_MESHCONFIGSTATUS_SETTING_SOURCE']._serialized_start=1221
+  _globals['_MESHCONFIGSTATUS_SETTING_SOURCE']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

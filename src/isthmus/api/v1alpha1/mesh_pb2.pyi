@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from isthmus.api.v1alpha1 import condition_pb2 as _condition_pb2
 from isthmus.api.v1alpha1 import options_pb2 as _options_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -50,3 +51,28 @@ class MeshConfigSpec(_message.Message):
     gateways: _containers.RepeatedCompositeFieldContainer[MeshConfigSpec.Gateway]
     clusterset_range: str
     def __init__(self, trust_domain: _Optional[str] = ..., export_policy: _Optional[_Union[MeshConfigSpec.ExportPolicy, str]] = ..., max_staleness: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., withdraw_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., debounce: _Optional[_Union[MeshConfigSpec.Debounce, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[MeshConfigSpec.Gateway, _Mapping]]] = ..., clusterset_range: _Optional[str] = ...) -> None: ...
+
+class MeshConfigStatus(_message.Message):
+    __slots__ = ("in_force", "conditions")
+    class Setting(_message.Message):
+        __slots__ = ("name", "value", "source")
+        class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+            __slots__ = ()
+            default: _ClassVar[MeshConfigStatus.Setting.Source]
+            flag: _ClassVar[MeshConfigStatus.Setting.Source]
+            meshconfig: _ClassVar[MeshConfigStatus.Setting.Source]
+        default: MeshConfigStatus.Setting.Source
+        flag: MeshConfigStatus.Setting.Source
+        meshconfig: MeshConfigStatus.Setting.Source
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        SOURCE_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        value: str
+        source: MeshConfigStatus.Setting.Source
+        def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ..., source: _Optional[_Union[MeshConfigStatus.Setting.Source, str]] = ...) -> None: ...
+    IN_FORCE_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    in_force: _containers.RepeatedCompositeFieldContainer[MeshConfigStatus.Setting]
+    conditions: _containers.RepeatedCompositeFieldContainer[_condition_pb2.Condition]
+    def __init__(self, in_force: _Optional[_Iterable[_Union[MeshConfigStatus.Setting, _Mapping]]] = ..., conditions: _Optional[_Iterable[_Union[_condition_pb2.Condition, _Mapping]]] = ...) -> None: ...

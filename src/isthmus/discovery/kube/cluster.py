@@ -123,6 +123,12 @@ class ClusterWatcher:
         self._index = SliceIndex()
         self._summaries: dict[str, dict[str, object]] = {}
 
+    def set_policy(self, policy: ClusterPolicy) -> None:
+        """Use ``policy`` from now on (a MeshConfig changed it): the shard is rebuilt with it."""
+        if policy != self.policy:
+            self.policy = policy
+            self._dirty.set()
+
     # ---- health ---------------------------------------------------------------------------
 
     def _on_error(self, kind: str, exc: BaseException) -> None:

@@ -75,6 +75,12 @@ class Members:
         self._writers: dict[str, tuple[ImportWriter, asyncio.Task[None]]] = {}
         self._imports: Mapping[str, dict[str, object]] | None = None
 
+    def set_policy(self, policy: Callable[[str], ClusterPolicy]) -> None:
+        """Each member cluster's policy from now on (the settings in force changed)."""
+        self._policy = policy
+        for name, member in [*self.members.items(), *self._warming.items()]:
+            member.watcher.set_policy(policy(name))
+
     # ---- reading kubeconfigs ------------------------------------------------------------
 
     def _sources(self) -> dict[str, Path]:
