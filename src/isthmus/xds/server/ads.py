@@ -57,6 +57,7 @@ class AdsServer:
         self.authenticator = authenticator  # None: every stream is served (loopback, tests)
         self.locate: Callable[[Proxy], Proxy] | None = None  # completes a Node's locality (app)
         self.auth_failures: collections.Counter[str] = collections.Counter()  # by reason
+        self.services: list[grpc.GenericRpcHandler] = []  # other services on the xDS port (CSDS)
         self.limits = limits or Limits()
         self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
@@ -94,7 +95,9 @@ class AdsServer:
                 self._delta, request_deserializer=_parse(discovery_pb2.DeltaDiscoveryRequest)
             ),
         }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers), *self.services)
+        )
         if self.credentials is not None:
             port = server.add_secure_port(self.address, self.credentials)
         else:
@@ -129,6 +132,10 @@ class AdsServer:
     def status(self) -> list[ProxyStatus]:
         """A copy of every connected stream's status, by stream id."""
         return [s.status.snapshot() for _, s in sorted(self._streams.items())]
+
+    def streams(self) -> list[Stream]:
+        """The open streams, by id, for readers (xds.server.introspect); never change them."""
+        return [s for _, s in sorted(self._streams.items())]
 
     def connected_clusters(self, role: Role) -> set[str]:
         """Member clusters with at least one connected proxy of ``role`` (cheap: copies nothing)."""
