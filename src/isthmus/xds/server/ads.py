@@ -57,7 +57,7 @@ class AdsServer:
         self.authenticator = authenticator  # None: every stream is served (loopback, tests)
         self.locate: Callable[[Proxy], Proxy] | None = None  # completes a Node's locality (app)
         self.auth_failures: collections.Counter[str] = collections.Counter()  # by reason
-        self.services: list[grpc.GenericRpcHandler] = []  # other services on the xDS port (CSDS)
+        self.services: list[grpc.GenericRpcHandler[Any, Any]] = []  # other services on the xDS port (CSDS)
         self.limits = limits or Limits()
         self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
