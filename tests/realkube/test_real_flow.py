@@ -67,7 +67,7 @@ MEMBER_CLUSTERS = f"/apis/{GROUP_VERSION}/namespaces/{SYSTEM}/memberclusters"
 WEB = "outbound|80||web.shop.svc.cluster.local"
 ADDRESSES = {"east": "10.1.0.1", "west": "10.2.0.1"}
 DRAIN_STEP = 2  # seconds between steps (home.drain.step): long enough to stop isthmus mid-way
-MEMBER_SERVER = "isthmus.isthmus-system.svc"  # an --xds-san the chart gives
+XDS_SERVER_NAME = "isthmus.isthmus-system.svc"  # an --xds-san the chart gives
 # What the chart's home mode renders and this test does not apply: they need an image to run.
 NOT_APPLIED = {"Deployment", "Service", "PodDisruptionBudget"}
 RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
@@ -86,8 +86,13 @@ def template(helm: Callable[..., str], release: str, *sets: str) -> list[Obj]:
 
 
 async def apply(rest: Rest, obj: Obj) -> None:
+    """Server-side apply of what the chart renders (kubectl apply --server-side)."""
     if obj["kind"] == "CustomResourceDefinition":
         await rest.apply(obj)
+    elif obj["apiVersion"] == GROUP_VERSION:  # the chart's own kinds (isthmus.io), if it renders some
+        path = f"/apis/{GROUP_VERSION}/namespaces/{SYSTEM}/{obj['kind'].lower()}s/{obj['metadata']['name']}"
+        headers = {"Content-Type": "application/apply-patch+yaml"}
+        await rest.request("PATCH", f"{path}?fieldManager=helm-chart-test&force=true", obj, headers)
     else:
         await apply_rendered(rest, obj)
 
@@ -224,7 +229,9 @@ class Sidecar:
     def __init__(self, xds_port: int, root_pem: bytes, token: str, cluster: str) -> None:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_pem)
         self.channel = grpc.aio.secure_channel(
-            f"{LOOPBACK}:{xds_port}", credentials, options=[("grpc.ssl_target_name_override", MEMBER_SERVER)]
+            f"{LOOPBACK}:{xds_port}",
+            credentials,
+            options=[("grpc.ssl_target_name_override", XDS_SERVER_NAME)],
         )
         node = make_node(f"sidecar~{ADDRESSES[cluster]}.shop~{cluster}", cluster=cluster, namespace="shop")
         metadata = (("authorization", f"Bearer {token}"), ("isthmus-cluster", cluster))
@@ -341,7 +348,7 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             "isthmus-member",
             "mode=member",
             f"member.clusterName={name}",
-            f"member.gateway.xdsAddress={MEMBER_SERVER}:15012",
+            f"member.gateway.xdsAddress={XDS_SERVER_NAME}:15012",
         )
         rbac = [o for o in member_objs if o["kind"] in RBAC_KINDS]
         assert {(o["kind"], o["metadata"]["name"]) for o in rbac} >= {
@@ -517,6 +524,7 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             return now if now.get("state") == "done" and now.get("weight") == weight else None
 
         await patch_weight(0)
+        undrained_pushes = len(sidecar.seen)
         drained = await until(lambda: done(0), "isthmus to drain west")
         assert drained["steps"] == [75, 50, 25, 0], drained
         assert drained["timed_out"] == [], drained  # every step ACKed by the sidecar
@@ -528,6 +536,11 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             "west's sidecar to get west's endpoints last",
             state=lambda: sidecar.seen[-1:],
         )
+        # The steps on the way: west in the first priority with east (its weight scaled down).
+        steps = [
+            p for p in sidecar.seen[undrained_pushes:] if p.get("west", (0,))[0] == p.get("east", (1,))[0]
+        ]
+        assert len(steps) >= 3, sidecar.seen
 
         # 7. Restart after the drain: west is drained from the first answer.
         async def restart(version: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -631,6 +644,20 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
         for e in events
         if e["user"]["username"] == chart_user
     }
+    for cluster in (home, west):  # the readers of `cluster add`: reads, and only the writes they need
+        writes = {
+            (e["verb"], e["objectRef"].get("resource", ""))
+            for e in cluster.audit()
+            if e["user"]["username"] == reader and e["verb"] not in ("get", "list", "watch")
+        }
+        if cluster is west:
+            assert ("create", "tokenreviews") in writes, writes  # west's sidecar's token
+        assert writes <= {
+            ("create", "tokenreviews"),
+            ("create", "serviceimports"),
+            ("update", "serviceimports"),  # and their status
+            ("delete", "serviceimports"),
+        }, writes
     assert {
         ("watch", "secrets", ""),
         ("watch", "memberclusters", ""),
@@ -674,6 +701,6 @@ def test_the_charts_development_root_signs_certificates_that_verify(
     for key in ("tls.crt", "tls.key"):
         (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
     ca = MeshCA.from_files(tmp_path / "tls.crt", tmp_path / "tls.key")
-    serving = ca.serving_certificate((MEMBER_SERVER,))
+    serving = ca.serving_certificate((XDS_SERVER_NAME,))
     checked = verifies(tmp_path / "tls.crt", serving.cert_chain, tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
