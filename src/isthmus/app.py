@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
+from isthmus.admin.debug import debug_routes
 from isthmus.discovery import clusterset
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import (
@@ -67,6 +68,7 @@ from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server import AdsServer, Limits
 from isthmus.xds.server.auth import StreamAuthenticator
+from isthmus.xds.server.csds import Csds, CsdsCheck
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +366,12 @@ class ControlPlane:
         host, port = parse_hostport(self.settings.admin_address, "--admin-address")
         actions = DrainActions(self._drain, self.drains.status)
         home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
-        runner = await start_admin(
-            make_admin_app(self.readiness, self.info, actions, self._admin_check(home)), host, port
-        )
-        log.info("admin listening on %s:%d (/healthz, /readyz, /drain)", host, port)
+        check = self._admin_check(home)
+        admin = make_admin_app(self.readiness, self.info, actions, check)
+        admin.add_routes(debug_routes(self.ads.streams, lambda: self.cache.view, self._clusters_status))
+        runner = await start_admin(admin, host, port)
+        log.info("admin listening on %s:%d (/healthz, /readyz, /drain, /debug/...)", host, port)
+        self.ads.services.append(Csds(self.ads.streams, self._csds_check(check)).handler())
         config: asyncio.Task[None] | None = None
         webhook: tuple[web.AppRunner, HttpsServing] | None = None
         try:
@@ -495,6 +499,30 @@ class ControlPlane:
         while True:
             await asyncio.sleep(every)
             tls.refresh()
+
+    def _csds_check(self, check: AdminCheck | None) -> CsdsCheck | None:
+        """CSDS callers need what the admin API's reads need; with no admin authentication, only
+        an xDS port on loopback (or a Unix socket) answers it: any client there could read every
+        proxy's configuration otherwise."""
+        if check is not None:
+            admin = check
+            return lambda token: admin(token, "read", "/debug/csds")
+        if is_local(parse_xds_address(self.settings.xds_address, "--xds-address")):
+            return None
+
+        async def refuse(token: str | None) -> tuple[int, str]:
+            return 403, "needs an authenticated admin API (--admin-token-file or --admin-kube-auth)"
+
+        return refuse
+
+    def _clusters_status(self) -> dict[str, dict[str, object]]:
+        """Per member cluster: what discovery says (state, source, errors) and its drain."""
+        out: dict[str, dict[str, object]] = {}
+        for name, status in (self.members.status() if self.members is not None else {}).items():
+            out.setdefault(name, {})["discovery"] = status
+        for name, progress in self.drains.status().items():
+            out.setdefault(name, {})["drain"] = progress
+        return out
 
     def _admin_check(self, home: Reviewer | None) -> AdminCheck | None:
         """The admin API's check: the token file's, then (or only) the home cluster's RBAC."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from isthmus import __version__
+from isthmus.admin import tables
 from isthmus.app import ControlPlane
 from isthmus.discovery.clusterset import DEFAULT_RANGE as DEFAULT_CLUSTERSET_RANGE
 from isthmus.discovery.file import MeshFileError
@@ -42,11 +45,34 @@ from isthmus.xds.ca import CAError
 from isthmus.xds.generate.bootstrap import BootstrapOptions, bootstrap_dict
 from isthmus.xds.proxy import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, OutboundTraffic, Role
 
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isthmus", description="Multi-cluster Envoy xDS control plane.")
     parser.add_argument("--version", action="version", version=f"isthmus {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line (time, level, logger, message), for log collectors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the control plane (ADS server and admin endpoints)")
@@ -293,21 +319,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     drain.add_argument("cluster", help="member cluster name")
     drain.add_argument("--undo", action="store_true", help="bring the cluster's traffic back")
-    drain.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT")
     drain.add_argument("--no-wait", action="store_true", help="start it and return")
     drain.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
-    who = drain.add_mutually_exclusive_group()
-    who.add_argument(
-        "--token-file", type=Path, metavar="FILE", help="bearer token for the admin API (--admin-token-file)"
+    _admin_arguments(drain)
+
+    status = sub.add_parser(
+        "status", help="connected proxies and where their configuration stands (like istioctl proxy-status)"
     )
-    who.add_argument(
-        "--kubeconfig-token",
-        nargs="?",
-        const="",
-        metavar="KUBECONFIG",
-        help="send the bearer token of the kubeconfig's current user (default $KUBECONFIG, else "
-        "~/.kube/config), for a control plane with --admin-kube-auth",
-    )
+    status.add_argument("proxy", nargs="?", help="one proxy's node id: what it was sent, ACKed, NACKed")
+    status.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _admin_arguments(status)
+    clusters = sub.add_parser("clusters", help="member clusters: state, gateway, weight, drain")
+    clusters.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _admin_arguments(clusters)
 
     _cluster_arguments(sub)
 
@@ -374,6 +398,23 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--format", choices=["json", "yaml"], help="default: from -o's extension, else json")
     boot.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     return parser
+
+
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the admin API is and how to authenticate to it (drain, status, clusters)."""
+    parser.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="bearer token for the admin API (--admin-token-file)"
+    )
+    who.add_argument(
+        "--kubeconfig-token",
+        nargs="?",
+        const="",
+        metavar="KUBECONFIG",
+        help="send the bearer token of the kubeconfig's current user (default $KUBECONFIG, else "
+        "~/.kube/config), for a control plane with --admin-kube-auth",
+    )
 
 
 def _injection_arguments(group: Any) -> None:
@@ -569,6 +610,36 @@ def _drain(args: argparse.Namespace) -> int:
     return 0 if progress.get("state") in ("done", "running", "requested") else 1
 
 
+def _status(args: argparse.Namespace) -> int:
+    """GET the admin API's status pages and print them (tables, or JSON with -o json)."""
+    host, port = parse_hostport(args.admin_address, "--admin-address")
+    base = f"http://{host}:{port}"
+    try:
+        token = _drain_token(args)
+        if args.command == "clusters":
+            found: Any = _admin_call("GET", f"{base}/debug/clusters", token)
+            text = tables.clusters_table(found)
+        elif args.proxy:
+            syncz = _admin_call("GET", f"{base}/debug/syncz", token)
+            query = urllib.parse.urlencode({"proxy": args.proxy})
+            dump = _admin_call("GET", f"{base}/debug/config_dump?{query}", token)
+            found = {"syncz": [p for p in syncz if p["proxy"] == args.proxy], "config_dump": dump}
+            text = tables.proxy_detail(args.proxy, syncz, dump)
+        else:
+            found = _admin_call("GET", f"{base}/debug/syncz", token)
+            text = tables.proxies_table(found)
+    except (OSError, KubeconfigError) as exc:
+        if isinstance(exc, urllib.error.HTTPError):
+            print(f"isthmus: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        else:
+            print(f"isthmus: cannot reach the admin server at {base}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(found, indent=2, sort_keys=True) if args.output == "json" else text, end="")
+    if args.output == "json":
+        print()
+    return 0
+
+
 def _drain_token(args: argparse.Namespace) -> str | None:
     if args.token_file:
         try:
@@ -588,12 +659,11 @@ def _drain_token(args: argparse.Namespace) -> str | None:
     return Credentials.parse("admin", text, str(path)).bearer_token()
 
 
-def _admin_call(method: str, url: str, token: str | None = None) -> dict[str, Any]:
+def _admin_call(method: str, url: str, token: str | None = None) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
-        data: dict[str, Any] = json.loads(response.read())
-    return data
+        return json.loads(response.read())
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -654,14 +724,14 @@ async def _serve(settings: ServeSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         if args.command == "drain":
             return _drain(args)
+        if args.command in ("status", "clusters"):
+            return _status(args)
         if args.command == "bootstrap":
             return _bootstrap(args)
         if args.command == "inject":

@@ -12,13 +12,16 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.service.status.v3 import csds_pb2
 from google.protobuf import duration_pb2
 
+from isthmus.admin.debug import syncz
 from isthmus.discovery.file import parse_mesh
 from isthmus.xds import types
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.generate import GENERATORS
 from isthmus.xds.server import AdsServer
+from isthmus.xds.server.csds import client_status
 
 pytestmark = pytest.mark.envoy
 
@@ -137,6 +140,14 @@ async def test_nack_keeps_last_good_config_and_recovers(
     assert cds.last_acked_version == good_version, cds
     assert at_nack[SUCCESS] == before[SUCCESS], at_nack
     assert at_nack["cluster_manager.cds.version_text"] == good_version, at_nack
+    # The status page and CSDS say so, with Envoy's message.
+    [entry] = [p for p in syncz(server.streams()) if p["proxy"] == boot.node_id]
+    assert entry["types"]["CDS"]["state"] == "NACKED", entry
+    assert entry["types"]["CDS"]["last_nack"]["message"] == nack.message
+    [config] = client_status(server.streams(), csds_pb2.ClientStatusRequest()).config
+    clusters = [g for g in config.generic_xds_configs if g.type_url == types.CLUSTER]
+    assert {g.config_status for g in clusters} == {csds_pb2.ERROR}, clusters
+    assert {g.error_state.details for g in clusters} == {nack.message}
 
     # Envoy keeps serving with the previous config; nothing is resent in a loop.
     active = await envoy.admin.active_clusters()
@@ -171,3 +182,5 @@ async def test_nack_keeps_last_good_config_and_recovers(
 
     await eventually(recovered, what="the corrected cluster is accepted")
     await serving()
+    [entry] = [p for p in syncz(server.streams()) if p["proxy"] == boot.node_id]
+    assert entry["types"]["CDS"]["state"] == "SYNCED", entry

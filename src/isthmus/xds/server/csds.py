@@ -1,0 +1,175 @@
+"""CSDS (envoy.service.status.v3.ClientStatusDiscoveryService) on the xDS port: which
+configuration each connected client holds, asked the way Envoy's own tooling asks.
+
+* ``FetchClientStatus`` (unary) and ``StreamClientStatus`` (one answer per request) answer a
+  ``ClientStatusRequest``: every connected proxy whose node id matches ``node_matchers`` (exact,
+  prefix, suffix, contains or a regex on the id; no matcher: every proxy), with one
+  ``GenericXdsConfig`` per resource it holds: type, name, version, the resource itself (unless
+  ``exclude_resource_contents``; never for secrets, whose private keys are their owner's alone),
+  the type's config status (SYNCED, STALE, ERROR after a NACK, NOT_SENT) and the client's.
+* Callers are checked before anything is read (``check``: the admin API's rule, right ``read``
+  on ``/debug/csds``, with the ``authorization: Bearer`` metadata): UNAUTHENTICATED,
+  PERMISSION_DENIED or UNAVAILABLE otherwise. A request this cannot answer (an unsupported
+  matcher, a bad regex) gets INVALID_ARGUMENT; the stream ends, nothing else does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from envoy.admin.v3 import config_dump_shared_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.service.status.v3 import csds_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2
+
+from isthmus.xds.server.introspect import NACKED, NOT_SENT, SECRET_TYPE, STALE, SYNCED, held, sync_state
+from isthmus.xds.server.stream import Stream
+
+SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
+# (token or None) -> (200/401/403/503, who or why): the admin API's check of right "read".
+CsdsCheck = Callable[[str | None], Awaitable[tuple[int, str]]]
+
+_CONFIG = {
+    SYNCED: csds_pb2.SYNCED,
+    STALE: csds_pb2.STALE,
+    NACKED: csds_pb2.ERROR,
+    NOT_SENT: csds_pb2.NOT_SENT,
+}
+_CLIENT = {
+    SYNCED: config_dump_shared_pb2.ACKED,
+    STALE: config_dump_shared_pb2.REQUESTED,
+    NACKED: config_dump_shared_pb2.NACKED,
+    NOT_SENT: config_dump_shared_pb2.REQUESTED,
+}
+_REFUSED = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED}
+
+
+class BadRequest(ValueError):
+    """A ClientStatusRequest this server cannot answer; the message says why."""
+
+
+def _string_matcher(matcher: string_pb2.StringMatcher) -> Callable[[str], bool]:
+    kind = matcher.WhichOneof("match_pattern")
+    fold = matcher.ignore_case
+
+    def norm(text: str) -> str:
+        return text.lower() if fold else text
+
+    if kind == "exact":
+        return lambda s: norm(s) == norm(matcher.exact)
+    if kind == "prefix":
+        return lambda s: norm(s).startswith(norm(matcher.prefix))
+    if kind == "suffix":
+        return lambda s: norm(s).endswith(norm(matcher.suffix))
+    if kind == "contains":
+        return lambda s: norm(matcher.contains) in norm(s)
+    if kind == "safe_regex":
+        try:
+            pattern = re.compile(matcher.safe_regex.regex)
+        except re.error as exc:
+            raise BadRequest(f"node_matchers: bad regex {matcher.safe_regex.regex!r}: {exc}") from None
+        return lambda s: pattern.fullmatch(s) is not None
+    raise BadRequest(f"node_matchers: node_id matcher {kind or 'unset'} is not supported")
+
+
+def _matchers(request: csds_pb2.ClientStatusRequest) -> list[Callable[[str], bool]]:
+    out = []
+    for matcher in request.node_matchers:
+        if matcher.node_metadatas:
+            raise BadRequest("node_matchers: node_metadatas are not supported (match the node id)")
+        out.append(_string_matcher(matcher.node_id) if matcher.HasField("node_id") else (lambda s: True))
+    return out
+
+
+def client_status(
+    streams: list[Stream], request: csds_pb2.ClientStatusRequest
+) -> csds_pb2.ClientStatusResponse:
+    """The answer to ``request`` from the open ``streams`` (BadRequest when it cannot be answered)."""
+    matchers = _matchers(request)
+    response = csds_pb2.ClientStatusResponse()
+    for stream in streams:
+        proxy = stream.proxy
+        if proxy is None or (matchers and not any(m(proxy.node_id) for m in matchers)):
+            continue
+        config = response.config.add()
+        config.node.CopyFrom(base_pb2.Node(id=proxy.node_id, cluster=proxy.cluster))
+        for type_url, items in held(stream).items():
+            status = stream.states[type_url].status
+            state = sync_state(status)
+            for item in items:
+                entry = config.generic_xds_configs.add(
+                    type_url=type_url,
+                    name=item.name,
+                    version_info=item.version,
+                    config_status=_CONFIG[state],
+                    client_status=_CLIENT[state],
+                )
+                if status.last_sent_at is not None:
+                    entry.last_updated.FromNanoseconds(int(status.last_sent_at * 1e9))
+                include = not request.exclude_resource_contents and type_url != SECRET_TYPE
+                if include and item.resource is not None:
+                    entry.xds_config.CopyFrom(any_pb2.Any(type_url=type_url, value=item.resource.body))
+                if state == NACKED and status.last_nack is not None:
+                    entry.error_state.details = status.last_nack.message
+                    entry.error_state.version_info = status.last_nack.version
+    return response
+
+
+class Csds:
+    """The CSDS service over the streams of an AdsServer (``streams``), callers checked by ``check``."""
+
+    def __init__(self, streams: Callable[[], list[Stream]], check: CsdsCheck | None = None) -> None:
+        self.streams = streams
+        self.check = check
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        parse = csds_pb2.ClientStatusRequest.FromString
+        encode = csds_pb2.ClientStatusResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "FetchClientStatus": grpc.unary_unary_rpc_method_handler(
+                    self._fetch, request_deserializer=parse, response_serializer=encode
+                ),
+                "StreamClientStatus": grpc.stream_stream_rpc_method_handler(
+                    self._stream, request_deserializer=parse, response_serializer=encode
+                ),
+            },
+        )
+
+    async def _allow(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.check is None:
+            return
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
+        status, detail = await self.check(token.strip() if scheme.lower() == "bearer" else None)
+        if status != 200:
+            await context.abort(_REFUSED.get(status, grpc.StatusCode.UNAVAILABLE), f"CSDS: {detail}")
+
+    async def _answer(
+        self, request: csds_pb2.ClientStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> csds_pb2.ClientStatusResponse:
+        try:
+            return client_status(self.streams(), request)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort raises; this is for the type checker
+
+    async def _fetch(
+        self, request: csds_pb2.ClientStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> csds_pb2.ClientStatusResponse:
+        await self._allow(context)
+        return await self._answer(request, context)
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[csds_pb2.ClientStatusRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
+        await self._allow(context)
+        async for request in requests:
+            yield await self._answer(request, context)
