@@ -176,3 +176,33 @@ async def test_status_pages_and_csds_say_what_envoy_has(delta, procs, mesh, upst
     unknown = isthmus("status", "nobody", *admin)
     assert unknown.returncode == 1
     assert "no connected proxy" in unknown.stderr
+
+
+async def test_status_pages_and_csds_need_the_admin_apis_read_right(procs, mesh, tmp_path) -> None:
+    tokens = tmp_path / "admin-tokens"
+    tokens.write_text("reader-token-0123456789,alice,read\n")
+    tokens.chmod(0o600)
+    mesh.write()
+    cp = await procs.control_plane(mesh.path, ["--admin-token-file", str(tokens)])
+    status, body = await admin_get(cp.admin_port, "/debug/syncz")
+    assert status == 401, body
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel:
+        fetch = channel.unary_unary(
+            CSDS + "FetchClientStatus",
+            request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+            response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+        )
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer wrong-token"),), grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await fetch(csds_pb2.ClientStatusRequest(), metadata=metadata, timeout=10)
+            assert refused.value.code() == code, refused.value
+        allowed = await fetch(
+            csds_pb2.ClientStatusRequest(),
+            metadata=(("authorization", "Bearer reader-token-0123456789"),),
+            timeout=10,
+        )
+        assert list(allowed.config) == []  # no proxy connected: an answer, empty
+    assert "reader-token-0123456789" not in cp.log_text()
