@@ -18,6 +18,8 @@ from aiohttp import web
 
 from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.admin.debug import debug_routes
+from isthmus.admin.webview import PATHS as UI_PATHS
+from isthmus.admin.webview import ui_routes
 from isthmus.discovery import clusterset
 from isthmus.discovery.aggregate import Aggregator, shards_of_view
 from isthmus.discovery.file import (
@@ -367,10 +369,11 @@ class ControlPlane:
         actions = DrainActions(self._drain, self.drains.status)
         home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
         check = self._admin_check(home)
-        admin = make_admin_app(self.readiness, self.info, actions, check)
+        admin = make_admin_app(self.readiness, self.info, actions, _ui_open(check))
         admin.add_routes(debug_routes(self.ads.streams, lambda: self.cache.view, self._clusters_status))
+        admin.add_routes(ui_routes())
         runner = await start_admin(admin, host, port)
-        log.info("admin listening on %s:%d (/healthz, /readyz, /drain, /debug/...)", host, port)
+        log.info("admin listening on %s:%d (/healthz, /readyz, /drain, /debug/..., /ui)", host, port)
         self.ads.services.append(Csds(self.ads.streams, self._csds_check(check)).handler())
         config: asyncio.Task[None] | None = None
         webhook: tuple[web.AppRunner, HttpsServing] | None = None
@@ -635,6 +638,21 @@ class GatewayLiveness:
             and cluster in self._last_seen
             and now - self._last_seen[cluster] > self.grace
         }
+
+
+def _ui_open(check: AdminCheck | None) -> AdminCheck | None:
+    """The admin check, but the web view's files are anyone's to read: they hold no data (the page
+    asks the status pages for it, with the token its user gives)."""
+    if check is None:
+        return None
+    inner = check
+
+    async def checked(token: str | None, right: str, path: str) -> tuple[int, str]:
+        if right == "read" and path in UI_PATHS:
+            return 200, "anyone (the web view's files)"
+        return await inner(token, right, path)
+
+    return checked
 
 
 async def _join(task: asyncio.Task[None]) -> None:
