@@ -48,12 +48,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import grpc
 from envoy.config.core.v3 import base_pb2
 
@@ -513,6 +515,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+@dataclass
+class Scrapes:
+    """What scraping the admin API cost: each request's time, failures, bytes read."""
+
+    seconds: list[float] = field(default_factory=list)
+    failed: int = 0
+    bytes: int = 0
+
+    async def loop(self, admin: str, proxy: str) -> None:
+        query = urllib.parse.urlencode({"proxy": proxy})
+        pages = ["/debug/syncz", "/metrics", f"/debug/config_dump?{query}", "/debug/mesh", "/debug/clusters"]
+        async with aiohttp.ClientSession() as session:
+            while True:
+                for page in pages:
+                    start = time.monotonic()
+                    try:
+                        async with session.get(f"http://{admin}{page}") as resp:
+                            self.bytes += len(await resp.read())
+                            if resp.status != 200:
+                                self.failed += 1
+                    except aiohttp.ClientError:
+                        self.failed += 1
+                    self.seconds.append(time.monotonic() - start)
+
+
 async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[str, Any]:
     totals = Totals()
     tracker = Tracker()
@@ -598,6 +625,11 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     conv: list[float] = []
     first: list[float] = []
     resp0, bytes0, eds0 = totals.responses, totals.bytes, totals.by_type.get(EDS, 0)
+    scrapes = Scrapes()
+    scrapers = [
+        asyncio.create_task(scrapes.loop(getattr(target, "admin_address", ""), clients[0].node.id))
+        for _ in range(args.scrape)
+    ]
     cpu2, _ = target.usage()
     sampler.start("churn")
     own2 = time.process_time()
@@ -623,6 +655,15 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         await asyncio.sleep(args.gap + random.uniform(0, jitter))
     cpu3, rss = target.usage()
     sampler.stop()
+    for scraper in scrapers:
+        scraper.cancel()
+    await asyncio.gather(*scrapers, return_exceptions=True)
+    if args.scrape:
+        row["scrapes"] = len(scrapes.seconds)
+        row["scrape_p50_ms"] = pct(scrapes.seconds, 50) * 1e3
+        row["scrape_p99_ms"] = pct(scrapes.seconds, 99) * 1e3
+        row["scrape_failed"] = scrapes.failed
+        row["scrape_mb"] = scrapes.bytes / 1e6
     row["conv_n"] = len(conv)
     row["conv_p50_ms"] = pct(conv, 50) * 1e3
     row["conv_p90_ms"] = pct(conv, 90) * 1e3
@@ -711,6 +752,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sample the server with py-spy during cold start and churn: PREFIX-cold.txt, PREFIX-churn.txt",
     )
     p.add_argument("--csv", type=Path, help="append one row per run to this CSV file")
+    p.add_argument(
+        "--scrape",
+        type=int,
+        default=0,
+        metavar="N",
+        help="isthmus only: N loops GET the admin API's status pages and /metrics back to back "
+        "during the changes (one proxy's config dump among them), to see what they cost the pushes",
+    )
     args = p.parse_args(argv)
     random.seed(args.seed)
     if args.quick:
@@ -723,6 +772,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--auth kube needs --source kube (the API servers review the tokens)")
     if args.clients < args.clusters:
         p.error("--clients must be at least --clusters (every cluster needs clients)")
+    if args.scrape and args.target != "isthmus":
+        p.error("--scrape is for --target isthmus (the peer has no status pages)")
     return args
 
 
@@ -783,6 +834,17 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         *(
             [("TokenReviews answered by the API servers", str(row["token_reviews"]))]
             if "token_reviews" in row
+            else []
+        ),
+        *(
+            [
+                (
+                    f"admin scrapes ({args.scrape} loops): count / p50 / p99 / failed / MB",
+                    f"{row['scrapes']} / {f('scrape_p50_ms', 0)} ms / {f('scrape_p99_ms', 0)} ms / "
+                    f"{row['scrape_failed']} / {f('scrape_mb', 1)}",
+                )
+            ]
+            if args.scrape
             else []
         ),
         ("errors", str(row["errors"])),
