@@ -112,6 +112,10 @@ class ControlPlane:
                 service_imports=settings.service_imports,
             )
         self._imports = Desired()
+        # Every member cluster synced once and a view of all of them applied (or the ready deadline
+        # passed): until then a view is partial, so it neither makes the replica ready nor writes
+        # ServiceImports (which would delete those of the clusters not synced yet).
+        self._complete = self.members is None
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
         self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
@@ -246,7 +250,7 @@ class ControlPlane:
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
         self.view_loaded = True
-        if self.members is not None and self.members.service_imports:
+        if self.members is not None and self.members.service_imports and self._complete:
             self.members.write_imports(self._imports(view))
         if changed:
             log.info(
@@ -264,7 +268,7 @@ class ControlPlane:
             return Readiness(False, "configuration API (MeshConfig, MemberClusters) not read yet")
         if self.ads.port is None:
             return Readiness(False, "xDS server not listening")
-        if self.members is not None and not self.members.all_synced():
+        if self.members is not None and not self._complete:
             loop = asyncio.get_running_loop()
             if self._ready_deadline is not None and loop.time() < self._ready_deadline:
                 return Readiness(False, "member clusters still syncing")
@@ -395,6 +399,7 @@ class ControlPlane:
                     )
                 if self.members is not None:
                     tasks.create_task(self.members.run(), name="member-clusters")
+                    tasks.create_task(self._until_complete(), name="first-complete-view")
                 if config is not None:
                     tasks.create_task(_join(config), name="configuration-api")
                 if self.cache.ca is not None:
@@ -558,6 +563,25 @@ class ControlPlane:
         self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("writing the drain into the MemberCluster object failed: %s", task.exception())
+
+    async def _until_complete(self) -> None:
+        """Wait until every member cluster has synced once (or the ready deadline passed), then
+        publish a view of all of them at once and let views write ServiceImports."""
+        assert self.members is not None
+        loop = asyncio.get_running_loop()
+        while not self.members.all_synced():
+            if self._ready_deadline is not None and loop.time() >= self._ready_deadline:
+                log.warning(
+                    "member clusters not synced after %.0f s: serving without them (%s)",
+                    self.settings.ready_timeout,
+                    ", ".join(n for n, s in self.members.status().items() if s["state"] != "synced"),
+                )
+                break
+            await asyncio.sleep(0.05)
+        self._complete = True
+        self.aggregator.flush()  # the shards are all in: merge and publish them now
+        if self.members.service_imports and self.view_loaded:  # also if that view was published before
+            self.members.write_imports(self._imports(self.cache.view))
 
     async def _freeze_after_sync(self) -> None:
         """Once ready, move everything built so far (the member clusters' objects, the first view

@@ -74,6 +74,8 @@ class Members:
         self.service_imports = service_imports
         self._writers: dict[str, tuple[ImportWriter, asyncio.Task[None]]] = {}
         self._imports: Mapping[str, dict[str, object]] | None = None
+        self._reconciled = False  # the members were reconciled at least once
+        self._read_found: object | None = None  # the Secrets' findings last reconciled
 
     def set_policy(self, policy: Callable[[str], ClusterPolicy]) -> None:
         """Each member cluster's policy from now on (the settings in force changed)."""
@@ -105,6 +107,7 @@ class Members:
                     log.error("cluster %s refused: %s", name, exc)
         if self.secrets is not None:
             found = self.secrets.found
+            self._read_found = found
             for name, origin in found.origins.items():
                 if name in origins:
                     if self.origins.get(name) != origins[name]:
@@ -170,6 +173,7 @@ class Members:
                 warming.watcher.publish_now()
                 await _stop(old)
                 log.info("cluster %s: switched to the new credentials", name)
+        self._reconciled = True
 
     async def run(self) -> None:
         try:
@@ -236,8 +240,15 @@ class Members:
                     await self._wake.wait()
 
     def all_synced(self) -> bool:
-        secrets_synced = self.secrets is None or self.secrets.synced.is_set()
-        return secrets_synced and all(m.watcher.synced.is_set() for m in self.members.values())
+        """Every member cluster declared is watched and has synced: the kubeconfigs and the member
+        Secrets (once listed) were reconciled into watchers, and each watcher has synced."""
+        if not self._reconciled:
+            return False
+        if self.secrets is not None and not (
+            self.secrets.synced.is_set() and self._read_found is self.secrets.found
+        ):
+            return False  # listed, but not reconciled into watchers yet
+        return all(m.watcher.synced.is_set() for m in self.members.values())
 
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}
