@@ -17,17 +17,24 @@ it incrementally: replacing a shard notes the services whose ports or endpoints
 differ from the old shard's (by identity first, then equality: sources reuse the
 tuples of unchanged services), and a flush re-merges only those, keeping the other
 Service objects (and their digests) of the previous view.
+
+For the convergence metric, the Aggregator notes when the first change of each debounced batch
+reached it (time.monotonic(), whatever its own clock), and ``published_event()`` returns it while
+``on_view`` runs for the view of that batch. At each flush it sets the member cluster gauges
+(isthmus_member_cluster_state, isthmus_member_cluster_weight_ratio) of the clusters that changed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from isthmus import metrics
 from isthmus.discovery import clusterset
 from isthmus.discovery.model import (
     FULL_WEIGHT,
@@ -44,6 +51,17 @@ from isthmus.discovery.model import (
 log = logging.getLogger(__name__)
 
 ShardKey = tuple[str, str]  # (source, member cluster)
+WITHDRAWN = "withdrawn"  # isthmus_member_cluster_state of a cluster whose endpoints are withdrawn
+
+_event: contextvars.ContextVar[float | None] = contextvars.ContextVar("isthmus_view_event", default=None)
+
+
+def published_event() -> float | None:
+    """Inside an Aggregator's ``on_view``: when (time.monotonic()) the first change behind the view
+    being published reached the aggregate; None elsewhere (a view not published by an Aggregator)."""
+    return _event.get()
+
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -60,6 +78,9 @@ class Shard:
     addresses: Mapping[ServiceKey, tuple[str, ...]] = field(default_factory=dict)
     # When each service was exported here (RFC 3339; its ServiceExport's creation, else its Service's).
     exported_at: Mapping[ServiceKey, str] = field(default_factory=dict)
+    # The cluster's endpoints are withdrawn (unreachable past the policy's withdraw_after): for the
+    # state metric; the shard is then empty anyway.
+    withdrawn: bool = False
 
 
 def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
@@ -192,7 +213,9 @@ class Aggregator:
         self._stale: set[ServiceKey] = set()  # to re-merge at the next flush
         self._dirty = asyncio.Event()
         self._first_change: float | None = None
+        self._first_event: float | None = None  # the same moment by time.monotonic() (metrics)
         self._last_change = 0.0
+        self._gauges: dict[str, tuple[str, float]] = {}  # cluster -> (state, weight ratio) set
         self.version = ""
         self._gateways_down: frozenset[str] = frozenset()
         self._weights: dict[str, int] = {}
@@ -243,6 +266,7 @@ class Aggregator:
         now = self._clock()
         if self._first_change is None:
             self._first_change = now
+            self._first_event = time.monotonic()
         self._last_change = now
         self._dirty.set()
 
@@ -323,14 +347,42 @@ class Aggregator:
     def flush(self) -> MeshView:
         """Build and publish a view now (also used by tests and at startup)."""
         self._first_change = None
+        event, self._first_event = self._first_event, None
         self._dirty.clear()
         self._remerge()
-        view = MeshView.of(self._services, self._clusters(), merge_splits(self._shards.values()))
+        clusters = self._clusters()
+        view = MeshView.of(self._services, clusters, merge_splits(self._shards.values()))
         self.flushes += 1
+        self._set_gauges(clusters)
         if view.version != self.version:
             self.version = view.version
-            self.on_view(view)
+            token = _event.set(event)
+            try:
+                self.on_view(view)
+            finally:
+                _event.reset(token)
         return view
+
+    def _set_gauges(self, clusters: Iterable[MemberCluster]) -> None:
+        """The member cluster gauges of the clusters whose state or weight changed; the series of
+        clusters gone are removed."""
+        withdrawn = {s.cluster.name for s in self._shards.values() if s.withdrawn}
+        now = {
+            c.name: (WITHDRAWN if c.name in withdrawn else c.state.value, c.weight / FULL_WEIGHT)
+            for c in clusters
+        }
+        for name in [n for n in self._gauges if n not in now]:
+            for state in metrics.CLUSTER_STATES:
+                metrics.MEMBER_CLUSTER_STATE.remove(name, state)
+            metrics.MEMBER_CLUSTER_WEIGHT.remove(name)
+            del self._gauges[name]
+        for name, (state, weight) in now.items():
+            if self._gauges.get(name) == (state, weight):
+                continue
+            for known in metrics.CLUSTER_STATES:
+                metrics.MEMBER_CLUSTER_STATE.labels(name, known).set(1 if known == state else 0)
+            metrics.MEMBER_CLUSTER_WEIGHT.labels(name).set(weight)
+            self._gauges[name] = (state, weight)
 
     async def run(self) -> None:
         """Debounce loop: flush after ``quiet`` seconds without change, or ``max_delay`` after the first."""

@@ -9,6 +9,8 @@
   (``rotate_due``), long before they expire, so Envoy swaps them over SDS without closing
   connections.
 * ``trust_bundle`` is the PEM every proxy validates its peers with, the same in every cluster.
+* Every certificate issued counts in isthmus_ca_certificates_issued_total, by kind (workload or
+  serving); one issued again because the one before was due, in ..._rotated_total too.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from isthmus import metrics
 from isthmus.xds.generate.identity import MeshIdentity, WorkloadCert, spiffe_id
 
 log = logging.getLogger(__name__)
 
 ROOT_TTL = datetime.timedelta(days=3650)
 CERT_FILE, KEY_FILE = "ca.crt", "ca.key"
+WORKLOAD, SERVING = "workload", "serving"  # the kind label of the certificate metrics
 
 
 class CAError(ValueError):
@@ -166,8 +170,11 @@ class MeshCA:
 
     # ---- workload certificates -----------------------------------------------------------------
 
-    def _issue(self, identity: str, sans: list[x509.GeneralName] | None = None) -> WorkloadCert:
-        """A certificate for ``identity``: a SPIFFE ID as its one URI SAN, or the given ``sans``."""
+    def _issue(
+        self, identity: str, sans: list[x509.GeneralName] | None = None, rotation: bool = False
+    ) -> WorkloadCert:
+        """A certificate for ``identity``: a SPIFFE ID as its one URI SAN, or the given ``sans``
+        (the control plane's serving certificate); ``rotation``: it replaces one that is due."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = self._clock()
         not_before = now - datetime.timedelta(minutes=1)  # tolerate small clock skew between hosts
@@ -209,6 +216,10 @@ class MeshCA:
             .sign(self._root_key, hashes.SHA256())
         )
         self.issued_count += 1
+        kind = SERVING if sans else WORKLOAD
+        metrics.CERTIFICATES_ISSUED.labels(kind).inc()
+        if rotation:
+            metrics.CERTIFICATES_ROTATED.labels(kind).inc()
         return WorkloadCert(
             identity,
             cert.public_bytes(serialization.Encoding.PEM).decode(),
@@ -229,7 +240,7 @@ class MeshCA:
         identity = spiffe_id(self.trust_domain, namespace, service_account)
         cert = self._issued.get(identity)
         if cert is None or self._due(cert):
-            cert = self._issued[identity] = self._issue(identity)
+            cert = self._issued[identity] = self._issue(identity, rotation=cert is not None)
         return cert
 
     def serving_certificate(self, names: tuple[str, ...]) -> WorkloadCert:
@@ -245,14 +256,14 @@ class MeshCA:
                     sans.append(x509.IPAddress(ipaddress.ip_address(name)))
                 except ValueError:
                     sans.append(x509.DNSName(name))
-            cert = self._serving[names] = self._issue(",".join(names), sans)
+            cert = self._serving[names] = self._issue(",".join(names), sans, rotation=cert is not None)
         return cert
 
     def rotate_due(self) -> list[str]:
         """Re-issue every certificate past its rotation point; returns the SPIFFE IDs rotated."""
         rotated = [identity for identity, cert in self._issued.items() if self._due(cert)]
         for identity in rotated:
-            self._issued[identity] = self._issue(identity)
+            self._issued[identity] = self._issue(identity, rotation=True)
         if rotated:
             log.info("rotated %d workload certificates", len(rotated))
         return rotated

@@ -12,18 +12,28 @@ only the types whose declared inputs (generate.INPUTS) changed.
 With a mesh CA, generators also get the trust domain and bundle, and SDS the
 proxy's own certificate (issued on first use); ``rotate_certificates`` renews
 those that are due and regenerates SDS only.
+
+For the convergence metric the cache remembers, per generation that installed a view, when the
+discovery event behind that view happened (``aggregate.published_event``; views installed
+directly, by tests, have none): ``event_since`` gives a stream the earliest one it has not yet
+converged to. Each generation of a type for a proxy group is timed
+(isthmus_mesh_view_generation_seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from isthmus import metrics
+from isthmus.discovery.aggregate import published_event
 from isthmus.discovery.model import MeshView, Service, ServiceKey
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
@@ -33,6 +43,8 @@ from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.resources import Resource, state_version
 
 log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 1024  # discovery events remembered for convergence (a stream further behind undercounts)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,6 +138,10 @@ class ConfigCache:
         self._watchers: set[asyncio.Event] = set()
         self._change: _Change | None = None  # since the last view; None: regenerate everything
         self.serializations = 0  # resources serialized, for tests and metrics
+        # Generations that installed a view with a known discovery event, and those events'
+        # time.monotonic() (both ascending; the last EVENTS_KEPT).
+        self._event_generations: list[int] = []
+        self._event_times: list[float] = []
 
     @property
     def view(self) -> MeshView:
@@ -146,7 +162,24 @@ class ConfigCache:
         self._change = _change(self._view, view)
         self._view = view
         self._bump()
+        event = published_event()
+        if event is not None:
+            if len(self._event_generations) >= EVENTS_KEPT:
+                del self._event_generations[: EVENTS_KEPT // 2], self._event_times[: EVENTS_KEPT // 2]
+            self._event_generations.append(self._generation)
+            self._event_times.append(event)
+        metrics.MESH_VIEWS.inc()
+        metrics.MESH_VIEW_INFO.clear()
+        metrics.MESH_VIEW_INFO.labels(view.version).set(1)
         return True
+
+    def event_since(self, after: int, upto: int) -> float | None:
+        """The time (time.monotonic()) of the earliest discovery event behind the views installed
+        at generations after ``after`` up to ``upto``; None if none of them had one."""
+        i = bisect.bisect_right(self._event_generations, after)
+        if i < len(self._event_generations) and self._event_generations[i] <= upto:
+            return self._event_times[i]
+        return None
 
     def invalidate(self) -> None:
         """Regenerate everything (used when generators' inputs change outside the view)."""
@@ -254,6 +287,7 @@ class ConfigCache:
         if previous is not None and standard and self._unaffected(group, shared):
             self._memo[key] = previous
             return previous
+        started = time.perf_counter()
         try:
             identity = self._identity_for(type_url, proxy)
             per_service = PER_SERVICE.get(type_url) if generator is GENERATORS.get(type_url) else None
@@ -272,6 +306,7 @@ class ConfigCache:
             by_name = {}
         result = ResourceSet.after(type_url, by_name, previous)
         self._memo[key] = result
+        metrics.xds_type(types.short(type_url)).generation.observe(time.perf_counter() - started)
         return result
 
     def _serialize(self, type_url: str, name: str, message: Any) -> Resource:

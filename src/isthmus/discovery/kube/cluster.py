@@ -346,7 +346,7 @@ class ClusterWatcher:
         content, member = self._content(), self._member()
         self._published_withdrawn = self.withdrawn()
         if self._published_withdrawn:
-            shard = Shard(member)
+            shard = Shard(member, withdrawn=True)
         else:
             rule = self.policy.require_namespace_label
             splits = traffic_splits(self._store(SMI_PLURAL), self._store("namespaces"), rule)
@@ -364,7 +364,14 @@ class ClusterWatcher:
     def _reflector(self, kind: str, list_fn: ListFn) -> Reflector:
         on_change = functools.partial(self._on_change, kind)
         reflector = Reflector(
-            kind, list_fn, on_change, self._on_error, self._on_ok, self.timing, on_wait=self._on_wait
+            kind,
+            list_fn,
+            on_change,
+            self._on_error,
+            self._on_ok,
+            self.timing,
+            on_wait=self._on_wait,
+            cluster=self.name,
         )
         self._reflectors[kind] = reflector
         return reflector

@@ -27,6 +27,10 @@ whose silent 410 retry could go back in time:
 * timeouts use ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11,
   wait_for swallows a cancellation that arrives when the awaited line is already
   there (a bookmark), and the reflector would outlive its cancelled watcher.
+
+A reflector given its member ``cluster`` counts its watch events, relists and failures in the
+isthmus_member_cluster_* metrics (by cluster and kind); the home cluster's reflectors (Secrets,
+the configuration API) are not counted there.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import random
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
+
+from isthmus import metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,7 @@ class Reflector:
         on_ok: Callable[[str], None] | None = None,
         timing: Timing | None = None,
         on_wait: Callable[[str, BaseException], None] | None = None,
+        cluster: str | None = None,
     ) -> None:
         self.kind = kind
         self._list_fn = list_fn
@@ -135,6 +142,11 @@ class Reflector:
         self.bookmarks = 0
         self.backing_off = False
         self.last_error: BaseException | None = None
+        self._counted = cluster is not None  # in the member cluster metrics
+        if cluster is not None:
+            self._events_total = metrics.WATCH_EVENTS.labels(cluster, kind)
+            self._relists_total = metrics.RELISTS.labels(cluster, kind)
+            self._errors_total = metrics.WATCH_ERRORS.labels(cluster, kind)
 
     def wake(self) -> None:
         """Retry now if backing off (the server is known to answer again)."""
@@ -178,6 +190,8 @@ class Reflector:
                     await asyncio.sleep(wait)  # the server's word, not cut short by wake()
                     continue
                 self.last_error = exc
+                if self._counted:
+                    self._errors_total.inc()
                 if self._on_error is not None:
                     self._on_error(self.kind, exc)
                 log.debug("%s: %r; retrying in %.1fs", self.kind, exc, delay)
@@ -200,6 +214,8 @@ class Reflector:
         changed = fresh != self.store
         self.store = fresh  # objects missing from the list were deleted during the gap
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        if self._counted and self.relists:
+            self._relists_total.inc()
         self.relists += 1
         self.synced.set()
         if self._on_ok is not None:
@@ -247,6 +263,8 @@ class Reflector:
             self.bookmarks += 1
             return
         self.events += 1
+        if self._counted:
+            self._events_total.inc()
         key = object_key(obj)
         if kind == "DELETED":
             self.store.pop(key, None)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from isthmus import metrics
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server.auth import AuthFailure, StreamAuthenticator
@@ -67,6 +68,11 @@ class AdsServer:
         self._ids = itertools.count(1)
         self._closing = asyncio.Event()
         self.streams_opened = 0
+        # Gauges computed from the streams and the budget when /metrics is read (isthmus.metrics).
+        metrics.CONNECTED_PROXIES.track(self, AdsServer._connected_sample)
+        metrics.SEND_BUDGET_USED.track(self, lambda server: [((), server._budget.used)])
+        metrics.SEND_BUDGET_LIMIT.track(self, lambda server: [((), server._budget.limit)])
+        metrics.SEND_BUDGET_WAITING.track(self, lambda server: [((), server._budget.waiting)])
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -137,6 +143,18 @@ class AdsServer:
         """The open streams, by id, for readers (xds.server.introspect); never change them."""
         return [s for _, s in sorted(self._streams.items())]
 
+    def _connected_sample(self) -> list[tuple[tuple[str, str, str], float]]:
+        """isthmus_xds_connected_proxies: streams by (member cluster, role, mode); a cluster the
+        mesh does not have is 'unknown' (a Node may claim anything: the label stays bounded)."""
+        known = self.cache.view.clusters
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for stream in self._streams.values():
+            proxy = stream.proxy
+            if proxy is not None:
+                cluster = proxy.cluster if proxy.cluster in known else metrics.UNKNOWN_CLUSTER
+                counts[(cluster, proxy.role.value, stream.mode)] += 1
+        return [(labels, float(n)) for labels, n in counts.items()]
+
     def connected_clusters(self, role: Role) -> set[str]:
         """Member clusters with at least one connected proxy of ``role`` (cheap: copies nothing)."""
         return {
@@ -175,6 +193,7 @@ class AdsServer:
     ) -> None:
         stream_id = next(self._ids)
         self.streams_opened += 1
+        metrics.STREAMS.labels(kind.mode).inc()
         authorize = None
         if self.authenticator is not None:  # before anything of the stream exists
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -182,6 +201,7 @@ class AdsServer:
                 authorize = await self.authenticator(metadata)
             except AuthFailure as exc:
                 self.auth_failures[exc.reason] += 1
+                metrics.AUTHENTICATIONS.labels(exc.reason).inc()
                 log.warning("stream %d from %s refused: %s", stream_id, context.peer(), exc.details)
                 await context.abort(exc.code, exc.details)
         stream = kind(
@@ -200,6 +220,7 @@ class AdsServer:
         except StreamError as exc:
             if exc.auth_reason:
                 self.auth_failures[exc.auth_reason] += 1
+                metrics.AUTHENTICATIONS.labels(exc.auth_reason).inc()
             log.info(
                 "stream %d (%s) closed: %s %s",
                 stream_id,

@@ -16,6 +16,13 @@ wakeup it applies the queued requests, then pushes what changed, in ADS order:
 
 SotW and Delta differ only in how requests are read and responses framed
 (sotw.py and delta.py); everything else lives here.
+
+Metrics (isthmus.metrics), per response and per ACK, never per resource: responses and NACKs by
+type, ACK latency (response written -> its ACK read), and convergence: after a push, a stream
+with no response waiting for an ACK holds everything of the cache's current generation; if it was
+sent something since it last got there, it observes the time since the earliest discovery event of
+the views installed in between (ConfigCache.event_since), unless that event is older than the
+stream.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from isthmus import metrics
 from isthmus.xds import types
 from isthmus.xds.cache import ConfigCache, ResourceSet
 from isthmus.xds.proxy import InvalidNode, Proxy, proxy_from_node
@@ -74,6 +82,11 @@ class SendBudget:
         self.limit = limit
         self.used = 0
         self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Responses waiting for room."""
+        return len(self._waiting)
 
     async def acquire(self, size: int) -> int:
         size = min(size, self.limit)
@@ -146,6 +159,11 @@ class TypeState:
     touched: set[str] = field(default_factory=set)
     subscription: str = ""  # a digest of wildcard and names, part of the response version
     held: int = 0  # bytes of the response in flight, taken from the SendBudget
+    sent_at: float = 0.0  # time.monotonic() when the response in flight was written
+    meters: metrics.XdsType = field(init=False)  # this type's metrics
+
+    def __post_init__(self) -> None:
+        self.meters = metrics.xds_type(types.short(self.type_url))
 
     def resubscribed(self) -> None:
         """The subscription changed: the next plan looks at every name."""
@@ -216,6 +234,11 @@ class Stream:
         self._on_proxy = on_proxy
         self._reader_done = False
         self._reader_error: Exception | None = None
+        # Convergence: the cache generation whose resources the stream last held entirely, whether
+        # it was sent anything since, and when it started (events before it are not its to count).
+        self._synced_generation = cache.generation
+        self._sent_since_synced = False
+        self._started_at = time.monotonic()
 
     # ---- protocol-specific -------------------------------------------------------------
 
@@ -245,6 +268,7 @@ class Stream:
             except AuthFailure as exc:
                 log.warning("stream %d: %s refused: %s", self.status.stream_id, proxy.node_id, exc.details)
                 raise StreamError(exc.code, exc.details, exc.reason) from None
+            metrics.AUTHENTICATIONS.labels("ok").inc()
             if self._revocation is not None:
                 self._revocation.watch(self._wakeup)
         if self._locate is not None:
@@ -300,6 +324,7 @@ class Stream:
     def _ack(self, state: TypeState, version: str, nonce: str) -> None:
         self._release(state)
         state.pending_nonce = None
+        state.meters.ack_latency.observe(time.monotonic() - state.sent_at)
         state.status.last_acked_version = version
         state.status.last_acked_nonce = nonce
         state.status.last_acked_at = time.time()
@@ -308,6 +333,7 @@ class Stream:
         self._release(state)
         state.pending_nonce = None
         state.status.nacks += 1
+        state.meters.nacks.inc()
         state.status.last_nack = Nack(
             version=state.status.last_sent_version,
             nonce=nonce,
@@ -381,6 +407,8 @@ class Stream:
 
     async def run(self, requests: AsyncIterator[Any]) -> None:
         self.cache.watch(self._wakeup)
+        self._synced_generation = self.cache.generation
+        self._started_at = time.monotonic()
         reader = asyncio.create_task(self._read(requests), name=f"ads-reader-{self.status.stream_id}")
         try:
             while True:
@@ -411,6 +439,24 @@ class Stream:
                 await reader
 
     async def push(self) -> None:
+        generation = self.cache.generation
+        await self._push()
+        if self._sent_since_synced or generation != self._synced_generation:
+            self._converged(generation)
+
+    def _converged(self, generation: int) -> None:
+        """After a push planned against ``generation``: with nothing waiting for an ACK, the proxy
+        holds all of it (a push that sends nothing awaits nothing, so the generation is the same)."""
+        if any(s.pending_nonce is not None for s in self.states.values()):
+            return
+        if self._sent_since_synced and generation != self._synced_generation:
+            event = self.cache.event_since(self._synced_generation, generation)
+            if event is not None and event >= self._started_at:
+                metrics.CONVERGENCE.observe(time.monotonic() - event)
+        self._synced_generation = generation
+        self._sent_since_synced = False
+
+    async def _push(self) -> None:
         assert self.proxy is not None
         # Pass 1: additions and updates in ADS order.
         for type_url in types.PUSH_ORDER:
@@ -455,6 +501,9 @@ class Stream:
                 f"client did not read a {types.short(state.type_url)} response within "
                 f"{self.limits.send_timeout:.0f}s; closing this stream",
             ) from None
+        state.sent_at = time.monotonic()
+        state.meters.responses.inc()
+        self._sent_since_synced = True
         state.pending_nonce = nonce
         state.last_nonce = nonce
         state.responded = True
