@@ -1,10 +1,13 @@
 """Admin endpoints: GET /healthz (the process is alive), GET /readyz (a mesh view is loaded and
-the xDS server is serving), both with a small JSON body for humans; and, when the wiring provides
-them, POST /drain/{cluster}, POST /undrain/{cluster} and GET /drain (progress).
+the xDS server is serving), both with a small JSON body for humans; GET /metrics (Prometheus text
+format, docs/metrics.md); and, when the wiring provides them, POST /drain/{cluster},
+POST /undrain/{cluster} and GET /drain (progress).
 
 With an ``AdminCheck`` every endpoint but the probes needs ``authorization: Bearer <token>``: GET
 asks for the right ``read``, POST for ``drain``, on the request's path; 401 (with
-``WWW-Authenticate: Bearer``), 403 or 503, each with a JSON error, otherwise."""
+``WWW-Authenticate: Bearer``), 403 or 503, each with a JSON error, otherwise. /metrics is no
+probe: what it tells (clusters, proxies, refusals) is the admin API's to protect, and Prometheus
+sends a bearer token (``authorization.credentials_file`` of a scrape config)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from isthmus import metrics
 
 # (token, right, path) -> (200/401/403/503, who or why)
 AdminCheck = Callable[[str | None, str, str], Awaitable[tuple[int, str]]]
@@ -62,9 +67,14 @@ def make_admin_app(
         body = {"ready": state.ready, "reason": state.reason, **info()}
         return web.json_response(body, status=200 if state.ready else 503)
 
+    async def metrics_text(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     app = web.Application(middlewares=[authenticate])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_text)
     if drains is not None:
         actions = drains
 
