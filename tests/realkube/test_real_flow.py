@@ -1,28 +1,35 @@
 """Issue 14's whole flow, as an operator does it, against two real API servers: ``home`` (the control
 plane's own cluster, also the member cluster east) and ``west``.
 
-1. The chart, rendered with ``helm template`` (mode home, namespace isthmus-system): its CRDs, its
-   ServiceAccount, its RBAC and its development root are applied to home (not the Deployment, the
-   Service or the PodDisruptionBudget: no image runs here); mode member's RBAC to both clusters.
+1. The mesh root, made with openssl into the Secret ``home.ca.existingSecret`` names. The chart,
+   rendered with ``helm template`` (mode home, namespace isthmus-system): its CRDs, ServiceAccount
+   and RBAC applied to home (not the Deployment, the Service or the PodDisruptionBudget: no image
+   runs here); mode member's RBAC applied to both clusters.
 2. ``isthmus cluster add east`` and ``isthmus cluster add west`` (the CLI, with the operator's admin
    kubeconfigs) write the member Secrets into home's isthmus-system.
 3. A Service and its EndpointSlice in each member cluster (shop/web), the MCS ServiceImport CRD in
-   both.
+   both; the MeshConfig ``default`` (one setting).
 4. ``isthmus serve`` as a process, with the Deployment's own arguments (addresses moved to loopback,
-   the root read from the Secret the chart made, as its volume would) and a kubeconfig holding a
+   the root read from its Secret as the volume would mount it) and a kubeconfig holding a
    TokenRequest token of the chart's ServiceAccount instead of the in-cluster one.
-5. /readyz: both member clusters synced; the ServiceImport isthmus writes in each cluster names both;
-   a sidecar of west (an ADS client with a TokenRequest token of west, verified by TokenReview with
-   the reader account ``cluster add`` made) gets web's endpoints of both clusters, its own first;
-   ``isthmus cluster list`` shows both synced.
+5. /readyz: both member clusters synced, the MeshConfig applied; the ServiceImport isthmus writes in
+   each cluster names both; a sidecar of west (an ADS client over TLS with a TokenRequest token of
+   west, verified by a TokenReview with the reader account ``cluster add`` made) gets web's endpoints
+   of both clusters, its own first; ``isthmus cluster list`` shows both synced.
 6. West is drained by patching its MemberCluster object with the operator's credentials (as
    ``kubectl patch`` does): the steps, each ACKed by the sidecar, then status.drain done at 0; the
    sidecar's west endpoints go last.
-7. isthmus is stopped and started again: west is drained from the first answer (steps [0]).
+7. isthmus is stopped and started again: west is drained from the first answer (steps [0]) and the
+   first push, at the mesh version of before the restart.
 8. The undrain is patched; isthmus is stopped in the middle of it and started again: it resumes
-   from the weight the status recorded, never lower, and west comes back.
+   from the weight the status recorded, never lower, and west comes back. The objects' conditions
+   and the MeshConfig's settings in force are written.
 9. The audit logs: no request of isthmus's accounts (the chart's in home, the readers in both) was
-   refused over the whole run, and the chart's account did nothing its Role does not name.
+   refused over the whole run; the readers wrote only what they need.
+
+Bugs this test found, fixed since and checked here: the chart's generated development root did not
+sign verifiable certificates (the test at the end); a restarted isthmus deleted the mesh's
+ServiceImports (a view of the clusters synced so far) and said ready before it served the whole mesh.
 
 Everything (the isthmus processes, the sidecar's channel, both clusters) is stopped at the end, also
 when the test fails; the isthmus logs are printed then.
@@ -64,6 +71,7 @@ __all__ = ["helm"]  # the fixture, imported
 Obj = dict[str, Any]
 GROUP_VERSION = "isthmus.io/v1alpha1"
 MEMBER_CLUSTERS = f"/apis/{GROUP_VERSION}/namespaces/{SYSTEM}/memberclusters"
+MESH_CONFIGS = f"/apis/{GROUP_VERSION}/namespaces/{SYSTEM}/meshconfigs"
 WEB = "outbound|80||web.shop.svc.cluster.local"
 ADDRESSES = {"east": "10.1.0.1", "west": "10.2.0.1"}
 DRAIN_STEP = 2  # seconds between steps (home.drain.step): long enough to stop isthmus mid-way
@@ -335,7 +343,8 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
     assert "memberclusters.isthmus.io" in {o["metadata"]["name"] for o in crds}
     for obj in crds:
         await apply(operator, obj)
-    await until(lambda: served(operator, MEMBER_CLUSTERS), "the MemberCluster CRD to be served")
+    for path in (MEMBER_CLUSTERS, MESH_CONFIGS):
+        await until(lambda path=path: served(operator, path), f"{path} to be served")
     for obj in home_objs:
         if obj["kind"] not in NOT_APPLIED and obj["kind"] != "CustomResourceDefinition":
             await apply(operator, obj)
@@ -424,6 +433,19 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             f"the ServiceImport CRD of {cluster.name} to be served",
         )
 
+    # The mesh's settings, in the one MeshConfig isthmus reads (kubectl apply).
+    await operator.request(
+        "PATCH",
+        f"{MESH_CONFIGS}/default?fieldManager=kubectl&force=true",
+        {
+            "apiVersion": GROUP_VERSION,
+            "kind": "MeshConfig",
+            "metadata": {"name": "default", "namespace": SYSTEM},
+            "spec": {"maxStaleness": "120s"},
+        },
+        {"Content-Type": "application/apply-patch+yaml"},
+    )
+
     # 4. isthmus serve with the Deployment's arguments.
     args = list(container["args"])
     assert args[0] == "serve", args
@@ -448,9 +470,12 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
     # 5. Both member clusters synced, web merged from both.
     ready = await until(synced, "isthmus ready with east and west synced", timeout=90)
     assert {"east", "west"} <= set(ready["clusters"]), ready
+    settings = ready["settings"]
+    assert settings["mesh_config"] == "applied", settings
+    assert settings["in_force"]["maxStaleness"]["source"] == "meshconfig", settings
     services = ready["services"]  # shop/web and default/kubernetes, merged from both clusters
     assert services == 2, ready
-    early: list[Obj] = []  # /readyz answers "ready" without the whole mesh (a known bug, below)
+    early: list[Obj] = []  # /readyz answers "ready" without the whole mesh (a bug once, below)
     for name, cluster in members.items():
 
         async def imported(cluster: RealCluster = cluster) -> Obj | None:
@@ -626,6 +651,29 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
         # On the way, west shared the first priority with east (weights scaled), never went last again.
         assert not [push for push in sidecar.seen if west_last(push)], sidecar.seen
         await until(lambda: recorded(100), "west's status to record the undrain", timeout=60)
+
+        # The objects' status, by the Lease holder: both members accepted and synced, the MeshConfig
+        # accepted, its maxStaleness in force from it.
+        def conditions(obj: Obj) -> dict[str, str]:
+            return {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
+
+        for name in members:
+
+            async def member_ok(name: str = name) -> Obj | None:
+                obj = await operator.request("GET", f"{MEMBER_CLUSTERS}/{name}")
+                wanted = {"Accepted": "True", "Synced": "True"}
+                return obj if conditions(obj) == wanted else None
+
+            await until(member_ok, f"MemberCluster {name} accepted and synced")
+
+        async def mesh_ok() -> Obj | None:
+            obj = await operator.request("GET", f"{MESH_CONFIGS}/default")
+            in_force = {s["name"]: s for s in (obj.get("status") or {}).get("inForce") or []}
+            accepted = conditions(obj).get("Accepted") == "True"
+            from_it = (in_force.get("maxStaleness") or {}).get("source") == "meshconfig"
+            return obj if accepted and from_it else None
+
+        await until(mesh_ok, "the MeshConfig's status: accepted, in force")
     finally:
         for sidecar in sidecars:
             await sidecar.close()
@@ -667,30 +715,18 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
         ("create", "subjectaccessreviews", ""),
     } <= chart_requests, chart_requests
 
-    # Known isthmus bugs (issue 14's flow test, its report), last so that everything above is checked:
-    # the test is reported xfailed while they show, and passes once they are fixed.
+    # Bugs this test found once: a restart deleted ServiceImports, and said ready too early.
     deleted = [
         f"{c.name} {e['stageTimestamp'][11:23]} {e['requestURI']}"
         for c in (home, west)
         for e in c.audit()
         if e["verb"] == "delete" and e["objectRef"].get("resource") == "serviceimports"
     ]
-    known = []
-    if deleted:  # web and kubernetes never left the mesh
-        known.append(f"a restarted isthmus deleted (then made again) ServiceImports of the mesh: {deleted}")
-    if early:
-        shown = [(a.get("services"), a.get("mesh_version")) for a in early[:3]]
-        known.append(f"/readyz was ready while serving {len(early)} times less than the mesh: {shown}")
-    if known:
-        pytest.xfail("; ".join(known))
+    assert not deleted, f"a restarted isthmus deleted ServiceImports of the mesh: {deleted}"
+    shown = [(a.get("services"), a.get("mesh_version")) for a in early[:3]]
+    assert not early, f"/readyz was ready while serving less than the mesh {len(early)} times: {shown}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isthmus bug: xds/ca.py sets a certificate's authority key identifier to the SHA-1 of the "
-    "root's key, but helm's genCAWithKey (Go >= 1.25) gives the chart's development root a subject key "
-    "identifier of truncated SHA-256: no TLS client finds the issuer",
-)
 def test_the_charts_development_root_signs_certificates_that_verify(
     helm: Callable[..., str], tmp_path: Path
 ) -> None:

@@ -84,6 +84,13 @@ class MeshCA:
         self.trust_bundle = root_cert.public_bytes(serialization.Encoding.PEM).decode()
         self._issued: dict[str, WorkloadCert] = {}
         self._serving: dict[tuple[str, ...], WorkloadCert] = {}  # renewed on use, not by rotate_due
+        # The issuer's key identifier as the root itself states it (RFC 5280 4.2.1.1): roots made
+        # elsewhere (helm's genCA, openssl) need not derive it from the key the way this module does.
+        try:
+            ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            self._authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key())
         self.issued_count = 0
 
     # ---- roots ---------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ class MeshCA:
                 x509.SubjectAlternativeName(sans or [x509.UniformResourceIdentifier(identity)]), critical=True
             )
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()),
+                self._authority,
                 critical=False,
             )
             .sign(self._root_key, hashes.SHA256())
