@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -244,7 +245,8 @@ class Sidecar:
         node = make_node(f"sidecar~{ADDRESSES[cluster]}.shop~{cluster}", cluster=cluster, namespace="shop")
         metadata = (("authorization", f"Bearer {token}"), ("isthmus-cluster", cluster))
         self.client = _AuthenticatedSotw(self.channel, node, metadata)
-        self.seen: list[dict[str, tuple[int, list[str]]]] = []
+        self.seen: list[dict[str, tuple[int, list[str]]]] = []  # cluster -> priority, addresses
+        self.weights: list[dict[str, int]] = []  # cluster -> locality weight, of the same pushes
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -265,6 +267,12 @@ class Sidecar:
                                 group.priority,
                                 [e.endpoint.address.socket_address.address for e in group.lb_endpoints],
                             )
+                            for group in reply.resources[WEB].endpoints
+                        }
+                    )
+                    self.weights.append(
+                        {
+                            group.locality.sub_zone: group.load_balancing_weight.value
                             for group in reply.resources[WEB].endpoints
                         }
                     )
@@ -549,7 +557,6 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             return now if now.get("state") == "done" and now.get("weight") == weight else None
 
         await patch_weight(0)
-        undrained_pushes = len(sidecar.seen)
         drained = await until(lambda: done(0), "isthmus to drain west")
         assert drained["steps"] == [75, 50, 25, 0], drained
         assert drained["timed_out"] == [], drained  # every step ACKed by the sidecar
@@ -561,11 +568,17 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             "west's sidecar to get west's endpoints last",
             state=lambda: sidecar.seen[-1:],
         )
-        # The steps on the way: west in the first priority with east (its weight scaled down).
-        steps = [
-            p for p in sidecar.seen[undrained_pushes:] if p.get("west", (0,))[0] == p.get("east", (1,))[0]
+        # The steps on the way: west in the first priority with east, with 75, 50 and 25 percent of the
+        # weight, each pushed to the sidecar (and ACKed: the drain waited for it).
+        shared = [
+            round(100 * weights["west"] / (weights["west"] + weights["east"]))
+            for push, weights in zip(sidecar.seen, sidecar.weights, strict=True)
+            if len(push) == 2 and len({priority for priority, _ in push.values()}) == 1
         ]
-        assert len(steps) >= 3, sidecar.seen
+        assert [share for share, _ in itertools.groupby(shared)] == [75, 50, 25], (
+            sidecar.seen,
+            sidecar.weights,
+        )
 
         # 7. Restart after the drain: west is drained from the first answer.
         async def restart(version: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
