@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +141,22 @@ def clusters_with_nodes(
     binaries: Path,
     prepare: Callable[[Node], None] = lambda node: None,
     kube_binaries: Mapping[str, Path] | None = None,
+    apiserver_args: Sequence[str] = (),
 ) -> Iterator[tuple[Topology, dict[str, Node]]]:
     """Real clusters ``names`` (in ``base``), each with a scheduler and a real node in its own
     namespace of a data-path Topology, joined only by its transit bridge; ``prepare`` runs on each
     started node (images to import, ...). ``kube_binaries``: a cluster's own directory of the API
     server, controller manager, scheduler, kubelet and kube-proxy (e.g. the previous version's;
-    etcd and the images' testapp still come from ``binaries``). Everything is removed afterwards,
-    each step even when one before it fails (the first failure is raised at the end), and the
-    nodes' logs are printed."""
+    etcd and the images' testapp still come from ``binaries``); ``apiserver_args``: more flags for
+    every kube-apiserver. Everything is removed afterwards, each step even when one before it fails
+    (the first failure is raised at the end), and the nodes' logs are printed."""
     own = kube_binaries or {}
-    clusters = [RealCluster(name, base / name, binaries, kube_binaries=own.get(name)) for name in names]
+    clusters = [
+        RealCluster(
+            name, base / name, binaries, kube_binaries=own.get(name), extra_apiserver_args=apiserver_args
+        )
+        for name in names
+    ]
     topology = Topology(list(names), mode="netns").create()
     made: dict[str, Node] = {}
     try:
