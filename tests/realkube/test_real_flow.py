@@ -1,16 +1,16 @@
 """Issue 14's whole flow, as an operator does it, against two real API servers: ``home`` (the control
 plane's own cluster, also the member cluster east) and ``west``.
 
-1. The mesh root, made with openssl into the Secret ``home.ca.existingSecret`` names. The chart,
-   rendered with ``helm template`` (mode home, namespace isthmus-system): its CRDs, ServiceAccount
-   and RBAC applied to home (not the Deployment, the Service or the PodDisruptionBudget: no image
-   runs here); mode member's RBAC applied to both clusters.
+1. The chart, rendered with ``helm template`` (mode home, namespace isthmus-system, its defaults):
+   its CRDs, ServiceAccount, RBAC and generated development root applied to home (not the
+   Deployment, the Service or the PodDisruptionBudget: no image runs here); mode member's RBAC
+   applied to both clusters.
 2. ``isthmus cluster add east`` and ``isthmus cluster add west`` (the CLI, with the operator's admin
    kubeconfigs) write the member Secrets into home's isthmus-system.
 3. A Service and its EndpointSlice in each member cluster (shop/web), the MCS ServiceImport CRD in
    both; the MeshConfig ``default`` (one setting).
 4. ``isthmus serve`` as a process, with the Deployment's own arguments (addresses moved to loopback,
-   the root read from its Secret as the volume would mount it) and a kubeconfig holding a
+   the root read from the chart's Secret as the volume would mount it) and a kubeconfig holding a
    TokenRequest token of the chart's ServiceAccount instead of the in-cluster one.
 5. /readyz: both member clusters synced, the MeshConfig applied; the ServiceImport isthmus writes in
    each cluster names both; a sidecar of west (an ADS client over TLS with a TokenRequest token of
@@ -28,8 +28,9 @@ plane's own cluster, also the member cluster east) and ``west``.
    refused over the whole run; the readers wrote only what they need.
 
 Bugs this test found, fixed since and checked here: the chart's generated development root did not
-sign verifiable certificates (the test at the end); a restarted isthmus deleted the mesh's
-ServiceImports (a view of the clusters synced so far) and said ready before it served the whole mesh.
+sign verifiable certificates (the flow's TLS uses it, and the test at the end); a restarted isthmus
+deleted the mesh's ServiceImports (a view of the clusters synced so far) and said ready before it
+served the whole mesh.
 
 Everything (the isthmus processes, the sidecar's channel, both clusters) is stopped at the end, also
 when the test fails; the isthmus logs are printed then.
@@ -42,7 +43,6 @@ import base64
 import contextlib
 import itertools
 import json
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -80,7 +80,7 @@ XDS_SERVER_NAME = "isthmus.isthmus-system.svc"  # an --xds-san the chart gives
 # What the chart's home mode renders and this test does not apply: they need an image to run.
 NOT_APPLIED = {"Deployment", "Service", "PodDisruptionBudget"}
 RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
-ROOT_SECRET = "isthmus-ca"
+ROOT_SECRET = "isthmus-dev-ca"  # the development root the chart generates
 
 
 # ---- the chart ---------------------------------------------------------------------------------------
@@ -124,23 +124,6 @@ async def served(rest: Rest, path: str) -> bool:
             return False
         raise
     return True
-
-
-def operator_root(directory: Path) -> dict[str, bytes]:
-    """A mesh root (EC P-256, self-signed CA) as an operator makes one with openssl: tls.crt, tls.key."""
-    openssl = shutil.which("openssl")
-    assert openssl is not None, "openssl makes the operator's mesh root"
-    directory.mkdir()
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.crt"), "-days", "3650",
-            "-subj", "/CN=isthmus mesh root", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return {name: (directory / name).read_bytes() for name in ("tls.crt", "tls.key")}
 
 
 def verifies(root: Path, leaf_pem: str, directory: Path) -> subprocess.CompletedProcess[str]:
@@ -328,25 +311,11 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
             await cluster.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         await cluster.admin.apply(SERVICE_IMPORT)
 
-    # 1. The mesh root, made by the operator (openssl) into a Secret, as the chart's README installs
-    # it; the chart's generated development root does not work yet (see the xfail test below).
-    root = operator_root(tmp_path / "operator-root")
-    await operator.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": ROOT_SECRET, "namespace": SYSTEM},
-            "type": "kubernetes.io/tls",
-            "data": {k: base64.b64encode(v).decode() for k, v in root.items()},
-        }
-    )
-    # The chart: mode home into home, mode member's RBAC into both member clusters.
-    home_objs = template(
-        helm, "isthmus", f"home.drain.step={DRAIN_STEP}", f"home.ca.existingSecret={ROOT_SECRET}"
-    )
+    # 1. The chart, with its defaults (but the drain step): mode home into home (its development
+    # root included), mode member's RBAC into both member clusters.
+    home_objs = template(helm, "isthmus", f"home.drain.step={DRAIN_STEP}")
     kinds = {o["kind"] for o in home_objs}
-    assert kinds >= NOT_APPLIED | {"CustomResourceDefinition", "ServiceAccount", "Role"}, kinds
-    assert "Secret" not in kinds  # no development root
+    assert kinds >= NOT_APPLIED | {"CustomResourceDefinition", "ServiceAccount", "Role", "Secret"}, kinds
     crds = [o for o in home_objs if o["kind"] == "CustomResourceDefinition"]
     assert "memberclusters.isthmus.io" in {o["metadata"]["name"] for o in crds}
     for obj in crds:
@@ -382,7 +351,7 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
     chart_kubeconfig = home.kubeconfig(tmp_path / "chart-account.kubeconfig", token)
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "ca"]
     [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "ca"]
-    assert volume["secret"]["secretName"] == ROOT_SECRET, volume
+    assert volume["secret"]["secretName"] == ROOT_SECRET, volume  # the chart made it
     root_secret = await operator.get("Secret", SYSTEM, volume["secret"]["secretName"])
     assert root_secret is not None
     ca_dir = tmp_path / "ca"
@@ -595,14 +564,15 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
                     now = await asyncio.to_thread(progress)
                     if now:
                         answers.append(now)
-                return await synced() is not None and bool(answers)
+                answer = await synced()
+                if answer is not None and answer.get("services") != services:
+                    early.append(answer)  # ready, but not serving the whole mesh
+                return answer is not None and bool(answers)
 
             await until(ready_seen, "the restarted isthmus to be ready", timeout=90)
 
-            # Known bug (see the end): /readyz says ready once every member cluster has synced, before
-            # the view holding their services is applied (the debounce), and a resumed drain has
-            # flushed an empty view before: a proxy connecting then is sent no endpoints. So the
-            # sidecar connects once the whole mesh is served.
+            # The sidecar connects once the whole mesh is served (ready should mean it: checked at
+            # the end; a resumed drain once made a replica ready on an empty view).
             async def complete() -> bool:
                 answer = await serve.readyz() or {}
                 if answer.get("ready") and answer.get("services") != services:
