@@ -12,9 +12,10 @@
   API's POST /drain and /undrain do when the configuration API is on, so that every replica follows.
 * Status is written by one replica: the holder of the Lease ``isthmus-status`` in the same
   namespace (coordination.k8s.io/v1, taken when free or expired, renewed every third of its
-  duration); the others only read. It writes what its owner reports (``Report``): drain progress
-  and conditions (Accepted, Synced) of each MemberCluster; the settings in force and conditions
-  (Accepted, Applied) of the MeshConfig, only where they differ from what is stored.
+  duration, given up on shutdown); the others only read. It writes what its owner reports
+  (``Report``): drain progress and conditions (Accepted, Synced) of each MemberCluster, creating
+  the object of a member cluster that has none; the settings in force and conditions (Accepted,
+  Applied) of the MeshConfig, only where they differ from what is stored.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class ConfigApi:
         self.meshes: Reflector | None = None  # MeshConfigs
         self.errors: dict[str, str] = {}  # cluster -> why its object is ignored
         self.leading = False
+        self._uncreatable: set[str] = set()  # member clusters whose name the CRD refuses
 
     # ---- what the objects say -------------------------------------------------------------
 
@@ -252,12 +254,34 @@ class ConfigApi:
         what is stored; returns how many were written."""
         if not self.leading or self.reflector is None or self.meshes is None:
             return 0
-        written = 0
+        written = await self._create_missing(report)
         for obj in list(self.reflector.store.values()):
             written += await self._write(PLURAL, obj, self._member_status(obj, report))
         for obj in list(self.meshes.store.values()):
             written += await self._write(MESH_PLURAL, obj, self._mesh_status(obj, report))
         return written
+
+    async def _create_missing(self, report: Report) -> int:
+        """A MemberCluster object for every member cluster that has none, so that an operator can
+        ``kubectl patch`` a drain into it (and read its conditions) from the start."""
+        assert self.reflector is not None
+        have = {str((o.get("metadata") or {}).get("name", "")) for o in self.reflector.store.values()}
+        made = 0
+        for name in sorted(set(report.synced) - have - self._uncreatable):
+            custom = client.CustomObjectsApi(await self._client())
+            obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name}, "spec": {}}
+            try:
+                await custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+                made += 1
+            except client.ApiException as exc:
+                if exc.status == 409:  # made meanwhile (another replica, an operator)
+                    continue
+                if exc.status in (400, 422):  # a name the CRD refuses: say so once
+                    self._uncreatable.add(name)
+                    log.warning("no MemberCluster object can be named %r: %s", name, exc.reason)
+                    continue
+                raise
+        return made
 
     def _member_status(self, obj: Obj, report: Report) -> dict[str, Any]:
         name = str(obj["metadata"]["name"])
@@ -390,9 +414,24 @@ class ConfigApi:
                 tasks.create_task(self.meshes.run(), name="config-meshconfigs")
                 tasks.create_task(self._status_loop(report), name="config-status")
         finally:
+            if self.leading:  # let another replica take over at once, not when the Lease expires
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        await self.release()
             with contextlib.suppress(Exception):
                 await api.close()
             self._api = None
+
+    async def release(self) -> None:
+        """Give the status Lease up (on shutdown): its renew time moves into the past."""
+        leases = client.CoordinationV1Api(await self._client())
+        lease = await leases.read_namespaced_lease(LEASE, self.namespace)
+        if lease.spec.holder_identity != self.identity:
+            return
+        lease.spec.holder_identity = ""
+        lease.spec.renew_time = _now() - datetime.timedelta(seconds=2 * self.lease_seconds)
+        await leases.replace_namespaced_lease(LEASE, self.namespace, lease)
+        self._set_leading(False)
 
     async def _status_loop(self, report: Callable[[], Report]) -> None:
         renew = max(1.0, self.lease_seconds / 3)
