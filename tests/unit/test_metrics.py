@@ -220,7 +220,11 @@ async def test_responses_acks_convergence_and_connected_proxies(plane: Plane, mo
     assert value("isthmus_xds_connected_proxies", **labels) == 1
     assert value("isthmus_xds_streams_total", mode=mode) == before["streams"] + 1
     assert value("isthmus_xds_responses_total", type="cds") == before["cds"] + 1
-    assert value("isthmus_xds_responses_total", type="eds") == before["eds"] + 1
+    # counted once the server's write returns, which may be after the client has read it
+    await eventually(
+        lambda: value("isthmus_xds_responses_total", type="eds") == before["eds"] + 1,
+        what="the EDS response counted",
+    )
     await eventually(
         lambda: value("isthmus_xds_ack_latency_seconds_count", type="eds") == before["acks"] + 1,
         what="the EDS ACK observed",
