@@ -295,7 +295,7 @@ async def upgrade_mesh(base: Path) -> AsyncIterator[Upgrade]:
             await reader_kubeconfig(c.api, kubeconfigs / f"{c.name}.yaml")  # makes isthmus-system
         await crds_served(east.api)
         for c in (east, west):
-            obj = {"apiVersion": "isthmus.io/v1alpha1", "kind": "MemberCluster"}
+            obj: dict[str, Any] = {"apiVersion": "isthmus.io/v1alpha1", "kind": "MemberCluster"}
             obj |= {"metadata": {"name": c.name}, "spec": {"drain": {"weight": 100}}}
             await east.api.admin.request("POST", MEMBER_CLUSTERS, obj)
         xds_host = east.node.address
