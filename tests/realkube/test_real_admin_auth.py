@@ -89,6 +89,8 @@ async def call(address: str, method: str, path: str, token: str | None = None) -
         aiohttp.ClientSession() as session,
         session.request(method, f"http://{address}{path}", headers=headers) as resp,
     ):
+        if resp.content_type != "application/json":  # /metrics: Prometheus text
+            return resp.status, await resp.text()
         return resp.status, await resp.json()
 
 
@@ -109,6 +111,10 @@ async def test_the_home_clusters_rbac_decides_who_may_drain(
     assert body["error"].startswith(f"system:serviceaccount:{namespace}:nobody may not create /drain/east")
     assert (await call(address, "GET", "/drain", nobody))[0] == 403
     assert (await call(address, "GET", "/drain", viewer))[0] == 200
+    # The viewer role reads the status pages and the metrics too; nobody does not.
+    for page in ("/debug/syncz", "/debug/clusters", "/metrics"):
+        assert (await call(address, "GET", page, viewer))[0] == 200, page
+        assert (await call(address, "GET", page, nobody))[0] == 403, page
     status, body = await call(address, "POST", "/drain/east", viewer)
     assert status == 403, body
     # The operator may: the built-in example mesh has member cluster east.
