@@ -549,14 +549,17 @@ def _cluster(args: argparse.Namespace) -> int:
             state = _admin_call("GET", f"http://{host}:{port}/readyz").get("member_clusters", {})
             for row in rows:
                 seen = state.get(row["name"], {})
-                row |= {"state": seen.get("state", "unknown"), "detail": seen.get("detail", "")}
+                row |= {
+                    "state": seen.get("state", "unknown"),
+                    "last_sync": seen.get("last_sync", "-"),
+                    "detail": seen.get("detail", ""),
+                }
         if args.output == "json":
             print(json.dumps(rows, indent=2))
         else:
             columns = list(rows[0]) if rows else ["name", "source"]
-            print("  ".join(c.upper() for c in columns))
-            for row in rows:
-                print("  ".join(str(row[c]) for c in columns))
+            header = [c.upper().replace("_", "-") for c in columns]
+            print(tables.table(header, [[str(row[c]) for c in columns] for row in rows]), end="")
         return 0
     except registration.RegistrationError as exc:
         print(f"isthmus: {exc}", file=sys.stderr)

@@ -156,11 +156,13 @@ def clusters(page: Rows) -> dict[str, str]:
 async def test_the_web_view_shows_a_member_cluster_go_stale_when_its_api_server_stops(
     plane: tuple[ControlPlane, dict[str, FakeKubeApi], int],
 ) -> None:
-    _, apis, port = plane
+    control, apis, port = plane
     url = f"http://127.0.0.1:{port}/ui"
     page = await until_page(
         url, lambda p: clusters(p) == {"east": "synced", "west": "synced"}, "both clusters synced"
     )
+    assert control.members is not None
+    assert control.members.status()["west"]["last_sync"]  # when west's API server last answered
     [web] = page.tables["services"]
     assert web == {"service": "shop/web", "served-by": "east,west"}
     assert page.hidden.get("auth") is True  # no admin authentication here: nothing asked

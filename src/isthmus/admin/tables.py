@@ -93,8 +93,9 @@ def clusters_table(clusters: Mapping[str, Mapping[str, Any]]) -> str:
                 gateway,
                 f"{c['weight']}%" if "weight" in c else "-",
                 f"{drain['state']} at {drain['weight']}%" if drain else "-",
+                str(discovery.get("last_sync") or "-"),
                 str(discovery.get("source") or ("mesh file" if c.get("state") == "static" else "-")),
                 str(discovery.get("detail") or ""),
             ]
         )
-    return table(["NAME", "STATE", "GATEWAY", "WEIGHT", "DRAIN", "SOURCE", "DETAIL"], rows)
+    return table(["NAME", "STATE", "GATEWAY", "WEIGHT", "DRAIN", "LAST-SYNC", "SOURCE", "DETAIL"], rows)

@@ -123,6 +123,11 @@ class ClusterWatcher:
         self._index = SliceIndex()
         self._summaries: dict[str, dict[str, object]] = {}
 
+    def last_heard(self) -> float | None:
+        """When this cluster's API server last answered a list or sent a watch event (wall clock)."""
+        heard = [r.heard for r in self._reflectors.values() if r.heard is not None]
+        return max(heard) if heard else None
+
     def set_policy(self, policy: ClusterPolicy) -> None:
         """Use ``policy`` from now on (a MeshConfig changed it): the shard is rebuilt with it."""
         if policy != self.policy:
@@ -342,9 +347,24 @@ class ClusterWatcher:
         return self._shard
 
     def _publish(self) -> None:
-        self.state = self._current_state()
+        state, withdrawn = self._current_state(), self.withdrawn()
+        if self.publish and state is ClusterState.STALE and self.state is not ClusterState.STALE:
+            log.warning(
+                "cluster %s: unreachable for over %.0f s (%s): its endpoints are demoted to the last "
+                "priority",
+                self.name,
+                self.policy.demote_after,
+                self.detail,
+            )
+        if self.publish and withdrawn and not self._published_withdrawn:
+            log.warning(
+                "cluster %s: unreachable for over %.0f s: its endpoints are withdrawn",
+                self.name,
+                self.policy.withdraw_after or 0,
+            )
+        self.state = state
         content, member = self._content(), self._member()
-        self._published_withdrawn = self.withdrawn()
+        self._published_withdrawn = withdrawn
         if self._published_withdrawn:
             shard = Shard(member, withdrawn=True)
         else:

@@ -262,6 +262,9 @@ class Members:
             }
             if w.degraded:
                 out[name]["degraded"] = dict(sorted(w.degraded.items()))
+            heard = w.last_heard()
+            if heard is not None:
+                out[name]["last_sync"] = _iso(heard)
             if w.unreachable_since is not None:
                 out[name]["unreachable_since"] = _iso(time.time() - (time.monotonic() - w.unreachable_since))
             if name in self._writers:

@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,7 @@ class Reflector:
         self.resource_version = ""
         self.synced = asyncio.Event()
         self.relists = 0
+        self.heard: float | None = None  # when the API server last answered: a list, an event, a bookmark
         self.events = 0
         self.bookmarks = 0
         self.backing_off = False
@@ -217,6 +219,7 @@ class Reflector:
         if self._counted and self.relists:
             self._relists_total.inc()
         self.relists += 1
+        self.heard = time.time()
         self.synced.set()
         if self._on_ok is not None:
             self._on_ok(self.kind)
@@ -245,6 +248,7 @@ class Reflector:
                 if not line:
                     return  # the server ended the watch (timeoutSeconds): resume from resource_version
                 if line.strip():
+                    self.heard = time.time()
                     self._apply(json.loads(line))
         finally:
             response.release()
