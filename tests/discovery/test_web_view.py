@@ -98,6 +98,20 @@ async def rows(url: str) -> Rows:
     return parsed
 
 
+async def answered(port: int, path: str) -> dict[str, str]:
+    """The headers of the first 200 answer of the admin server to ``path`` (polled for 10 s)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    if resp.status == 200:
+                        return dict(resp.headers)
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no 200 answer to {path} in 10 s")
+
+
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, dict[str, FakeKubeApi], int]]:
     apis = {name: FakeKubeApi(bookmark_interval=0.5) for name in ("east", "west")}
@@ -122,15 +136,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, dict[str, F
     stop = asyncio.Event()
     task = asyncio.create_task(control.run(stop))
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        await answered(port, "/readyz")
         yield control, apis, port
     finally:
         stop.set()
@@ -192,18 +198,13 @@ async def test_with_admin_authentication_the_page_asks_for_a_token(tmp_path: Pat
     stop = asyncio.Event()
     task = asyncio.create_task(ControlPlane(settings).run(stop))
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/ui") as resp:
-                        if resp.status == 200:
-                            assert "Content-Security-Policy" in resp.headers
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-            async with session.get(f"http://127.0.0.1:{port}/debug/clusters") as resp:
-                assert resp.status == 401  # the data is not the page's to give
+        headers = await answered(port, "/ui")
+        assert "Content-Security-Policy" in headers
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/debug/clusters") as resp,
+        ):
+            assert resp.status == 401  # the data is not the page's to give
         page = await rows(f"http://127.0.0.1:{port}/ui")
         assert page.hidden.get("auth") is False, page.hidden  # the token form is shown
         assert "clusters" not in page.tables

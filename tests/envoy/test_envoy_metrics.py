@@ -17,15 +17,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import pytest
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
+from test_envoy_nack import EXTRA, Injection
 
 from isthmus.admin.app import Readiness, make_admin_app, start_admin
 from isthmus.discovery.file import parse_mesh
@@ -159,41 +155,7 @@ async def test_metrics_of_a_real_run(procs, mesh, upstreams, eventually, tmp_pat
 
 # ---- a NACK ----------------------------------------------------------------------------------
 
-EXTRA = "extra"
-
-
-@dataclass
-class Injection:
-    """Adds cluster EXTRA to the generated CDS: invalid (a negative connect_timeout) or valid."""
-
-    enabled: bool = False
-    valid: bool = False
-    port: int = 1
-
-    def clusters(self, view: Any, proxy: Any, identity: Any) -> dict[str, Any]:
-        out = dict(GENERATORS[types.CLUSTER](view, proxy, identity))
-        if self.enabled:
-            address = address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=self.port)
-            )
-            out[EXTRA] = cluster_pb2.Cluster(
-                name=EXTRA,
-                type=cluster_pb2.Cluster.STATIC,
-                connect_timeout=duration_pb2.Duration(seconds=1 if self.valid else -1),
-                load_assignment=endpoint_pb2.ClusterLoadAssignment(
-                    cluster_name=EXTRA,
-                    endpoints=[
-                        endpoint_components_pb2.LocalityLbEndpoints(
-                            lb_endpoints=[
-                                endpoint_components_pb2.LbEndpoint(
-                                    endpoint=endpoint_components_pb2.Endpoint(address=address)
-                                )
-                            ]
-                        )
-                    ],
-                ),
-            )
-        return out
+# The invalid cluster comes from the NACK test's injection (test_envoy_nack.py).
 
 
 @dataclass

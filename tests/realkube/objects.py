@@ -52,3 +52,31 @@ def service(
             "ports": ports or [{"name": "http", "port": 80, "targetPort": 8080}],
         },
     }
+
+
+def service_without_selector(name: str = "web", namespace: str = "shop") -> dict[str, Any]:
+    """A Service with no selector (its EndpointSlices are written by hand), port http 80 to 8080."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }
+
+
+def endpoint_slice(
+    addresses: list[str], service: str = "web", namespace: str = "shop", name: str = ""
+) -> dict[str, Any]:
+    """An EndpointSlice of ``service`` (port http 8080) with these ready addresses."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name or f"{service}-1",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+    }

@@ -49,6 +49,7 @@ from realkube.binaries import ROOT, versions
 from realkube.cluster import RealCluster
 from realkube.crds import SERVICE_EXPORT, SERVICE_IMPORT, TRAFFIC_SPLIT, with_status
 from realkube.fixtures import RBAC
+from realkube.objects import endpoint_slice, service_without_selector
 from realkube.rest import ApiError, Rest
 from realkube.wait import until
 
@@ -444,28 +445,8 @@ async def test_the_charts_accounts_run_isthmus_and_are_refused_nothing_else(
     assert again["data"] == root["data"], "an upgrade keeps the generated root"
     # A workload, exported.
     await admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
-    await admin.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-        }
-    )
-    await admin.create(
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-1",
-                "namespace": "shop",
-                "labels": {"kubernetes.io/service-name": "web"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["10.9.0.1"], "conditions": {"ready": True}}],
-        }
-    )
+    await admin.create(service_without_selector())
+    await admin.create(endpoint_slice(["10.9.0.1"]))
     export = {
         "apiVersion": "multicluster.x-k8s.io/v1alpha1",
         "kind": "ServiceExport",

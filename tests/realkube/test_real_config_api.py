@@ -31,6 +31,7 @@ import yaml
 from isthmus.discovery.file import example_mesh_text
 from realkube.binaries import ROOT
 from realkube.cluster import LOOPBACK, RealCluster
+from realkube.objects import endpoint_slice, service_without_selector
 from realkube.rest import ApiError
 from realkube.wait import until
 
@@ -213,28 +214,8 @@ async def test_the_mesh_config_overrides_flags_says_what_is_in_force_and_refuses
     await install_api(home)
     # The home cluster is also the member cluster "home": one Service, with an endpoint.
     await home.admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
-    await home.admin.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-        }
-    )
-    await home.admin.create(
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-1",
-                "namespace": "shop",
-                "labels": {"kubernetes.io/service-name": "web"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": True}}],
-        }
-    )
+    await home.admin.create(service_without_selector())
+    await home.admin.create(endpoint_slice(["10.1.0.5"]))
     # Before isthmus starts: only exported services, a minute's staleness, a shorter quiet period.
     mesh_config = {
         "apiVersion": "isthmus.io/v1alpha1",

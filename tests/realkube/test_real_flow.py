@@ -60,6 +60,7 @@ from isthmus.xds.ca import MeshCA
 from protocol.client import SotwClient, make_node
 from realkube.cluster import LOOPBACK, Process, RealCluster, free_port
 from realkube.crds import SERVICE_IMPORT
+from realkube.objects import endpoint_slice, service_without_selector
 from realkube.rest import ApiError, Rest
 from realkube.test_real_chart import CHART, SYSTEM, helm
 from realkube.test_real_chart import apply as apply_rendered
@@ -378,28 +379,8 @@ async def test_the_whole_flow_chart_cluster_add_serve_drain_restart(
 
     # 3. The workload: shop/web in both member clusters, and the account of west's sidecar.
     for name, cluster in members.items():
-        await cluster.admin.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "web", "namespace": "shop"},
-                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-            }
-        )
-        await cluster.admin.create(
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": "web-1",
-                    "namespace": "shop",
-                    "labels": {"kubernetes.io/service-name": "web"},
-                },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                "endpoints": [{"addresses": [ADDRESSES[name]], "conditions": {"ready": True}}],
-            }
-        )
+        await cluster.admin.create(service_without_selector())
+        await cluster.admin.create(endpoint_slice([ADDRESSES[name]]))
     await west.admin.apply(
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "shop"}}
     )
