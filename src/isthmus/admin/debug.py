@@ -5,8 +5,7 @@
   answered yet), NACKED (with the error), NOT SENT (xds.server.introspect).
 * ``GET /debug/config_dump?proxy=ID``: what that proxy was sent, per stream and type: each
   resource's name, version and content as proto3 JSON, secrets' private keys redacted (400 without
-  ``proxy``, 404 for a proxy that is not connected). Decoded in a worker thread: a large dump does
-  not hold up pushes.
+  ``proxy``, 404 for a proxy that is not connected).
 * ``GET /debug/clusters``: the member clusters as the mesh view has them (state, gateway, weight)
   with what discovery and drains say about them (``clusters``, from the wiring).
 * ``GET /debug/mesh``: the services (ports, clusterset IP, endpoints per member cluster, which
@@ -18,7 +17,10 @@ Authenticated like the rest of the admin API (the app's middleware): these are r
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
+import json
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +39,8 @@ SHORT = {
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "SDS",
 }
 MAX_PROXY_ID = 1024
+SYNCZ_MAX_AGE = 1.0  # seconds: /debug/syncz is built at most this often
+DECODE_BATCH = 32  # resources decoded between two yields to the event loop
 
 
 def short_type(type_url: str) -> str:
@@ -86,28 +90,6 @@ def syncz(streams: list[Stream]) -> list[dict[str, Any]]:
     return out
 
 
-def _dump(snapshot: list[tuple[int, str, dict[str, list[Held]]]]) -> list[dict[str, Any]]:
-    """The config dump of the streams' held resources (runs in a worker thread)."""
-    return [
-        {
-            "stream": stream_id,
-            "mode": mode,
-            "types": {
-                short_type(type_url): [
-                    {
-                        "name": h.name,
-                        "version": h.version,
-                        "resource": as_json(h.resource) if h.resource is not None else None,
-                    }
-                    for h in items
-                ]
-                for type_url, items in types.items()
-            },
-        }
-        for stream_id, mode, types in snapshot
-    ]
-
-
 def mesh_json(view: MeshView) -> dict[str, Any]:
     services = []
     for key, service in view.services.items():
@@ -139,17 +121,58 @@ def mesh_json(view: MeshView) -> dict[str, Any]:
     return {"version": view.version, "services": services, "gateways": gateways}
 
 
+class _Decoded:
+    """Resources as JSON bytes, by (type, name, version): a resource's version is its content hash,
+    so an entry never goes stale; the least recently used go first past ``size``."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple[str, str, str], bytes] = collections.OrderedDict()
+
+    def get(self, item: Held) -> tuple[bytes, bool]:
+        """The item's JSON, and whether it had to be decoded now."""
+        key = (item.type_url, item.name, item.version)
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            return found, False
+        resource = as_json(item.resource) if item.resource is not None else None
+        body = json.dumps({"name": item.name, "version": item.version, "resource": resource}).encode()
+        if item.resource is not None:
+            self._entries[key] = body
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return body, True
+
+
 def debug_routes(
     streams: Callable[[], list[Stream]],
     view: Callable[[], MeshView],
     clusters: Callable[[], Mapping[str, Mapping[str, Any]]],
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[web.RouteDef]:
-    """The routes above, reading the ADS server's ``streams``, the mesh ``view`` and ``clusters``."""
+    """The routes above, reading the ADS server's ``streams``, the mesh ``view`` and ``clusters``.
+
+    What these pages cost the pushes is bounded, however often they are asked for: syncz is built
+    at most once a second (it may be that old), the mesh page once per mesh version, and a config
+    dump decodes each resource version once (cached), one dump at a time, yielding to the event
+    loop every few resources and streaming its answer.
+    """
+    syncz_cache: list[tuple[float, bytes]] = []
+    mesh_cache: list[tuple[str, bytes]] = []
+    decoded = _Decoded()
+    one_dump = asyncio.Lock()
+
+    def json_bytes(body: bytes) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
 
     async def get_syncz(_: web.Request) -> web.Response:
-        return web.json_response(syncz(streams()))
+        now = clock()
+        if not syncz_cache or now - syncz_cache[0][0] >= SYNCZ_MAX_AGE:
+            syncz_cache[:] = [(now, json.dumps(syncz(streams())).encode())]
+        return json_bytes(syncz_cache[0][1])
 
-    async def get_config_dump(request: web.Request) -> web.Response:
+    async def get_config_dump(request: web.Request) -> web.StreamResponse:
         proxy = request.query.get("proxy", "")
         if not proxy:
             return web.json_response({"error": "give the proxy: ?proxy=NODE_ID"}, status=400)
@@ -159,8 +182,29 @@ def debug_routes(
         if not found:
             return web.json_response({"error": f"no connected proxy {proxy!r}"}, status=404)
         snapshot = [(s.status.stream_id, s.status.mode, held(s)) for s in found]
-        dumped = await asyncio.to_thread(_dump, snapshot)
-        return web.json_response({"proxy": proxy, "streams": dumped})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        async with one_dump:
+            await response.write(b'{"proxy": ' + json.dumps(proxy).encode() + b', "streams": [')
+            fresh = 0
+            for i, (stream_id, mode, types) in enumerate(snapshot):
+                head = {"stream": stream_id, "mode": mode}
+                await response.write((b", " if i else b"") + json.dumps(head).encode()[:-1] + b', "types": {')
+                for j, (type_url, items) in enumerate(types.items()):
+                    parts = []
+                    for item in items:
+                        body, new = decoded.get(item)
+                        parts.append(body)
+                        fresh += new
+                        if fresh >= DECODE_BATCH:  # let pushes run between batches
+                            fresh = 0
+                            await asyncio.sleep(0)
+                    name = json.dumps(short_type(type_url)).encode()
+                    await response.write((b", " if j else b"") + name + b": [" + b", ".join(parts) + b"]")
+                await response.write(b"}}")
+            await response.write(b"]}")
+        await response.write_eof()
+        return response
 
     async def get_clusters(_: web.Request) -> web.Response:
         known = clusters()
@@ -178,7 +222,10 @@ def debug_routes(
         return web.json_response(dict(sorted(out.items())))
 
     async def get_mesh(_: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(mesh_json, view()))
+        current = view()
+        if not mesh_cache or mesh_cache[0][0] != current.version:
+            mesh_cache[:] = [(current.version, json.dumps(mesh_json(current)).encode())]
+        return json_bytes(mesh_cache[0][1])
 
     return [
         web.get("/debug/syncz", get_syncz),
