@@ -12,6 +12,7 @@ sends a bearer token (``authorization.credentials_file`` of a scrape config)."""
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from isthmus import metrics
 # (token, right, path) -> (200/401/403/503, who or why)
 AdminCheck = Callable[[str | None, str, str], Awaitable[tuple[int, str]]]
 PROBES = frozenset({"/healthz", "/readyz"})
+METRICS_MAX_AGE = 1.0  # seconds: /metrics is built at most this often (per format)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +69,17 @@ def make_admin_app(
         body = {"ready": state.ready, "reason": state.reason, **info()}
         return web.json_response(body, status=200 if state.ready else 503)
 
+    scraped: dict[str, tuple[float, bytes, str]] = {}  # Accept -> (when, body, content type)
+
     async def metrics_text(request: web.Request) -> web.Response:
-        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        # Built at most once a second per format: a scrape storm costs the pushes nothing more.
+        accept, now = request.headers.get("Accept", ""), time.monotonic()
+        found = scraped.get(accept)
+        if found is None or now - found[0] >= METRICS_MAX_AGE:
+            if len(scraped) > 16:  # Accept headers are the caller's: keep a few
+                scraped.clear()
+            found = scraped[accept] = (now, *metrics.exposition(accept))
+        return web.Response(body=found[1], headers={"Content-Type": found[2]})
 
     app = web.Application(middlewares=[authenticate])
     app.router.add_get("/healthz", healthz)
