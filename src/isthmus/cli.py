@@ -662,11 +662,19 @@ def _drain_token(args: argparse.Namespace) -> str | None:
     return Credentials.parse("admin", text, str(path)).bearer_token()
 
 
-def _admin_call(method: str, url: str, token: str | None = None) -> Any:
+def _admin_call(method: str, url: str, token: str | None = None, tries: int = 3) -> Any:
+    """One admin API call; a 429 (too many config dumps) is tried again after its Retry-After."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    for attempt in range(tries):
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 429 or attempt == tries - 1:
+                raise
+            time.sleep(min(5.0, float(exc.headers.get("Retry-After") or 1)))
+    raise AssertionError("unreachable")
 
 
 def _bootstrap(args: argparse.Namespace) -> int:

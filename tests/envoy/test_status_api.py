@@ -108,6 +108,11 @@ async def test_status_pages_and_csds_say_what_envoy_has(delta, procs, mesh, upst
     assert (await admin_get(cp.admin_port, "/debug/config_dump"))[0] == 400
     assert (await admin_get(cp.admin_port, "/debug/config_dump?proxy=" + "x" * 2000))[0] == 400
     assert (await admin_get(cp.admin_port, "/debug/config_dump?proxy=nobody"))[0] == 404
+    burst = [
+        (await admin_get(cp.admin_port, f"/debug/config_dump?proxy={boot.node_id}"))[0] for _ in range(10)
+    ]
+    assert 429 in burst, burst  # past two dumps a second (a burst of four)
+    assert set(burst) == {200, 429}, burst
     huge, _ = await admin_get(cp.admin_port, "/debug/syncz?" + "a=1&" * 5000)
     assert 400 <= huge < 500, huge
     await serving()
