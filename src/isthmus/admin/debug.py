@@ -41,6 +41,7 @@ SHORT = {
 MAX_PROXY_ID = 1024
 SYNCZ_MAX_AGE = 1.0  # seconds: /debug/syncz is built at most this often
 DECODE_BATCH = 32  # resources decoded between two yields to the event loop
+DUMPS_PER_SECOND, DUMP_BURST = 2.0, 4  # config dumps served, over all callers
 
 
 def short_type(type_url: str) -> str:
@@ -145,6 +146,24 @@ class _Decoded:
         return body, True
 
 
+class _Bucket:
+    """A token bucket: ``rate`` per second, at most ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = float(burst), clock()
+
+    def take(self) -> float:
+        """0 when a token was taken, else the seconds until one is there."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
 def debug_routes(
     streams: Callable[[], list[Stream]],
     view: Callable[[], MeshView],
@@ -156,12 +175,14 @@ def debug_routes(
     What these pages cost the pushes is bounded, however often they are asked for: syncz is built
     at most once a second (it may be that old), the mesh page once per mesh version, and a config
     dump decodes each resource version once (cached), one dump at a time, yielding to the event
-    loop every few resources and streaming its answer.
+    loop every few resources and streaming its answer; past two dumps a second (a burst of four),
+    the answer is 429 with Retry-After.
     """
     syncz_cache: list[tuple[float, bytes]] = []
     mesh_cache: list[tuple[str, bytes]] = []
     decoded = _Decoded()
     one_dump = asyncio.Lock()
+    dumps = _Bucket(DUMPS_PER_SECOND, DUMP_BURST, clock)
 
     def json_bytes(body: bytes) -> web.Response:
         return web.Response(body=body, content_type="application/json")
@@ -181,6 +202,13 @@ def debug_routes(
         found = [s for s in streams() if s.status.node_id == proxy]
         if not found:
             return web.json_response({"error": f"no connected proxy {proxy!r}"}, status=404)
+        wait = dumps.take()
+        if wait > 0:
+            return web.json_response(
+                {"error": f"at most {DUMPS_PER_SECOND:g} config dumps a second; try again"},
+                status=429,
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
         snapshot = [(s.status.stream_id, s.status.mode, held(s)) for s in found]
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
