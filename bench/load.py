@@ -523,7 +523,7 @@ class Scrapes:
     failed: int = 0
     bytes: int = 0
 
-    async def loop(self, admin: str, proxy: str) -> None:
+    async def loop(self, admin: str, proxy: str, pause: float = 0.0) -> None:
         query = urllib.parse.urlencode({"proxy": proxy})
         pages = ["/debug/syncz", "/metrics", f"/debug/config_dump?{query}", "/debug/mesh", "/debug/clusters"]
         async with aiohttp.ClientSession() as session:
@@ -538,6 +538,8 @@ class Scrapes:
                     except aiohttp.ClientError:
                         self.failed += 1
                     self.seconds.append(time.monotonic() - start)
+                if pause:
+                    await asyncio.sleep(pause)
 
 
 async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[str, Any]:
@@ -627,7 +629,9 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     resp0, bytes0, eds0 = totals.responses, totals.bytes, totals.by_type.get(EDS, 0)
     scrapes = Scrapes()
     scrapers = [
-        asyncio.create_task(scrapes.loop(getattr(target, "admin_address", ""), clients[0].node.id))
+        asyncio.create_task(
+            scrapes.loop(getattr(target, "admin_address", ""), clients[0].node.id, args.scrape_interval)
+        )
         for _ in range(args.scrape)
     ]
     cpu2, _ = target.usage()
@@ -760,6 +764,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="isthmus only: N loops GET the admin API's status pages and /metrics back to back "
         "during the changes (one proxy's config dump among them), to see what they cost the pushes",
     )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --scrape: pause between two rounds of the pages (0: back to back)",
+    )
     args = p.parse_args(argv)
     random.seed(args.seed)
     if args.quick:
@@ -839,7 +850,8 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
         *(
             [
                 (
-                    f"admin scrapes ({args.scrape} loops): count / p50 / p99 / failed / MB",
+                    f"admin scrapes ({args.scrape} loops, {args.scrape_interval:g} s apart): "
+                    "count / p50 / p99 / failed / MB",
                     f"{row['scrapes']} / {f('scrape_p50_ms', 0)} ms / {f('scrape_p99_ms', 0)} ms / "
                     f"{row['scrape_failed']} / {f('scrape_mb', 1)}",
                 )
