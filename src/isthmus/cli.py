@@ -264,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         metavar="SECONDS",
-        help="quiet period before a change is pushed",
+        help="a change after this long without a push is pushed at once; one sooner waits until no "
+        "change came for this long (a burst)",
     )
     kube.add_argument(
         "--debounce-max",

@@ -222,3 +222,37 @@ def test_the_oldest_export_decides_the_ports() -> None:
     assert agg.flush().services[web].ports == alt
     untimed = [Shard(MemberCluster("a"), {web: HTTP}), Shard(MemberCluster("b"), {web: alt})]
     assert merge(untimed).services[web].ports == HTTP
+
+
+async def test_a_lone_change_after_a_quiet_period_is_pushed_at_once() -> None:
+    views: list[MeshView] = []
+    agg = Aggregator(views.append, quiet=30.0, max_delay=60.0)  # the old rule: 30 s before a push
+    task = asyncio.create_task(agg.run())
+    try:
+        agg.set_shard("kube", shard("a", "127.0.1.1"))
+        for _ in range(100):
+            if views:
+                break
+            await asyncio.sleep(0.01)
+        assert len(views) == 1, "the leading edge: a change after a quiet period is pushed at once"
+        # The next change comes right after that push: part of a burst, so it waits for the quiet period.
+        agg.set_shard("kube", shard("a", "127.0.1.2"))
+        await asyncio.sleep(0.2)
+        assert len(views) == 1
+    finally:
+        task.cancel()
+
+
+async def test_a_burst_of_a_hundred_changes_in_a_second_is_a_handful_of_pushes() -> None:
+    views: list[MeshView] = []
+    agg = Aggregator(views.append, quiet=0.1, max_delay=0.5)
+    task = asyncio.create_task(agg.run())
+    try:
+        for i in range(100):  # one change every 10 ms: never a quiet period
+            agg.set_shard("kube", shard("a", f"127.0.{1 + i // 250}.{1 + i % 250}"))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the trailing push
+    finally:
+        task.cancel()
+    assert 2 <= len(views) <= 5, f"{len(views)} pushes for 100 changes"  # leading, every max_delay, trailing
+    assert [e.address for e in views[-1].services[WEB].endpoints] == ["127.0.1.100"]

@@ -2,8 +2,8 @@
 
 Every source (the file source, one Kubernetes watcher per member cluster) owns
 shards keyed by (source, cluster) and replaces a whole shard at a time; a removed
-cluster drops its shards. Changes are debounced (a quiet period, bounded by a
-maximum delay) into one immutable MeshView; a flush that changes nothing produces
+cluster drops its shards. Changes are debounced (at once after a quiet period, else once quiet
+again, bounded by a maximum delay) into one immutable MeshView; a flush that changes nothing produces
 no new version, because MeshView versions are content hashes.
 
 Services merge by namespace/name across shards ("namespace sameness"): the port
@@ -215,6 +215,7 @@ class Aggregator:
         self._first_change: float | None = None
         self._first_event: float | None = None  # the same moment by time.monotonic() (metrics)
         self._last_change = 0.0
+        self._last_flush = float("-inf")  # when the last flush ended (the leading edge's reference)
         self._gauges: dict[str, tuple[str, float]] = {}  # cluster -> (state, weight ratio) set
         self.version = ""
         self._gateways_down: frozenset[str] = frozenset()
@@ -354,6 +355,7 @@ class Aggregator:
         view = MeshView.of(self._services, clusters, merge_splits(self._shards.values()))
         self.flushes += 1
         self._set_gauges(clusters)
+        self._last_flush = self._clock()
         if view.version != self.version:
             self.version = view.version
             token = _event.set(event)
@@ -385,9 +387,17 @@ class Aggregator:
             self._gauges[name] = (state, weight)
 
     async def run(self) -> None:
-        """Debounce loop: flush after ``quiet`` seconds without change, or ``max_delay`` after the first."""
+        """Debounce loop. Leading edge: a change that comes after at least ``quiet`` seconds without
+        a flush is flushed at once (a lone event pays no quiet period). A change that comes sooner
+        belongs to a burst: it is flushed once no change has come for ``quiet`` seconds, or
+        ``max_delay`` after the first one, however busy. So a burst costs its leading flush, one
+        every ``max_delay`` while it lasts, and a trailing one."""
         while True:
             await self._dirty.wait()
+            first = self._first_change
+            if first is not None and first - self._last_flush >= self.quiet:
+                self.flush()  # the mesh was quiet: push this at once
+                continue
             while True:
                 first = self._first_change if self._first_change is not None else self._clock()
                 now = self._clock()
