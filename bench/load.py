@@ -824,7 +824,8 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
             if args.target == "gcp"
             else f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}"
             if args.source == "file"
-            else f"{(args.debounce or 0.1) * 1e3:.0f} ms quiet + 10 ms watch coalescing",
+            else f"10 ms watch coalescing; a lone change is pushed at once (the debounce's leading "
+            f"edge), one within {(args.debounce or 0.1) * 1e3:.0f} ms of a push waits that quiet period",
         ),
         (
             "per change: server CPU / tool CPU",
