@@ -40,6 +40,9 @@ def _parse(kind: Any) -> Any:
     return parse
 
 
+MAX_PENDING_STREAMS = 50_000  # new streams waiting for the event loop (a reconnect storm of W3)
+
+
 class AdsServer:
     """The gRPC ADS endpoint. Construct, then ``await start()``; ``await stop()`` to drain."""
 
@@ -91,6 +94,11 @@ class AdsServer:
                 # not) are closed, so garbage cannot pile up.
                 ("grpc.server_handshake_timeout_ms", 10_000),
                 ("grpc.max_connection_idle_ms", 60_000),
+                # Calls the event loop has not picked up yet: gRPC's core cancels those past this
+                # bound (1,000 by default), so a burst of new streams (a reconnect storm) lost
+                # hundreds with INTERNAL at the client (tests/protocol/test_many_streams.py).
+                ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_STREAMS),
             ]
         )
         handlers = {
