@@ -715,7 +715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="gRPC channels (HTTP/2 connections) the clients share, round-robin (default: one per 1,000 "
-        "clients; past about 1,800 streams one connection stalls)",
+        "clients, as Envoys spread over connections; one channel serves 5,000 since the server's pending "
+        "calls bound was raised)",
     )
     p.add_argument(
         "--poll-interval", type=float, default=1.0, help="the file source's poll (1.0 = as shipped)"
