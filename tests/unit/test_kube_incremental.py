@@ -91,6 +91,7 @@ def relist(reflector: Reflector, rng: random.Random) -> None:
     """What a (re)list does to the store, and its report."""
     objects = [random_object(rng, reflector.kind) for _ in range(rng.randint(0, 6))]
     reflector.store = {object_key(obj): obj for obj in objects}
+    reflector.synced.set()  # as a real list does
     reflector._on_change(None)
 
 
@@ -136,6 +137,8 @@ def test_slice_relabelled_moves_its_endpoints() -> None:
     agg = Aggregator(lambda view: None)
     watcher = ClusterWatcher(Credentials("a", {}, ""), agg)
     svc, slices = watcher._reflector("services", never), watcher._reflector("endpointslices", never)
+    svc.synced.set()
+    slices.synced.set()  # both listed
     for name in ("web", "api"):
         svc._apply({"type": "ADDED", "object": random_service(random.Random(0), "shop", name)})
     item = {"addresses": ["10.0.0.1"], "conditions": {"ready": True}}
@@ -163,3 +166,19 @@ def test_node_status_update_rebuilds_nothing() -> None:
     assert watcher._shard is not None
     nodes._apply({"type": "MODIFIED", "object": {"metadata": meta("n1", **{ZONE_LABEL: "z2"})}})
     assert watcher._shard is None, "a locality label change rebuilds the shard"
+
+
+def test_nothing_of_a_cluster_is_published_before_every_kind_is_listed() -> None:
+    agg = Aggregator(lambda view: None)
+    watcher = ClusterWatcher(Credentials("a", {}, ""), agg)
+    svc, slices = watcher._reflector("services", never), watcher._reflector("endpointslices", never)
+    svc._apply({"type": "ADDED", "object": random_service(random.Random(0), "shop", "web")})
+    svc.synced.set()  # services listed, endpoint slices not yet
+    watcher._publish()
+    assert published(agg).services == {}, "a service without its endpoints would be pushed as empty"
+    item = {"addresses": ["10.0.0.1"], "conditions": {"ready": True}}
+    one = {"metadata": meta("s1", "shop", **{SERVICE_NAME_LABEL: "web"}), "endpoints": [item]}
+    slices._apply({"type": "ADDED", "object": one})
+    slices.synced.set()
+    watcher._publish()
+    assert [e.address for e in published(agg).endpoints[ServiceKey("shop", "web")]] == ["10.0.0.1"]

@@ -367,6 +367,11 @@ class ClusterWatcher:
         self._published_withdrawn = withdrawn
         if self._published_withdrawn:
             shard = Shard(member, withdrawn=True)
+        elif state is ClusterState.SYNCING and not self.synced.is_set():
+            # Not every kind listed yet: services without their endpoints (or endpoints without
+            # their pods' accounts) would be pushed as they are, now that a lone change is pushed at
+            # once. Until the first full sync the cluster is known by name only.
+            shard = Shard(member)
         else:
             rule = self.policy.require_namespace_label
             splits = traffic_splits(self._store(SMI_PLURAL), self._store("namespaces"), rule)
