@@ -55,7 +55,7 @@ SECRET_NAMES = ["default", "ROOTCA", "spiffe://cluster.local/ns/shop/sa/api", "a
 
 
 @pytest.fixture
-async def port(tmp_path: Path) -> Any:
+async def server(tmp_path: Path) -> Any:
     tokens = tmp_path / "tokens.csv"
     tokens.write_text(f"{WEB},shop,web,east\n{GATEWAY},isthmus-system,isthmus-gateway,east\n")
     cache = ConfigCache()
@@ -63,7 +63,8 @@ async def port(tmp_path: Path) -> Any:
     cache.set_view(parse_mesh(MESH, "test"))
     authenticator = GatewayChecked(StaticTokens(tokens), GatewayIdentities())
     server = AdsServer(cache, address="127.0.0.1:0", authenticator=authenticator)
-    yield await server.start()
+    await server.start()
+    yield server
     await server.stop(grace=0.5)
 
 
@@ -163,7 +164,9 @@ def web(**claims: Any) -> Any:
 
 
 @pytest.mark.parametrize("mode", ["sotw", "delta"])
-async def test_no_way_yields_another_workloads_key(port: int, mode: str) -> None:
+async def test_no_way_yields_another_workloads_key(server: AdsServer, mode: str) -> None:
+    port = server.port
+    assert port is not None
     loot = Loot()
     api = make_node("sidecar~api.shop~east", namespace="shop", service="api", service_account="api")
     attempts = {
@@ -210,4 +213,8 @@ async def test_no_way_yields_another_workloads_key(port: int, mode: str) -> None
     assert OWN in loot.keys
     assert set(loot.keys) == {OWN}
     refused = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-    assert sum(1 for s in loot.statuses if s in refused) >= 8, loot.statuses
+    # A gRPC core race (seen under load, as in test_auth): a stream refused at open while the
+    # client's write is in flight may end with INTERNAL at the client; the server's own record of
+    # its refusals decides how many there were.
+    assert set(loot.statuses) <= refused | {grpc.StatusCode.INTERNAL}, loot.statuses
+    assert sum(server.auth_failures.values()) >= 8, (server.auth_failures, loot.statuses)
