@@ -373,7 +373,7 @@ class ControlPlane:
         actions = DrainActions(self._drain, self.drains.status)
         home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
         check = self._admin_check(home)
-        admin = make_admin_app(self.readiness, self.info, actions, _ui_open(check))
+        admin = make_admin_app(self.readiness, self.info, actions, check, open_paths=UI_PATHS)
         admin.add_routes(debug_routes(self.ads.streams, lambda: self.cache.view, self._clusters_status))
         admin.add_routes(ui_routes())
         runner = await start_admin(admin, host, port)
@@ -662,21 +662,6 @@ class GatewayLiveness:
             and cluster in self._last_seen
             and now - self._last_seen[cluster] > self.grace
         }
-
-
-def _ui_open(check: AdminCheck | None) -> AdminCheck | None:
-    """The admin check, but the web view's files are anyone's to read: they hold no data (the page
-    asks the status pages for it, with the token its user gives)."""
-    if check is None:
-        return None
-    inner = check
-
-    async def checked(token: str | None, right: str, path: str) -> tuple[int, str]:
-        if right == "read" and path in UI_PATHS:
-            return 200, "anyone (the web view's files)"
-        return await inner(token, right, path)
-
-    return checked
 
 
 async def _join(task: asyncio.Task[None]) -> None:

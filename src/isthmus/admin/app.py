@@ -3,7 +3,8 @@ the xDS server is serving), both with a small JSON body for humans; GET /metrics
 format, docs/metrics.md); and, when the wiring provides them, POST /drain/{cluster},
 POST /undrain/{cluster} and GET /drain (progress).
 
-With an ``AdminCheck`` every endpoint but the probes needs ``authorization: Bearer <token>``: GET
+With an ``AdminCheck`` every endpoint but the probes (and GETs of ``open_paths``: files that hold
+no data, such as the web view's) needs ``authorization: Bearer <token>``: GET
 asks for the right ``read``, POST for ``drain``, on the request's path; 401 (with
 ``WWW-Authenticate: Bearer``), 403 or 503, each with a JSON error, otherwise. /metrics is no
 probe: what it tells (clusters, proxies, refusals) is the admin API's to protect, and Prometheus
@@ -43,12 +44,14 @@ def make_admin_app(
     info: Callable[[], dict[str, object]],
     drains: DrainActions | None = None,
     check: AdminCheck | None = None,
+    open_paths: frozenset[str] = frozenset(),
 ) -> web.Application:
     @web.middleware
     async def authenticate(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if check is None or request.path in PROBES:
+        public = request.path in PROBES or (request.method == "GET" and request.path in open_paths)
+        if check is None or public:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         right = "read" if request.method in ("GET", "HEAD") else "drain"
