@@ -87,3 +87,46 @@ async def test_a_send_budget_smaller_than_any_response_still_serves_every_stream
     replies = await asyncio.gather(*(client.drain(within=0.5) for client in clients))
     for got in replies:
         assert {reply.type_url for reply in got} == {types.CLUSTER, types.ENDPOINT, types.LISTENER}
+
+
+async def test_a_change_wakes_only_the_streams_it_touches_for_the_types_it_touched(
+    mesh: Mesh, mode: str
+) -> None:
+    """The cache tells a stream which of its types changed for it: a stream for which nothing
+    changed is not woken, and a woken one asks the cache about the changed types only."""
+    both = await mesh.client(mode)
+    await both.subscribe(types.CLUSTER)
+    await both.subscribe(types.ENDPOINT, ["a"])
+    clusters_only = await mesh.client(mode)
+    await clusters_only.subscribe(types.CLUSTER)
+    for client in (both, clusters_only):
+        await client.drain()
+    assert mesh.server is not None
+    pushes: dict[str, int] = {}
+    asked: list[tuple[str, str]] = []
+    for stream in mesh.server.streams():
+        assert stream.proxy is not None
+        node = stream.proxy.node_id
+
+        async def counted(original=stream.push, node=node) -> None:  # type: ignore[no-untyped-def]
+            pushes[node] = pushes.get(node, 0) + 1
+            await original()
+
+        stream.push = counted  # type: ignore[method-assign]
+    resources = mesh.cache.resources
+
+    def recorded(type_url: str, proxy):  # type: ignore[no-untyped-def]
+        if proxy.node_id:  # a stream's own proxy (the cache asks for groups, whose node id is blank)
+            asked.append((proxy.node_id, type_url))
+        return resources(type_url, proxy)
+
+    mesh.cache.resources = recorded  # type: ignore[method-assign]
+    mesh.put(endpoints("a", 9999))
+    mesh.publish()
+    [reply] = await both.drain()
+    assert reply.type_url == types.ENDPOINT
+    assert list(reply.names) == ["a"]
+    assert await clusters_only.drain() == []
+    woken = {node for node, n in pushes.items() if n}
+    assert len(woken) == 1, f"only the stream that receives the new endpoints is woken: {pushes}"
+    assert {t for _, t in asked} == {types.ENDPOINT}, "nothing but EDS is asked for"

@@ -121,14 +121,23 @@ def test_sds_gives_each_sidecar_its_own_account_and_rotation_touches_sds_only(ro
     assert set(cache.resources(types.SECRET, web)) == {"default", "ROOTCA"}
     assert len(cache.resources(types.SECRET, proxy(Role.GATEWAY, "gw"))) == 0, "gateways hold no key"
 
-    clusters_before = cache.resources(types.CLUSTER, web)
+    told: list[str] = []
+    cache.follow(types.SECRET, web, told.append)
+    cache.follow(types.CLUSTER, web, told.append)
     secrets_before = cache.resources(types.SECRET, web)
+    # A new view leaves SDS as it was (it reads nothing of the view) ...
+    assert cache.set_view(parse_mesh("clusters: [{name: a}, {name: b}]\nservices: []\n"))
+    assert cache.resources(types.SECRET, web) is secrets_before
+    clusters_before = cache.resources(types.CLUSTER, web)
     serial_before = cert_of(web).serial_number
     generation = cache.generation
     assert cache.rotate_certificates() == 0
+    assert told == []
     clock.now = START + datetime.timedelta(hours=1, minutes=1)
+    # ... but a rotation after it regenerates SDS, and tells the streams that follow it.
     assert cache.rotate_certificates() == 2
-    assert cache.generation == generation + 1, "streams are woken"
+    assert cache.generation == generation + 1
+    assert told == [types.SECRET], "the followers of SDS are told, those of other types are not"
     assert cache.resources(types.SECRET, web) is not secrets_before
     assert cert_of(web).serial_number != serial_before
     assert cache.resources(types.CLUSTER, web) is clusters_before, "other types are not regenerated"

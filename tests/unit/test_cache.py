@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import replace as dc_replace
 
@@ -40,19 +39,22 @@ def test_identical_resources_share_bytes_across_keys() -> None:
     assert eds_east[web].version != eds_west[web].version
 
 
-async def test_set_view_wakes_only_on_effective_change() -> None:
+def test_set_view_tells_only_the_followers_of_changed_topics() -> None:
     view = parse_mesh(example_mesh_text())
     cache = ConfigCache(view)
     before = cache.resources(types.CLUSTER, proxy("a"))
-    event = cache.watch()
+    told: list[tuple[str, str]] = []
+    for type_url in (types.CLUSTER, types.ENDPOINT, types.LISTENER):
+        for name in ("a", "b"):
+            cache.follow(type_url, proxy(name), lambda t, n=name: told.append((n, t)))
     assert cache.set_view(parse_mesh(example_mesh_text())) is False
-    assert not event.is_set()
+    assert told == []
     changed = parse_mesh(example_mesh_text().replace("127.10.0.11", "127.10.0.99"))
     assert cache.set_view(changed) is True
-    await asyncio.wait_for(event.wait(), 1)
+    # An endpoint moved: EDS changed for both proxies; clusters and listeners did not.
+    assert sorted(told) == [("a", types.ENDPOINT), ("b", types.ENDPOINT)]
     # Clusters did not change: the same ResourceSet object survives the new mesh version.
     assert cache.resources(types.CLUSTER, proxy("a")) is before
-    cache.unwatch(event)
 
 
 def test_failing_generator_keeps_last_good_set() -> None:
@@ -272,3 +274,33 @@ def test_an_endpoint_move_regenerates_only_eds() -> None:
     assert after[types.ENDPOINT].changed == {
         f"outbound|{port.port}||reviews.shop.svc.cluster.local" for port in services[key].ports
     }
+
+
+def test_a_proxy_is_hashed_by_every_field_it_is_compared_by() -> None:
+    """Proxies are the cache's keys and hash once (Proxy.__post_init__): a field left out of that
+    hash would make proxies that differ only in it collide."""
+    from dataclasses import fields
+
+    base = proxy("a")
+    assert hash(base) == hash(dc_replace(base))
+    assert base == dc_replace(base)
+    for f in fields(Proxy):
+        if not f.compare:
+            continue
+        value = getattr(base, f.name)
+        other: object
+        if isinstance(value, bool):
+            other = not value
+        elif isinstance(value, int):
+            other = value + 1
+        elif isinstance(value, Locality):
+            other = Locality("elsewhere", "z9", "c9")
+        elif isinstance(value, Role):
+            other = Role.GATEWAY
+        elif f.name == "outbound_traffic":
+            other = type(value)("registry-only")
+        else:
+            other = f"{value}-other"
+        changed = dc_replace(base, **{f.name: other})
+        assert changed != base, f.name
+        assert hash(changed) != hash(base), f.name

@@ -9,6 +9,11 @@ mesh versions, which lets a stream skip an unchanged type with one ``is`` test;
 one that changed carries its diff from the set before it. A new view regenerates
 only the types whose declared inputs (generate.INPUTS) changed.
 
+Streams follow topics, one per (type URL, Proxy.for_type(type URL)) they subscribe to. On every
+change the cache brings each followed topic's set up to date and tells only the followers of the
+topics whose set changed, naming the type: an endpoint change in one cluster wakes the proxies that
+receive different endpoints, and they look at EDS only.
+
 With a mesh CA, generators also get the trust domain and bundle, and SDS the
 proxy's own certificate (issued on first use); ``rotate_certificates`` renews
 those that are due and regenerates SDS only.
@@ -22,13 +27,12 @@ converged to. Each generation of a type for a proxy group is timed
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -97,6 +101,17 @@ class _Change:
     unaffected: frozenset[str]
 
 
+Notify = Callable[[str], None]  # called with the type URL of a followed topic whose set changed
+
+
+@dataclass(slots=True, eq=False)
+class _Topic:
+    """One (type URL, proxy group) that streams follow: its set as last published, and who follows."""
+
+    current: ResourceSet
+    followers: set[Notify] = field(default_factory=set)
+
+
 def _change(before: MeshView, after: MeshView) -> _Change:
     old, new = before.services, after.services
     keys = [k for k, s in new.items() if (o := old.get(k)) is not s and (o is None or o.digest != s.digest)]
@@ -111,7 +126,7 @@ def _change(before: MeshView, after: MeshView) -> _Change:
 
 
 class ConfigCache:
-    """Generates, serializes and shares resources; tells watchers when the mesh changed."""
+    """Generates, serializes and shares resources; tells the followers of a topic when its set changed."""
 
     def __init__(
         self,
@@ -135,7 +150,7 @@ class ConfigCache:
         self._interned: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
         )
-        self._watchers: set[asyncio.Event] = set()
+        self._topics: dict[tuple[str, Proxy], _Topic] = {}
         self._change: _Change | None = None  # since the last view; None: regenerate everything
         self.serializations = 0  # resources serialized, for tests and metrics
         # Generations that installed a view with a known discovery event, and those events'
@@ -187,7 +202,8 @@ class ConfigCache:
         self._bump()
 
     def _bump(self, only: str | None = None) -> None:
-        """Forget generated sets (of type ``only``, or all) and wake the streams."""
+        """Forget generated sets (of type ``only``, or all) and tell the followers of every topic
+        whose set changed."""
         self._generation += 1
         if only is None:
             self._previous = self._memo
@@ -198,8 +214,19 @@ class ConfigCache:
         else:
             for key in [k for k in self._memo if k[0] == only]:
                 self._previous[key] = self._memo.pop(key)
-        for event in self._watchers:
-            event.set()
+            if self._change is not None:  # what changed is outside the view: regenerate ``only``
+                self._change = replace(self._change, unaffected=self._change.unaffected - {only})
+        self._publish(only)
+
+    def _publish(self, only: str | None) -> None:
+        for (type_url, group), topic in self._topics.items():
+            if only is not None and type_url != only:
+                continue
+            current = self.resources(type_url, group)
+            if current is not topic.current:
+                topic.current = current
+                for notify in topic.followers:
+                    notify(type_url)
 
     def use_ca(self, ca: MeshCA) -> None:
         """Turn mTLS on with this CA (at startup): every type is regenerated."""
@@ -222,14 +249,27 @@ class ConfigCache:
             return self.ca.identity(self.ca.certificate(proxy.namespace, proxy.service_account))
         return self._identity
 
-    def watch(self, event: asyncio.Event | None = None) -> asyncio.Event:
-        """Register an Event set on every change; the caller clears it and must ``unwatch`` it."""
-        event = event if event is not None else asyncio.Event()
-        self._watchers.add(event)
-        return event
+    def follow(self, type_url: str, proxy: Proxy, notify: Notify) -> None:
+        """Call ``notify(type_url)`` whenever the resources of ``type_url`` for ``proxy`` change,
+        until ``unfollow``. Proxies of one group (Proxy.for_type) share one topic."""
+        key = (type_url, proxy.for_type(type_url))
+        topic = self._topics.get(key)
+        if topic is None:
+            topic = self._topics[key] = _Topic(self.resources(type_url, key[1]))
+        topic.followers.add(notify)
 
-    def unwatch(self, event: asyncio.Event) -> None:
-        self._watchers.discard(event)
+    def unfollow(self, type_url: str, proxy: Proxy, notify: Notify) -> None:
+        key = (type_url, proxy.for_type(type_url))
+        topic = self._topics.get(key)
+        if topic is not None:
+            topic.followers.discard(notify)
+            if not topic.followers:
+                del self._topics[key]
+
+    @property
+    def topics(self) -> int:
+        """Topics followed (distinct (type URL, proxy group) pairs of the connected streams)."""
+        return len(self._topics)
 
     def _intern(self, type_url: str, name: str, body: bytes) -> Resource:
         candidate = Resource.from_bytes(type_url, name, body)
@@ -299,7 +339,7 @@ class ConfigCache:
                     by_name[name] = self._serialize(type_url, name, message)
         except Exception:
             # A generator bug must not take streams down: keep serving the last good set.
-            log.exception("generator for %s failed for proxy %s", group, proxy.node_id)
+            log.exception("generator for %s failed for proxies like %s", group, proxy.node_id or shared)
             if previous is not None:
                 self._memo[key] = previous
                 return previous

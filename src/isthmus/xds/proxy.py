@@ -59,6 +59,17 @@ class Proxy:
     envoy_version: str = ""
     # for_type's results, computed once per proxy (every push asks for every type)
     _groups: dict[str, Proxy] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # Proxies are the cache's keys: hashed once, not field by field on every lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.node_id, self.role, self.namespace, self.service, self.service_account, self.locality)
+        rest = (self.pod, self.node_name, self.listen_address, self.app_address, self.outbound_port)
+        more = (self.inbound_port, self.capture, self.outbound_traffic, self.envoy_version)
+        object.__setattr__(self, "_hash", hash(fields + rest + more))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def cluster(self) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from isthmus.discovery.model import MeshView, Service, ServicePort
+from isthmus.discovery.model import MeshView, Service, ServiceKey, ServicePort
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +126,33 @@ def _without_times(conditions: list[Obj]) -> list[Obj]:
 class Desired:
     """``desired(view)`` with each service's ServiceImport made once per distinct content: a new
     view that changes endpoints only (the common case) reuses every object, and gives back the very
-    same mapping, which the writers then know they have written (Members.write_imports)."""
+    same mapping, which the writers then know they have written (Members.write_imports). A service
+    whose Service object is the one of the last view (views share unchanged services) is not even
+    looked at again."""
 
     def __init__(self) -> None:
-        self._made: dict[str, tuple[object, Obj]] = {}
+        self._made: dict[ServiceKey, tuple[Service, str, object, Obj]] = {}
         self._out: dict[str, Obj] = {}
 
     def __call__(self, view: MeshView) -> dict[str, Obj]:
         out: dict[str, Obj] = {}
-        made: dict[str, tuple[object, Obj]] = {}
+        made: dict[ServiceKey, tuple[Service, str, object, Obj]] = {}
         fresh = False
         for key, service in view.services.items():
             if not service.vip:
                 continue
+            known = self._made.get(key)
+            if known is not None and known[0] is service:
+                made[key] = known
+                out[known[1]] = known[3]
+                continue
             name = str(key)
             inputs = (service.ports, service.vip, exporters(service))
-            known = self._made.get(name)
-            if known is not None and known[0] == inputs:
-                obj = known[1]
+            if known is not None and known[2] == inputs:
+                obj = known[3]
             else:
                 obj, fresh = service_import(service), True
-            made[name] = (inputs, obj)
+            made[key] = (service, name, inputs, obj)
             out[name] = obj
         self._made = made
         if fresh or out.keys() != self._out.keys():

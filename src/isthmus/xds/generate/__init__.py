@@ -68,6 +68,7 @@ INPUTS: Mapping[str, Inputs] = {
     "cds-own": Inputs(_nothing, own=clusters.own_inputs),
     types.LISTENER: Inputs(listeners.inputs),
     types.ROUTE: Inputs(routes.inputs, splits=True),
+    types.SECRET: Inputs(_nothing),  # certificates change outside the view (ConfigCache.rotate_certificates)
 }
 
 

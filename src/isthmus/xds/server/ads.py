@@ -178,7 +178,7 @@ class AdsServer:
             if stream.proxy is None or state is None or not state.started:
                 continue
             current = self.cache.resources(type_url, stream.proxy)
-            if state.last_set is not current or state.pending_nonce is not None:
+            if state.dirty or state.last_set is not current or state.pending_nonce is not None:
                 out.append(stream.proxy.node_id)
         return sorted(out)
 

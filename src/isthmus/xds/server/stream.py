@@ -1,8 +1,10 @@
 """One ADS stream: subscriptions, nonces, ACK/NACK, ordering and flow control.
 
 The stream is a single coroutine woken by one Event, set either by the request
-reader (a bounded queue of requests) or by the cache (the mesh changed). On each
-wakeup it applies the queued requests, then pushes what changed, in ADS order:
+reader (a bounded queue of requests) or by the cache, which the stream follows for each type it
+serves and which names the type whose resources changed for this proxy (so a change that is the
+same for this proxy as before wakes nothing, and a woken stream plans only the types named). On
+each wakeup it applies the queued requests, then pushes what changed, in ADS order:
 
 * at most one un-ACKed response per type; newer changes coalesce behind it;
 * additions and updates first, in PUSH_ORDER (CDS, EDS, LDS, RDS, SDS);
@@ -20,9 +22,9 @@ SotW and Delta differ only in how requests are read and responses framed
 Metrics (isthmus.metrics), per response and per ACK, never per resource: responses and NACKs by
 type, ACK latency (response written -> its ACK read), and convergence: after a push, a stream
 with no response waiting for an ACK holds everything of the cache's current generation; if it was
-sent something since it last got there, it observes the time since the earliest discovery event of
-the views installed in between (ConfigCache.event_since), unless that event is older than the
-stream.
+sent something since the cache first told it of a change, it observes the time since the earliest
+discovery event of the views installed from then on (ConfigCache.event_since), unless that event
+is older than the stream.
 """
 
 from __future__ import annotations
@@ -234,9 +236,10 @@ class Stream:
         self._on_proxy = on_proxy
         self._reader_done = False
         self._reader_error: Exception | None = None
-        # Convergence: the cache generation whose resources the stream last held entirely, whether
-        # it was sent anything since, and when it started (events before it are not its to count).
-        self._synced_generation = cache.generation
+        # Convergence: the cache generation before the first change the cache told the stream of
+        # since it last held everything (None: it holds everything), whether it was sent anything
+        # since, and when it started (events before it are not its to count).
+        self._behind_since: int | None = None
         self._sent_since_synced = False
         self._started_at = time.monotonic()
 
@@ -298,8 +301,17 @@ class Stream:
             )
         state = self.states.get(type_url)
         if state is None:
+            assert self.proxy is not None  # identified by the first request
             state = self.states[type_url] = TypeState(type_url, self.status.type(type_url))
+            self.cache.follow(type_url, self.proxy, self._changed)
         return state
+
+    def _changed(self, type_url: str) -> None:
+        """The cache: the resources of ``type_url`` for this proxy changed."""
+        self.states[type_url].dirty = True
+        if self._behind_since is None:
+            self._behind_since = self.cache.generation - 1
+        self._wakeup.set()
 
     def _check_names(self, count: int) -> None:
         if count > self.limits.max_resource_names:
@@ -406,8 +418,6 @@ class Stream:
             self._wakeup.set()
 
     async def run(self, requests: AsyncIterator[Any]) -> None:
-        self.cache.watch(self._wakeup)
-        self._synced_generation = self.cache.generation
         self._started_at = time.monotonic()
         reader = asyncio.create_task(self._read(requests), name=f"ads-reader-{self.status.stream_id}")
         try:
@@ -429,9 +439,10 @@ class Stream:
                 if self.proxy is not None:
                     await self.push()
         finally:
-            for state in self.states.values():
+            for type_url, state in self.states.items():
                 self._release(state)
-            self.cache.unwatch(self._wakeup)
+                if self.proxy is not None:
+                    self.cache.unfollow(type_url, self.proxy, self._changed)
             if self._revocation is not None:
                 self._revocation.unwatch(self._wakeup)
             reader.cancel()
@@ -441,19 +452,21 @@ class Stream:
     async def push(self) -> None:
         generation = self.cache.generation
         await self._push()
-        if self._sent_since_synced or generation != self._synced_generation:
+        if self._sent_since_synced or self._behind_since is not None:
             self._converged(generation)
 
     def _converged(self, generation: int) -> None:
-        """After a push planned against ``generation``: with nothing waiting for an ACK, the proxy
-        holds all of it (a push that sends nothing awaits nothing, so the generation is the same)."""
-        if any(s.pending_nonce is not None for s in self.states.values()):
+        """After a push planned against ``generation``: with nothing waiting for an ACK and nothing
+        the cache told of left to plan, the proxy holds all of it (a push that sends nothing
+        awaits nothing, so the generation is the same)."""
+        if any(s.pending_nonce is not None or s.dirty for s in self.states.values()):
             return
-        if self._sent_since_synced and generation != self._synced_generation:
-            event = self.cache.event_since(self._synced_generation, generation)
+        behind = self._behind_since
+        if self._sent_since_synced and behind is not None:
+            event = self.cache.event_since(behind, generation)
             if event is not None and event >= self._started_at:
                 metrics.CONVERGENCE.observe(time.monotonic() - event)
-        self._synced_generation = generation
+        self._behind_since = None
         self._sent_since_synced = False
 
     async def _push(self) -> None:
@@ -464,11 +477,9 @@ class Stream:
             if maybe is None or not maybe.started or maybe.pending_nonce is not None:
                 continue
             state = maybe
-            current = self.cache.resources(type_url, self.proxy)
-            if current is not state.last_set:
-                state.dirty = True
-            if not state.dirty:
+            if not state.dirty:  # neither the cache nor the client changed anything of this type
                 continue
+            current = self.cache.resources(type_url, self.proxy)
             state.last_set = current
             state.dirty = False
             plan = self.plan(state, current, allow_removals=False)
