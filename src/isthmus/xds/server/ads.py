@@ -175,10 +175,14 @@ class AdsServer:
         out = []
         for stream in self._streams.values():
             state = stream.states.get(type_url)
-            if stream.proxy is None or state is None or not state.started:
+            if stream.proxy is None or state is None or not state.subscription.started:
                 continue
             current = self.cache.resources(type_url, stream.proxy)
-            if state.dirty or state.last_set is not current or state.pending_nonce is not None:
+            if (
+                state.delivery.dirty
+                or state.delivery.last_set is not current
+                or state.in_flight.nonce is not None
+            ):
                 out.append(stream.proxy.node_id)
         return sorted(out)
 

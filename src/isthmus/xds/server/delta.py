@@ -26,44 +26,45 @@ class DeltaStream(Stream):
     def handle_request(self, request: Any) -> None:
         self._identify(request)
         state = self._state(request.type_url)
+        sub, held = state.subscription, state.delivery
         subscribe = list(request.resource_names_subscribe)
         unsubscribe = list(request.resource_names_unsubscribe)
         self._check_names(len(subscribe) + len(unsubscribe) + len(request.initial_resource_versions))
         nonce = request.response_nonce
-        if nonce and nonce == state.pending_nonce:
+        if nonce and nonce == state.in_flight.nonce:
             if request.HasField("error_detail"):
                 self._nack(state, nonce, request.error_detail)
             else:
                 self._ack(state, state.status.last_sent_version, nonce)
         changed = False
-        if not state.started:
-            state.started = True
+        if not sub.started:
+            sub.started = True
             changed = True
-            state.legacy_wildcard = not subscribe
-            state.wildcard = state.legacy_wildcard
-            self._check_names(len(state.known) + len(request.initial_resource_versions))
-            state.known.update(dict(request.initial_resource_versions))
+            sub.legacy_wildcard = not subscribe
+            sub.wildcard = sub.legacy_wildcard
+            self._check_names(len(held.known) + len(request.initial_resource_versions))
+            held.known.update(dict(request.initial_resource_versions))
         for name in subscribe:
             if name == "*":
-                state.wildcard = True
-            elif name not in state.names:
-                state.names.add(name)
+                sub.wildcard = True
+            elif name not in sub.names:
+                sub.names.add(name)
                 changed = True
         for name in unsubscribe:
             if name == "*":
-                state.wildcard = False
-                state.legacy_wildcard = False
-            elif state.wildcard and name in state.names and name in state.known:
-                state.known[name] = ""  # not a version: resent if the wildcard has it, else removed
-            elif not state.wildcard:
-                state.known.pop(name, None)
-            state.names.discard(name)
-            state.missing_reported.discard(name)
+                sub.wildcard = False
+                sub.legacy_wildcard = False
+            elif sub.wildcard and name in sub.names and name in held.known:
+                held.known[name] = ""  # not a version: resent if the wildcard has it, else removed
+            elif not sub.wildcard:
+                held.known.pop(name, None)
+            sub.names.discard(name)
+            held.missing_reported.discard(name)
             changed = True
         if changed or "*" in subscribe:
             state.resubscribed()
-        if len(state.names) > self.limits.max_resource_names:
-            self._check_names(len(state.names))
+        if len(sub.names) > self.limits.max_resource_names:
+            self._check_names(len(sub.names))
 
     def plan(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
         names = self.candidates(state, current)
@@ -72,8 +73,8 @@ class DeltaStream(Stream):
             if names is None
             else self._plan_names(state, current, names, allow_removals)
         )
-        if state.deferred_removals:
-            state.basis = ""  # the removals are found again by the next full plan
+        if state.delivery.deferred_removals:
+            state.delivery.basis = ""  # the removals are found again by the next full plan
         else:
             self.planned(state, current)
         return plan
@@ -81,53 +82,55 @@ class DeltaStream(Stream):
     def _plan_names(
         self, state: TypeState, current: ResourceSet, names: set[str], allow_removals: bool
     ) -> Plan | None:
+        sub, held = state.subscription, state.delivery
         updated: list[Resource] = []
         gone: list[str] = []
         missing: list[str] = []
         for name in names:
             resource = self.desired_one(state, current, name)
             if resource is not None:
-                if state.known.get(name) != resource.version:
+                if held.known.get(name) != resource.version:
                     updated.append(resource)
-            elif name in state.known:
+            elif name in held.known:
                 gone.append(name)
-            elif name in state.names and name not in state.missing_reported:
+            elif name in sub.names and name not in held.missing_reported:
                 missing.append(name)
         if gone and not allow_removals:
-            state.deferred_removals = True
+            held.deferred_removals = True
             gone = []
         if not updated and not gone and not missing:
             return None
         for r in updated:
-            state.known[r.name] = r.version
-            state.missing_reported.discard(r.name)
+            held.known[r.name] = r.version
+            held.missing_reported.discard(r.name)
         for name in gone:
-            del state.known[name]
-        state.missing_reported.update(missing)
+            del held.known[name]
+        held.missing_reported.update(missing)
         version = response_version(state, current)
         return Plan(updated, gone + missing, version, [r.name for r in updated])
 
     def _plan_all(self, state: TypeState, current: ResourceSet, allow_removals: bool) -> Plan | None:
+        sub, held = state.subscription, state.delivery
         desired = self.desired(state, current)
-        updated = [name for name, r in desired.items() if state.known.get(name) != r.version]
-        gone = [name for name in state.known if name not in desired]
+        updated = [name for name, r in desired.items() if held.known.get(name) != r.version]
+        gone = [name for name in held.known if name not in desired]
         missing = [
             n
-            for n in state.names
-            if n not in desired and n not in state.known and n not in state.missing_reported
+            for n in sub.names
+            if n not in desired and n not in held.known and n not in held.missing_reported
         ]
         if gone and not allow_removals:
-            state.deferred_removals = True
+            held.deferred_removals = True
             gone = []
         removed = gone + missing
-        if not updated and not removed and (state.responded or not state.wildcard):
+        if not updated and not removed and (held.responded or not sub.wildcard):
             return None
         for name in updated:
-            state.known[name] = desired[name].version
-            state.missing_reported.discard(name)
+            held.known[name] = desired[name].version
+            held.missing_reported.discard(name)
         for name in gone:
-            del state.known[name]
-        state.missing_reported.update(missing)
+            del held.known[name]
+        held.missing_reported.update(missing)
         return Plan([desired[n] for n in updated], removed, response_version(state, current), updated)
 
     def encode(self, state: TypeState, plan: Plan, nonce: str) -> bytes:

@@ -57,10 +57,12 @@ def held(stream: Stream) -> dict[str, list[Held]]:
     out: dict[str, list[Held]] = {}
     for type_url, state in sorted(stream.states.items()):
         items = []
-        for name, version in sorted(state.known.items()):
-            found = state.last_full.get(name)
+        for name, version in sorted(state.delivery.known.items()):
+            found = state.delivery.last_full.get(name)
             if found is None or found.version != version:
-                found = state.last_set.by_name.get(name) if state.last_set is not None else None
+                found = (
+                    state.delivery.last_set.by_name.get(name) if state.delivery.last_set is not None else None
+                )
             items.append(Held(type_url, name, version, found if found and found.version == version else None))
         out[type_url] = items
     return out

@@ -20,7 +20,7 @@ SotW and Delta differ only in how requests are read and responses framed
 (sotw.py and delta.py); everything else lives here.
 
 Metrics (isthmus.metrics), per response and per ACK, never per resource: responses and NACKs by
-type, ACK latency (response written -> its ACK read), and convergence: after a push, a stream
+type, ACK latency (response handed to gRPC -> its ACK read), and convergence: after a push, a stream
 with no response waiting for an ACK holds everything of the cache's current generation; if it was
 sent something since the cache first told it of a change, it observes the time since the earliest
 discovery event of the views installed from then on (ConfigCache.event_since), unless that event
@@ -90,11 +90,19 @@ class SendBudget:
         """Responses waiting for room."""
         return len(self._waiting)
 
-    async def acquire(self, size: int) -> int:
+    def take(self, size: int) -> int | None:
+        """``size`` (at most the limit) taken at once if there is room and nobody waits, else None."""
         size = min(size, self.limit)
         if not self._waiting and (not self.used or self.used + size <= self.limit):
             self.used += size
             return size
+        return None
+
+    async def acquire(self, size: int) -> int:
+        taken = self.take(size)
+        if taken is not None:
+            return taken
+        size = min(size, self.limit)
         ready = asyncio.get_running_loop().create_future()
         entry = (size, ready)
         self._waiting.append(entry)
@@ -135,33 +143,55 @@ class StreamError(Exception):
 
 
 @dataclass(slots=True)
-class TypeState:
-    """What one type looks like on one stream."""
+class Subscription:
+    """What the client asked for of one type."""
 
-    type_url: str
-    status: TypeStatus
+    started: bool = False  # the type's first request was read
     wildcard: bool = False
-    legacy_wildcard: bool = False
+    legacy_wildcard: bool = False  # wildcard by an empty first request (ends as the protocol says)
     names: set[str] = field(default_factory=set)
+    digest: str = ""  # of wildcard and names: part of the response version
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What the client holds of one type (or was last sent), and how far planning has got."""
+
     # name -> version the client holds (or was last sent: a NACKed version stays here so it is
     # never resent in a loop). For SotW full-state types, last_full keeps the Resources sent.
     known: dict[str, str] = field(default_factory=dict)
     last_full: Mapping[str, Resource] = field(default_factory=dict)
-    missing_reported: set[str] = field(default_factory=set)
-    pending_nonce: str | None = None
-    last_nonce: str = ""
-    last_set: ResourceSet | None = None
-    started: bool = False
-    responded: bool = False
-    dirty: bool = False
-    deferred_removals: bool = False
+    missing_reported: set[str] = field(default_factory=set)  # names reported as not existing
+    last_set: ResourceSet | None = None  # the cache's set the last plan looked at
     # Incremental planning: ``known`` is up to date with the ResourceSet of version ``basis``
     # except for the ``touched`` names; "" when the subscription changed (plan every name).
     basis: str = ""
     touched: set[str] = field(default_factory=set)
-    subscription: str = ""  # a digest of wildcard and names, part of the response version
+    dirty: bool = False  # something to plan: the cache told of a change, or the client asked
+    deferred_removals: bool = False  # removals wait until every addition is ACKed
+    responded: bool = False  # anything was ever sent for this type
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The last response of one type: whether it waits for its ACK, and what it holds meanwhile."""
+
+    nonce: str | None = None  # the nonce of the response waiting for its ACK; None: nothing waits
+    last_nonce: str = ""  # the latest nonce sent (a SotW request with another one is stale)
     held: int = 0  # bytes of the response in flight, taken from the SendBudget
-    sent_at: float = 0.0  # time.monotonic() when the response in flight was written
+    sent_at: float = 0.0  # time.monotonic() when the response in flight was handed to gRPC
+
+
+@dataclass(slots=True)
+class TypeState:
+    """What one type looks like on one stream: the subscription, the delivery, the response in
+    flight, and the status and metrics readers see."""
+
+    type_url: str
+    status: TypeStatus
+    subscription: Subscription = field(default_factory=Subscription)
+    delivery: Delivery = field(default_factory=Delivery)
+    in_flight: InFlight = field(default_factory=InFlight)
     meters: metrics.XdsType = field(init=False)  # this type's metrics
 
     def __post_init__(self) -> None:
@@ -169,11 +199,12 @@ class TypeState:
 
     def resubscribed(self) -> None:
         """The subscription changed: the next plan looks at every name."""
-        ordered = tuple(sorted(self.names))
-        self.basis = ""
-        self.subscription = names_digest(self.wildcard, ordered)
-        self.dirty = True
-        self.status.wildcard = self.wildcard
+        sub = self.subscription
+        ordered = tuple(sorted(sub.names))
+        sub.digest = names_digest(sub.wildcard, ordered)
+        self.delivery.basis = ""
+        self.delivery.dirty = True
+        self.status.wildcard = sub.wildcard
         self.status.subscribed = ordered
 
 
@@ -198,9 +229,11 @@ def names_digest(wildcard: bool, ordered: tuple[str, ...]) -> str:
 def response_version(state: TypeState, current: ResourceSet) -> str:
     """The version of what a stream's subscription selects from ``current``: a function of the
     set's version and the subscription, so computing it costs nothing per subscribed name."""
-    if state.wildcard and not state.names:
+    if state.subscription.wildcard and not state.subscription.names:
         return current.version
-    return hashlib.blake2b(f"{current.version}/{state.subscription}".encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(
+        f"{current.version}/{state.subscription.digest}".encode(), digest_size=8
+    ).hexdigest()
 
 
 class Stream:
@@ -308,7 +341,7 @@ class Stream:
 
     def _changed(self, type_url: str) -> None:
         """The cache: the resources of ``type_url`` for this proxy changed."""
-        self.states[type_url].dirty = True
+        self.states[type_url].delivery.dirty = True
         if self._behind_since is None:
             self._behind_since = self.cache.generation - 1
         self._wakeup.set()
@@ -324,26 +357,26 @@ class Stream:
         """An ACK or NACK returns its response's bytes to the budget as soon as it is read, even
         while this stream's loop waits for budget itself (else streams could wait on each other)."""
         state = self.states.get(request.type_url)
-        if state is not None and state.held and request.response_nonce == state.pending_nonce:
+        if state is not None and state.in_flight.held and request.response_nonce == state.in_flight.nonce:
             self._release(state)
 
     def _release(self, state: TypeState) -> None:
         """The bytes of ``state``'s last response are no longer in flight."""
-        if state.held:
-            self.budget.release(state.held)
-            state.held = 0
+        if state.in_flight.held:
+            self.budget.release(state.in_flight.held)
+            state.in_flight.held = 0
 
     def _ack(self, state: TypeState, version: str, nonce: str) -> None:
         self._release(state)
-        state.pending_nonce = None
-        state.meters.ack_latency.observe(time.monotonic() - state.sent_at)
+        state.in_flight.nonce = None
+        state.meters.ack_latency.observe(time.monotonic() - state.in_flight.sent_at)
         state.status.last_acked_version = version
         state.status.last_acked_nonce = nonce
         state.status.last_acked_at = time.time()
 
     def _nack(self, state: TypeState, nonce: str, error: Any) -> None:
         self._release(state)
-        state.pending_nonce = None
+        state.in_flight.nonce = None
         state.status.nacks += 1
         state.meters.nacks.inc()
         state.status.last_nack = Nack(
@@ -367,30 +400,34 @@ class Stream:
     def candidates(self, state: TypeState, current: ResourceSet) -> set[str] | None:
         """The names whose desired resource may differ from what ``known`` says, or None for all
         (the first plan, a new subscription, or a set that is not the successor of the last one)."""
-        if not state.basis:
+        if not state.delivery.basis:
             return None
-        if state.basis == current.version:
-            names = set(state.touched)
-        elif state.basis == current.base:
-            names = set(current.changed | current.removed) | state.touched
+        if state.delivery.basis == current.version:
+            names = set(state.delivery.touched)
+        elif state.delivery.basis == current.base:
+            names = set(current.changed | current.removed) | state.delivery.touched
         else:
             return None
-        return names if state.wildcard else names & state.names
+        return names if state.subscription.wildcard else names & state.subscription.names
 
     def desired_one(self, state: TypeState, current: ResourceSet, name: str) -> Resource | None:
         resource = current.by_name.get(name)
-        if resource is None and state.type_url in types.PLACEHOLDER_ON_MISSING and name in state.names:
+        if (
+            resource is None
+            and state.type_url in types.PLACEHOLDER_ON_MISSING
+            and name in state.subscription.names
+        ):
             resource = self.cache.placeholder(state.type_url, name)
         return resource
 
     def planned(self, state: TypeState, current: ResourceSet) -> None:
         """``known`` now reflects ``current`` for every name."""
-        state.basis = current.version
-        state.touched.clear()
+        state.delivery.basis = current.version
+        state.delivery.touched.clear()
 
     def desired(self, state: TypeState, current: ResourceSet) -> dict[str, Resource]:
-        wanted: dict[str, Resource] = dict(current.by_name) if state.wildcard else {}
-        for name in state.names:
+        wanted: dict[str, Resource] = dict(current.by_name) if state.subscription.wildcard else {}
+        for name in state.subscription.names:
             if name in wanted:
                 continue
             resource = current.by_name.get(name)
@@ -459,7 +496,7 @@ class Stream:
         """After a push planned against ``generation``: with nothing waiting for an ACK and nothing
         the cache told of left to plan, the proxy holds all of it (a push that sends nothing
         awaits nothing, so the generation is the same)."""
-        if any(s.pending_nonce is not None or s.dirty for s in self.states.values()):
+        if any(s.in_flight.nonce is not None or s.delivery.dirty for s in self.states.values()):
             return
         behind = self._behind_since
         if self._sent_since_synced and behind is not None:
@@ -474,34 +511,51 @@ class Stream:
         # Pass 1: additions and updates in ADS order.
         for type_url in types.PUSH_ORDER:
             maybe = self.states.get(type_url)
-            if maybe is None or not maybe.started or maybe.pending_nonce is not None:
+            if maybe is None or not maybe.subscription.started or maybe.in_flight.nonce is not None:
                 continue
             state = maybe
-            if not state.dirty:  # neither the cache nor the client changed anything of this type
+            if not state.delivery.dirty:  # neither the cache nor the client changed anything of this type
                 continue
             current = self.cache.resources(type_url, self.proxy)
-            state.last_set = current
-            state.dirty = False
+            state.delivery.last_set = current
+            state.delivery.dirty = False
             plan = self.plan(state, current, allow_removals=False)
             if plan is not None:
                 await self.send(state, plan)
         # Pass 2: removals, once every addition has been ACKed.
-        if any(s.pending_nonce is not None for s in self.states.values()):
+        if any(s.in_flight.nonce is not None for s in self.states.values()):
             return
         for type_url in types.PUSH_ORDER:
             deferred = self.states.get(type_url)
-            if deferred is None or not deferred.deferred_removals or deferred.last_set is None:
+            if (
+                deferred is None
+                or not deferred.delivery.deferred_removals
+                or deferred.delivery.last_set is None
+            ):
                 continue
-            deferred.deferred_removals = False
-            plan = self.plan(deferred, deferred.last_set, allow_removals=True)
+            deferred.delivery.deferred_removals = False
+            plan = self.plan(deferred, deferred.delivery.last_set, allow_removals=True)
             if plan is not None:
                 await self.send(deferred, plan)
 
     async def send(self, state: TypeState, plan: Plan) -> None:
         nonce = f"{next(_nonces):x}"
         self._release(state)
-        state.held = await self.budget.acquire(sum(len(r.body) for r in plan.resources))
+        size = sum(len(r.body) for r in plan.resources)
+        taken = self.budget.take(size)  # without a wait (and a coroutine) when there is room
+        state.in_flight.held = taken if taken is not None else await self.budget.acquire(size)
         data = self.encode(state, plan, nonce)
+        # Recorded before the write: the client may ACK (and readers see the status) before it returns.
+        flight, status = state.in_flight, state.status
+        flight.sent_at = time.monotonic()
+        flight.nonce = flight.last_nonce = nonce
+        state.delivery.responded = True
+        status.last_sent_version = plan.version
+        status.last_sent_nonce = nonce
+        status.last_sent_at = time.time()
+        status.responses += 1
+        state.meters.responses.inc()
+        self._sent_since_synced = True
         try:
             # asyncio.timeout, not wait_for: no task per write (wait_for's was 15 % of a change at W1)
             async with asyncio.timeout(self.limits.send_timeout):
@@ -512,16 +566,6 @@ class Stream:
                 f"client did not read a {types.short(state.type_url)} response within "
                 f"{self.limits.send_timeout:.0f}s; closing this stream",
             ) from None
-        state.sent_at = time.monotonic()
-        state.meters.responses.inc()
-        self._sent_since_synced = True
-        state.pending_nonce = nonce
-        state.last_nonce = nonce
-        state.responded = True
-        state.status.last_sent_version = plan.version
-        state.status.last_sent_nonce = nonce
-        state.status.last_sent_at = time.time()
-        state.status.responses += 1
         if state.type_url == types.CLUSTER and plan.updated:
             self._rewarm_endpoints(plan.updated)
 
@@ -531,6 +575,6 @@ class Stream:
         if eds is None:
             return
         for name in clusters:
-            eds.known.pop(name, None)
-        eds.touched.update(clusters)
-        eds.dirty = True
+            eds.delivery.known.pop(name, None)
+        eds.delivery.touched.update(clusters)
+        eds.delivery.dirty = True
