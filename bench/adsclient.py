@@ -8,11 +8,21 @@ only what is needed is parsed: the envelope with upb, each resource's name from 
 types put the name there), and Clusters and Listeners fully, cached by their bytes because many
 proxies receive identical resources. A client can carry gRPC metadata on its stream (bench.load
 --auth: its bearer token and member cluster, as `isthmus bootstrap --token-file` makes Envoy send).
+
+A stream that ends (the server went away, or ended it) is opened again after a jittered 0.1-1 s, as
+Envoy retries its ADS stream, presenting what the client holds: Delta sends, per type, the names it
+subscribes and (with ``track_versions``) ``initial_resource_versions`` for every resource it holds;
+SotW sends the last ACKed ``version_info`` of each type with the names it subscribes and no nonce
+(nonces belong to a stream). The channel's own reconnect backoff is set by the load tool (0.1-1 s).
+With ``keep_eds`` a client keeps the bytes of every ClusterLoadAssignment it holds (interned by
+content: the clients of one member cluster share them), so the load tool can check what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +61,13 @@ def open_stream(channel: grpc.aio.Channel, mode: str) -> Any:
 
 _CLUSTERS: dict[bytes, tuple[str, str | None]] = {}
 _LISTENERS: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+_BODIES: dict[bytes, bytes] = {}  # keep_eds: one bytes object per distinct ClusterLoadAssignment
+_BACKOFF = random.Random(0)  # the stream retry's jitter, apart from the load tool's seeded changes
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 1.0
+
+
+def intern_body(value: bytes) -> bytes:
+    return _BODIES.setdefault(value, value)
 
 
 def name_of(value: bytes) -> str:
@@ -110,11 +127,19 @@ class Totals:
     bytes: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
     nacks: int = 0
+    resources: int = 0  # resources carried by the responses (Delta: added or changed, SotW: all sent)
+    resources_by_type: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Streams that ended and were opened again. Outside ``expect_breaks`` (the load tool sets it
+    # while it restarts the server) an ended stream is also an error.
+    breaks: int = 0
+    break_codes: dict[str, int] = field(default_factory=dict)
+    expect_breaks: bool = False
 
 
-# on_eds(client, raw_response_bytes, ack_time) is called after an EDS response was ACKed.
-EdsHook = Callable[["SimEnvoy", bytes, float], None]
+# on_eds(client, raw_response_bytes, names, ack_time) is called after an EDS response was ACKed;
+# names: the assignments it added or replaced (with keep_eds, their bytes are in client.eds).
+EdsHook = Callable[["SimEnvoy", bytes, list[str], float], None]
 
 
 def make_node(
@@ -162,6 +187,8 @@ class SimEnvoy:
         on_eds: EdsHook | None = None,
         on_complete: Callable[[SimEnvoy], None] | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
+        keep_eds: bool = False,
+        track_versions: bool = False,
     ) -> None:
         self.index = index
         self.metadata = metadata  # gRPC metadata of the stream (credentials: authorization, isthmus-cluster)
@@ -184,10 +211,24 @@ class SimEnvoy:
         self.nonce: dict[str, str] = {}
         self.clusters: dict[str, str | None] = {}  # CDS name -> EDS name
         self.listeners: dict[str, tuple[str, ...]] = {}  # LDS name -> route names
+        self.keep_eds = keep_eds
+        self.eds: dict[str, bytes] = {}  # keep_eds: EDS name -> the assignment's bytes
+        self.track_versions = track_versions and mode == "delta"
+        self.versions: dict[str, dict[str, str]] = {}  # Delta: type -> name -> version held
+        self.requested: list[str] = []  # the types asked for on the stream, in order
+        # Streams: how many were opened, when the current one was (its first request written), the
+        # last ACK and the responses on it.
+        self.streams = 0
+        self.connected_at: float | None = None
+        self.last_ack_at: float | None = None
+        self.stream_responses = 0
+        self._stopping = False
 
     # ---- requests ----------------------------------------------------------------------
 
     async def _send(self, request: Any) -> None:
+        if request.type_url not in self.requested:
+            self.requested.append(request.type_url)
         if not self._node_sent:
             request.node.CopyFrom(self.node)
             self._node_sent = True
@@ -204,7 +245,12 @@ class SimEnvoy:
         )
 
     async def _delta(
-        self, type_url: str, sub: set[str] | None = None, unsub: set[str] | None = None, nonce: str = ""
+        self,
+        type_url: str,
+        sub: set[str] | None = None,
+        unsub: set[str] | None = None,
+        nonce: str = "",
+        initial: dict[str, str] | None = None,
     ) -> None:
         await self._send(
             discovery_pb2.DeltaDiscoveryRequest(
@@ -212,6 +258,7 @@ class SimEnvoy:
                 resource_names_subscribe=sorted(sub or ()),
                 resource_names_unsubscribe=sorted(unsub or ()),
                 response_nonce=nonce,
+                initial_resource_versions=initial or {},
             )
         )
 
@@ -229,30 +276,71 @@ class SimEnvoy:
     # ---- the stream ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The ADS stream, opened again (after a jittered 0.1-1 s) whenever it ends, until cancel()."""
+        while not self._stopping:
+            code = await self._stream()
+            if self._stopping:
+                return
+            t = self.totals
+            t.breaks += 1
+            t.break_codes[code] = t.break_codes.get(code, 0) + 1
+            await asyncio.sleep(_BACKOFF.uniform(RETRY_MIN_S, RETRY_MAX_S))
+
+    async def _stream(self) -> str:
+        """One stream, from its first request to its end; returns how it ended (a status code name)."""
         self._call = self._mc(wait_for_ready=True, metadata=self.metadata or None)
+        self._node_sent = False
+        self.nonce = {}  # nonces belong to the stream that sent them
+        self.streams += 1
+        self.stream_responses = 0
         try:
-            if self.mode == "sotw":
-                await self._sotw(CDS, None)
-                await self._sotw(LDS, None)
+            if self.streams == 1:
+                if self.mode == "sotw":
+                    await self._sotw(CDS, None)
+                    await self._sotw(LDS, None)
+                else:
+                    await self._delta(CDS)
+                    await self._delta(LDS)
+                if self.mtls:
+                    await self._subscribe(SDS, set(SECRETS))
             else:
-                await self._delta(CDS)
-                await self._delta(LDS)
-            if self.mtls:
-                await self._subscribe(SDS, set(SECRETS))
+                await self._resume()
+            self.connected_at = time.monotonic()
             while True:
                 raw = await self._call.read()
                 if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
-                    break
+                    self._broke("the server ended the stream")
+                    return "EOF"
                 await self._handle(raw)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self.totals.errors.append(f"{self.node.id}: {exc.code()} {exc.details()}")
+            if not self._stopping:
+                self._broke(f"{exc.code()} {exc.details()}")
+            return str(exc.code().name)
         except Exception as exc:  # a load tool reports, it does not crash
-            self.totals.errors.append(f"{self.node.id}: {type(exc).__name__}: {exc}")
+            if not self._stopping:
+                self.totals.errors.append(f"{self.node.id}: {type(exc).__name__}: {exc}")
+            return type(exc).__name__
+
+    def _broke(self, why: str) -> None:
+        if not self.totals.expect_breaks and not self._stopping:
+            self.totals.errors.append(f"{self.node.id}: stream {self.streams} ended: {why}")
+
+    async def _resume(self) -> None:
+        """A new stream's first requests: every type asked for before, presenting what is held."""
+        for type_url in self.requested:
+            names = self.subscribed.get(type_url)  # None: a wildcard type (CDS, LDS)
+            if names is not None and not names:
+                continue
+            if self.mode == "sotw":
+                await self._sotw(type_url, names, self.version.get(type_url, ""))
+            else:
+                initial = self.versions.get(type_url) if self.track_versions else None
+                await self._delta(type_url, names, initial=initial)
 
     def cancel(self) -> None:
+        self._stopping = True
         if self._call is not None:
             self._call.cancel()
 
@@ -260,10 +348,13 @@ class SimEnvoy:
         t = self.totals
         t.responses += 1
         t.bytes += len(raw)
+        self.stream_responses += 1
+        names: list[str] = []
         if self.mode == "sotw":
             r = discovery_pb2.DiscoveryResponse.FromString(raw)
             type_url = r.type_url
             values = [a.value for a in r.resources]
+            count = len(values)
             if type_url == CDS:
                 self.clusters = dict(cluster_info(v) for v in values)
                 self.held[CDS] = set(self.clusters)
@@ -272,11 +363,16 @@ class SimEnvoy:
                 self.held[LDS] = set(self.listeners)
             else:
                 # EDS, RDS and SDS responses carry the requested resources; absent ones are kept.
-                self.held[type_url].update(name_of(v) for v in values)
+                names = [name_of(v) for v in values]
+                self.held[type_url].update(names)
+                if type_url == EDS and self.keep_eds:
+                    for name, v in zip(names, values, strict=True):
+                        self.eds[name] = intern_body(v)
         else:
             r = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
             type_url = r.type_url
             removed = set(r.removed_resources)
+            count = len(r.resources)
             if type_url == CDS:
                 for name in removed:
                     self.clusters.pop(name, None)
@@ -290,8 +386,22 @@ class SimEnvoy:
             else:
                 held = self.held[type_url]
                 held -= removed
-                held.update(x.name for x in r.resources)
+                names = [x.name for x in r.resources]
+                held.update(names)
+                if type_url == EDS and self.keep_eds:
+                    for name in removed:
+                        self.eds.pop(name, None)
+                    for x in r.resources:
+                        self.eds[x.name] = intern_body(x.resource.value)
+            if self.track_versions:
+                versions = self.versions.setdefault(type_url, {})
+                for name in removed:
+                    versions.pop(name, None)
+                for x in r.resources:
+                    versions[x.name] = sys.intern(x.version)
         t.by_type[type_url] = t.by_type.get(type_url, 0) + 1
+        t.resources += count
+        t.resources_by_type[type_url] = t.resources_by_type.get(type_url, 0) + count
         # Envoy requests the dependent types before it ACKs the response that named them.
         if type_url == CDS:
             await self._subscribe(EDS, {e for e in self.clusters.values() if e is not None})
@@ -304,9 +414,10 @@ class SimEnvoy:
         else:
             await self._delta(type_url, nonce=r.nonce)
         now = time.monotonic()
+        self.last_ack_at = now
         self.acked_types.add(type_url)
         if type_url == EDS and self.on_eds is not None:
-            self.on_eds(self, raw, now)
+            self.on_eds(self, raw, names, now)
         if self.complete_at is None and self._complete():
             self.complete_at = now
             if self.on_complete is not None:

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import functools
 import multiprocessing
 import os
 import platform
 import random
+import re
 import resource
 import secrets
 import signal
@@ -50,6 +52,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -58,6 +61,7 @@ from typing import Any, Protocol
 import aiohttp
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 
 from bench import discovery
 from bench.adsclient import EDS, SimEnvoy, Totals, make_node, open_stream
@@ -148,17 +152,26 @@ class Workload:
         self.shape = shape
         self.kube = shape.mesh
         self.moved: dict[tuple[int, int], dict[int, str]] = {}
+        # Where change i lands (cluster, service, endpoint), when not the default spread (--churn
+        # draws them at random).
+        self.plan: dict[int, tuple[int, int, int]] = {}
 
     def address(self, c: int, s: int, e: int) -> str:
         return self.moved.get((c, s), {}).get(e) or self.kube.address(c, s, e)
 
-    def change(self, i: int) -> tuple[Change, int, int]:
-        """Change i: a new, unique address for one endpoint of cluster i % C; returns it, c and s."""
+    def planned(self, i: int) -> tuple[Change, int, int, int]:
+        """Change i, not applied: a new, unique address for one endpoint (of cluster i % C unless
+        planned otherwise); returns it, c, s and e."""
         sh = self.shape
-        c, s, e = i % sh.clusters, (i * 7919) % sh.services, (i * 31) % sh.endpoints
+        c, s, e = self.plan.get(i) or (i % sh.clusters, (i * 7919) % sh.services, (i * 31) % sh.endpoints)
         address = f"10.{100 + c % 100}.{i // 250 % 256}.{i % 250 + 1}"
-        self.moved.setdefault((c, s), {})[e] = address
-        return Change(i, member(c), address), c, s
+        return Change(i, member(c), address), c, s, e
+
+    def change(self, i: int) -> tuple[Change, int, int]:
+        """Apply change i; returns it, c and s."""
+        change, c, s, e = self.planned(i)
+        self.moved.setdefault((c, s), {})[e] = change.address
+        return change, c, s
 
 
 class MeshFile:
@@ -210,6 +223,14 @@ class MeshFile:
         for e in range(self.workload.shape.endpoints):
             self.lines[self.where[(c, s, e)]] = self._line(c, s, e)
         return change
+
+
+def eds_name(s: int) -> str:
+    """The EDS (and CDS) name of service s's port 8080 (isthmus.xds.naming.outbound_cluster)."""
+    return f"outbound|8080||{service_name(s)}.{namespace(s)}.svc.cluster.local"
+
+
+_EDS_SERVICE = re.compile(r"^outbound\|8080\|\|svc-(\d+)\.")
 
 
 def client_account(shape: Shape, i: int) -> tuple[int, str, str]:
@@ -329,8 +350,14 @@ class IsthmusTarget:
         self.poll: float = args.poll_interval
         self.mtls: bool = args.mtls
         self.debounce: float | None = args.debounce
+        self.debounce_max: float | None = args.debounce_max
         self.profile: Path | None = args.profile_server
         self.auth = Auth(args.auth, workload.shape, workdir) if args.auth else None
+        # --reconnect-storm: the development root is kept in a directory, as a deployment keeps its
+        # CA, so the restarted server has the same trust root (--auth keeps it there already).
+        self.keep_ca: Path | None = workdir / "ca" if args.reconnect_storm and self.auth is None else None
+        self._command: list[str] = []
+        self.restart_s = float("nan")
         self.mesh = MeshFile(workload, workdir / "mesh.yaml")
         self.xds_address = f"127.0.0.1:{free_port()}"
         self.admin_address = f"127.0.0.1:{free_port()}"
@@ -374,8 +401,12 @@ class IsthmusTarget:
         serve += ["--xds-address", self.xds_address, "--admin-address", self.admin_address]
         if self.debounce is not None:
             serve += ["--debounce", str(self.debounce)]
+        if self.debounce_max is not None:
+            serve += ["--debounce-max", str(self.debounce_max)]
         if not self.mtls:
             serve.append("--no-mtls")
+        elif self.keep_ca is not None:
+            serve += ["--ca-dir", str(self.keep_ca)]
         if self.auth is not None:
             serve += self.auth.server_args()
         shim = self.source == "file" and self.poll != 1.0
@@ -389,19 +420,37 @@ class IsthmusTarget:
         return [str(VENV_BIN / "isthmus"), *serve]
 
     async def start(self) -> None:
-        command = self.command(await asyncio.to_thread(self._source_args))
+        self._command = self.command(await asyncio.to_thread(self._source_args))
+        self.startup_s = await self._spawn("wb")
+
+    async def _spawn(self, log_mode: str, spawned: Callable[[int], None] | None = None) -> float:
+        """Start the server with its command; return the seconds from spawn to /readyz."""
         t0 = time.monotonic()
-        self.log = (self.workdir / "isthmus.log").open("wb")
-        self.proc = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
-            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        self.log = (self.workdir / "isthmus.log").open(log_mode)
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - before anything is measured, or the restart itself
+            self._command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
+        if spawned is not None:
+            spawned(self.proc.pid)
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"isthmus exited ({self.proc.returncode}); see {self.workdir}/isthmus.log")
             if await asyncio.to_thread(self._ready):
                 break
             await asyncio.sleep(0.05)
-        self.startup_s = time.monotonic() - t0
+        return time.monotonic() - t0
+
+    async def kill(self) -> None:
+        """SIGKILL the server (its usage so far is kept for the report) and reap it."""
+        assert self.proc is not None
+        self.usage()
+        self.proc.kill()
+        await asyncio.to_thread(self.proc.wait)
+        self.log.close()
+
+    async def restart(self, spawned: Callable[[int], None] | None = None) -> None:
+        """Start the server again with the same arguments (the API servers kept running)."""
+        self.restart_s = await self._spawn("ab", spawned)
 
     def _ready(self) -> bool:
         url = f"http://{self.admin_address}/readyz"
@@ -498,13 +547,219 @@ class Tracker:
     def __init__(self) -> None:
         self.pending: list[Pending] = []
 
-    def on_eds(self, client: SimEnvoy, raw: bytes, now: float) -> None:
+    def on_eds(self, client: SimEnvoy, raw: bytes, names: list[str], now: float) -> None:
         for p in self.pending:
             if client.index in p.remaining and client.member == p.change.cluster and p.change.marker in raw:
                 p.remaining.discard(client.index)
                 p.acks[client.index] = now
                 if not p.remaining:
                     p.done.set()
+
+
+@dataclass(slots=True)
+class ChurnChange:
+    """One change of the rolling churn: when it was due, written, and who holds a state with it."""
+
+    change: Change
+    scheduled: float
+    expected: int  # clients that must receive it: they see its cluster's endpoints and hold the name
+    written: float = float("nan")
+    reached: int = 0
+    first: float = float("nan")
+    last: float = float("nan")
+
+
+class ChurnTracker:
+    """Convergence of every change of a rolling churn, attributed per change and client.
+
+    A change rewrites one endpoint of one service in one cluster; every change's address is new,
+    and the API server holds the whole EndpointSlice, so an assignment the server sends reflects a
+    prefix of that service's changes: it holds the address of the latest change it includes (later
+    changes may have moved the same endpoint again, and then the earlier address is gone). A client
+    has reached change k of a chain (the changes of one assignment, as its clients see it) when it
+    ACKed an assignment holding the address of change k or of a later change of the chain; a change
+    has converged when every client that should receive it has reached it, at the last of those
+    ACKs. Per ACKed EDS response this costs, for each assignment in it that has changes, a scan
+    from the chain's newest change back to the client's last one (a substring search each)."""
+
+    def __init__(self, clients: list[SimEnvoy], mtls: bool) -> None:
+        self.mtls = mtls
+        self.recipients: dict[str, list[SimEnvoy]] = {}
+        for cl in clients:
+            self.recipients.setdefault(self.view(cl.member), []).append(cl)
+        self.chains: dict[tuple[str, str], list[ChurnChange]] = {}
+        self.level: dict[tuple[int, str], int] = {}  # (client, name) -> the last change reached
+        self.changes: list[ChurnChange] = []
+        self.open = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.errors: list[str] = []
+
+    def view(self, cluster: str) -> str:
+        """Whose assignments an endpoint of ``cluster`` is in: with mTLS the clients of that cluster
+        (the others reach it through its gateway, weighted by its healthy endpoints, which an
+        address change leaves alone), without mTLS every client."""
+        return cluster if self.mtls else "*"
+
+    def register(self, change: Change, s: int, scheduled: float) -> ChurnChange:
+        """Before the write, so that no ACK can come before the change is known."""
+        name = eds_name(s)
+        view = self.view(change.cluster)
+        expected = sum(1 for cl in self.recipients.get(view, []) if name in cl.subscribed[EDS])
+        if not expected:
+            self.errors.append(f"churn: no client of {view} holds {name}")
+        entry = ChurnChange(change, scheduled, expected)
+        self.chains.setdefault((view, name), []).append(entry)
+        self.changes.append(entry)
+        if expected:
+            self.open += 1
+            self.idle.clear()
+        return entry
+
+    def on_eds(self, client: SimEnvoy, raw: bytes, names: list[str], now: float) -> None:
+        view = self.view(client.member)
+        for name in names:
+            chain = self.chains.get((view, name))
+            if chain is None:
+                continue
+            key = (client.index, name)
+            have = self.level.get(key, -1)
+            body = client.eds.get(name)
+            if have == len(chain) - 1 or body is None:
+                continue
+            for p in range(len(chain) - 1, have, -1):
+                if chain[p].change.marker in body:
+                    break
+            else:
+                continue
+            for entry in chain[have + 1 : p + 1]:
+                entry.reached += 1
+                if entry.reached == 1:
+                    entry.first = now
+                entry.last = now
+                if entry.reached == entry.expected:
+                    self.open -= 1
+                    if not self.open:
+                        self.idle.set()
+            self.level[key] = p
+
+
+class EdsCheck:
+    """What every client holds against what it must hold: for each assignment a client subscribes,
+    the endpoint addresses of the final mesh (its own cluster's endpoints directly and, with mTLS,
+    the gateway of every other cluster; without mTLS every cluster's endpoints directly), as a set
+    (a gateway stands once for each locality of its cluster's endpoints; every endpoint address is
+    distinct). Parsed once per distinct assignment (clients keep them interned: keep_eds)."""
+
+    def __init__(self, workload: Workload, mtls: bool) -> None:
+        self.workload = workload
+        self.mtls = mtls
+        self._hosts: dict[bytes, tuple[str, ...]] = {}
+        self._service: dict[str, int] = {}
+
+    def hosts(self, body: bytes) -> tuple[str, ...]:
+        hit = self._hosts.get(body)
+        if hit is None:
+            cla = endpoint_pb2.ClusterLoadAssignment.FromString(body)
+            lbs = [lb for loc in cla.endpoints for lb in loc.lb_endpoints]
+            hit = tuple(sorted({lb.endpoint.address.socket_address.address for lb in lbs}))
+            self._hosts[body] = hit
+        return hit
+
+    def service(self, name: str) -> int:
+        s = self._service.get(name)
+        if s is None:
+            m = _EDS_SERVICE.match(name)
+            s = self._service[name] = int(m.group(1)) if m else -1
+        return s
+
+    def expected(self, cluster: int, s: int) -> tuple[str, ...]:
+        shape, w = self.workload.shape, self.workload
+        hosts: list[str] = []
+        for c in range(shape.clusters):
+            if c == cluster or not self.mtls:
+                hosts += [w.address(c, s, e) for e in range(shape.endpoints)]
+            else:
+                hosts.append(gateway(c).split(":")[0])
+        return tuple(sorted(set(hosts)))
+
+    def check(self, clients: list[SimEnvoy]) -> tuple[int, dict[int, str]]:
+        """(mismatched assignments, per client with any: what and how many)."""
+        want: dict[tuple[int, int], tuple[str, ...]] = {}
+        bad = 0
+        lines: dict[int, str] = {}
+        for cl in clients:
+            c = int(cl.member[1:])
+            wrong: list[str] = []
+            for name in cl.subscribed[EDS]:
+                s = self.service(name)
+                body = cl.eds.get(name)
+                if s < 0 or body is None:
+                    wrong.append(f"{name} {'not held' if body is None else 'unknown'}")
+                    continue
+                expected = want.get((c, s))
+                if expected is None:
+                    expected = want[(c, s)] = self.expected(c, s)
+                if self.hosts(body) != expected:
+                    wrong.append(f"{name} holds {self.hosts(body)} not {expected}")
+            if not cl.subscribed[EDS]:
+                wrong.append("no EDS subscribed")
+            if wrong:
+                bad += len(wrong)
+                lines[cl.index] = f"{cl.node.id}: {len(wrong)} assignments wrong, e.g. {wrong[0]}"
+        return bad, lines
+
+
+# ---- the go-control-plane peer's controller, driven from here (its target is bench.peer) ------
+
+
+def _gcp_regenerate(target: Any) -> Any:
+    target.controller.load()
+    return target.controller.groups()
+
+
+async def gcp_apply_batch(target: Any, indices: list[int]) -> tuple[list[Change], dict[str, float]]:
+    """Churn through the peer: changes i in ``indices`` are applied to the mesh together and the
+    snapshots regenerated once (the controller's cost is a whole re-parse, seconds at W1, so one
+    change at a time cannot follow a steady rate), then each changed group is PATCHed. Returns the
+    changes and, per member cluster, when its PATCH was answered (bench.peer's convergence origin;
+    the PATCHes block the loop for the reason GcpTarget.apply_change gives)."""
+    changes = [target.mesh.change(i) for i in indices]
+    groups = await asyncio.to_thread(_gcp_regenerate, target)
+    visible: dict[str, float] = {}
+    touched = {ch.cluster for ch in changes}
+    for member_name in sorted(groups, key=lambda m: m not in touched):
+        target._patch(member_name, groups[member_name])
+        visible[member_name] = time.monotonic()
+    return changes, visible
+
+
+async def gcp_kill(target: Any) -> None:
+    target.usage()
+    target.proc.kill()
+    await asyncio.to_thread(target.proc.wait)
+    if target.log is not None:
+        target.log.close()
+
+
+async def gcp_restart(target: Any) -> None:
+    """The peer again with the same arguments, fed every group's current snapshot (its controller
+    regenerates first, outside the timing, as GcpTarget.start does): spawn -> every group PUT."""
+    groups = await asyncio.to_thread(_gcp_regenerate, target)
+    t0 = time.monotonic()
+    target.log = (target.workdir / "gcp-peer.log").open("ab")
+    target.proc = subprocess.Popen(  # noqa: ASYNC220 - the restart itself
+        [str(target.binary), "-xds", target.xds_address, "-control", target.control_address],
+        stdout=target.log,
+        stderr=subprocess.STDOUT,
+    )
+    while not await asyncio.to_thread(target._healthy):
+        if target.proc.poll() is not None:
+            raise RuntimeError(f"gcp-peer exited ({target.proc.returncode}) on restart")
+        await asyncio.sleep(0.02)
+    for member_name, group in groups.items():
+        await asyncio.to_thread(target._put, member_name, group)
+    target.restart_s = time.monotonic() - t0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -542,6 +797,229 @@ class Scrapes:
                     await asyncio.sleep(pause)
 
 
+def _type_counts(totals: Totals, responses: dict[str, int], resources: dict[str, int]) -> str:
+    """Responses (resources) per type since the counts given: "CDS 1000 (0), EDS 333 (333), ..."."""
+    short = {"Cluster": "CDS", "ClusterLoadAssignment": "EDS", "Listener": "LDS"}
+    short |= {"RouteConfiguration": "RDS", "Secret": "SDS"}
+    parts = []
+    for type_url in sorted(totals.by_type):
+        n = totals.by_type[type_url] - responses.get(type_url, 0)
+        if n:
+            r = totals.resources_by_type.get(type_url, 0) - resources.get(type_url, 0)
+            name = type_url.rsplit(".", 1)[-1]
+            parts.append(f"{short.get(name, name)} {n} ({r})")
+    return ", ".join(parts) or "none"
+
+
+async def rolling_churn(
+    args: argparse.Namespace,
+    target: Target,
+    workload: Workload,
+    churn: ChurnTracker,
+    totals: Totals,
+    sampler: Sampler,
+    eds_check: EdsCheck,
+    clients: list[SimEnvoy],
+) -> dict[str, Any]:
+    """--churn RATE --churn-seconds S: endpoint changes at a steady rate (random, seeded: cluster,
+    service, endpoint), written on schedule without waiting for convergence, then drained; every
+    change's convergence (ChurnTracker) and, at the end, what every client holds (EdsCheck)."""
+    rate, shape = args.churn, workload.shape
+    total = max(1, round(rate * args.churn_seconds))
+    rng = random.Random(args.seed * 7919 + 1)
+    base = args.changes  # after the one-at-a-time changes: every change's address is unique
+    for k in range(total):
+        workload.plan[base + k] = (
+            rng.randrange(shape.clusters),
+            rng.randrange(shape.services),
+            rng.randrange(shape.endpoints),
+        )
+    gcp = target.name == "gcp"
+    resp0, bytes0, res0 = totals.responses, totals.bytes, totals.resources
+    by0, rby0 = dict(totals.by_type), dict(totals.resources_by_type)
+    cpu0, _ = target.usage()
+    own0 = time.process_time()
+    sampler.start("rolling")
+    start = time.monotonic()
+    k = 0
+    while k < total:
+        now = time.monotonic()
+        due = min(total, int((now - start) * rate) + 1)
+        if due <= k:
+            await asyncio.sleep(start + k / rate - now)
+            continue
+        # isthmus: each change is its own API write. The peer: the changes due are one batch.
+        batch = list(range(base + k, base + due)) if gcp else [base + k]
+        entries = []
+        for i in batch:
+            change, _, s, _ = workload.planned(i)
+            entries.append(churn.register(change, s, start + (i - base) / rate))
+        if gcp:
+            _, visible = await gcp_apply_batch(target, batch)
+            for entry in entries:
+                entry.written = visible[entry.change.cluster]
+        else:
+            _, entries[0].written = await target.apply_change(batch[0])
+            await asyncio.sleep(0)  # behind schedule, the writes still let the clients run
+        k += len(batch)
+    end = time.monotonic()
+    cpu1, _ = target.usage()
+    own1 = time.process_time()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(churn.idle.wait(), args.change_timeout)
+    drained = time.monotonic()
+    sampler.stop()
+    await asyncio.sleep(0.3)  # a push in flight (nothing it could carry is missing if all converged)
+    wrong, lines = eds_check.check(clients)
+    totals.errors += [f"after churn: {line}" for line in lines.values()]
+    done = [e for e in churn.changes if e.expected and e.reached >= e.expected]
+    for e in churn.changes:
+        if e.expected and e.reached < e.expected:
+            totals.errors.append(
+                f"churn change {e.change.index} ({e.change.address} in {e.change.cluster}): "
+                f"{e.expected - e.reached} of {e.expected} clients never ACKed it"
+            )
+    conv = [e.last - e.written for e in done]
+    first = [e.first - e.written for e in done]
+    lag = [e.written - e.scheduled for e in churn.changes]
+    wall = end - start
+    return {
+        "churn_rate": rate,
+        "churn_written": len(churn.changes),
+        "churn_write_s": wall,
+        "churn_write_lag_p50_ms": pct(lag, 50) * 1e3,
+        "churn_write_lag_p99_ms": pct(lag, 99) * 1e3,
+        "churn_conv_n": len(conv),
+        "churn_unconverged": len(churn.changes) - len(done),
+        "churn_conv_p50_ms": pct(conv, 50) * 1e3,
+        "churn_conv_p90_ms": pct(conv, 90) * 1e3,
+        "churn_conv_p99_ms": pct(conv, 99) * 1e3,
+        "churn_conv_max_ms": max(conv) * 1e3 if conv else float("nan"),
+        "churn_first_p50_ms": pct(first, 50) * 1e3,
+        "churn_drain_s": drained - end,
+        "churn_server_cores": (cpu1 - cpu0) / wall,
+        "churn_tool_cores": (own1 - own0) / wall,
+        "churn_responses": totals.responses - resp0,
+        "churn_by_type": _type_counts(totals, by0, rby0),
+        "churn_resources": totals.resources - res0,
+        "churn_mb": (totals.bytes - bytes0) / 1e6,
+        "churn_clients_converged": len(clients) - len(lines),
+        "churn_assignments_wrong": wrong,
+    }
+
+
+async def reconnect_storm(
+    args: argparse.Namespace,
+    target: Target,
+    workload: Workload,
+    totals: Totals,
+    sampler: Sampler,
+    eds_check: EdsCheck,
+    clients: list[SimEnvoy],
+) -> dict[str, Any]:
+    """--reconnect-storm: SIGKILL the server, make --storm-changes endpoint changes while it is
+    down, start it again with the same arguments; every client's stream breaks and is opened again
+    (bench.adsclient: jittered 0.1-1 s, presenting what it holds). A client is synced again at the
+    later of its new stream's opening and its last ACK on it; the storm is over once every client
+    has a new stream and no response came for a second, and what every client holds is then
+    checked against the final mesh (EdsCheck) and its CDS/LDS/RDS/SDS names against before."""
+    gcp = target.name == "gcp"
+    await asyncio.sleep(0.5)  # whatever is in flight lands before the kill
+    before = {cl.index: (cl.streams, {t: set(n) for t, n in cl.held.items() if t != EDS}) for cl in clients}
+    resp0, bytes0, res0, breaks0 = totals.responses, totals.bytes, totals.resources, totals.breaks
+    by0, rby0, codes0 = dict(totals.by_type), dict(totals.resources_by_type), dict(totals.break_codes)
+    totals.expect_breaks = True
+    killed = time.monotonic()
+    if gcp:
+        await gcp_kill(target)
+    else:
+        assert isinstance(target, IsthmusTarget)
+        await target.kill()
+    base = args.changes + (round(args.churn * args.churn_seconds) if args.churn > 0 else 0)
+    for j in range(args.storm_changes):  # while the control plane is down
+        if gcp:
+            target.mesh.change(base + j)  # type: ignore[attr-defined]
+        else:
+            await target.apply_change(base + j)
+    loop = asyncio.get_running_loop()
+
+    def spawned(pid: int) -> None:
+        sampler.pid = pid
+        loop.call_later(0.3, sampler.start, "storm")
+
+    spawn = time.monotonic()
+    if gcp:
+        await gcp_restart(target)
+    else:
+        assert isinstance(target, IsthmusTarget)
+        await target.restart(spawned)
+    ready = time.monotonic()
+    deadline = killed + args.storm_timeout
+    last_response, quiet_since = totals.responses, ready
+    wrong, lines = -1, dict[int, str]()
+    while True:
+        await asyncio.sleep(0.05)
+        now = time.monotonic()
+        if totals.responses != last_response:
+            last_response, quiet_since = totals.responses, now
+        reconnected = all(
+            cl.streams > before[cl.index][0] and (cl.connected_at or 0) > killed for cl in clients
+        )
+        if reconnected and now - quiet_since >= 1.0:
+            wrong, lines = eds_check.check(clients)
+            if not wrong:
+                break
+            quiet_since = now  # a push may still be due: check again after another quiet second
+        if now > deadline:
+            break
+    cpu, peak = target.usage()
+    sampler.stop()
+    totals.expect_breaks = False
+    if wrong < 0:
+        wrong, lines = eds_check.check(clients)
+    synced: list[float] = []
+    silent = 0
+    for cl in clients:
+        streams, held = before[cl.index]
+        if cl.streams <= streams or cl.connected_at is None or cl.connected_at <= killed:
+            totals.errors.append(f"storm: {cl.node.id} did not reconnect within {args.storm_timeout:g} s")
+            continue
+        if cl.stream_responses == 0:
+            silent += 1
+        names_ok = True
+        for type_url, names in held.items():
+            if cl.held[type_url] != names:
+                names_ok = False
+                totals.errors.append(
+                    f"storm: {cl.node.id} holds {len(cl.held[type_url])} {type_url.rsplit('.', 1)[-1]} "
+                    f"names, {len(names)} before the restart"
+                )
+        if names_ok and cl.index not in lines:
+            last = cl.last_ack_at if cl.last_ack_at is not None and cl.last_ack_at > killed else 0.0
+            synced.append(max(cl.connected_at, last) - killed)
+    totals.errors += [f"after the storm: {line}" for line in lines.values()]
+    codes = {c: n - codes0.get(c, 0) for c, n in totals.break_codes.items() if n - codes0.get(c, 0)}
+    return {
+        "storm_outage_changes": args.storm_changes,
+        "storm_server_startup_s": getattr(target, "restart_s", float("nan")),
+        "storm_kill_to_spawn_s": spawn - killed,
+        "storm_reconnected_s": max((cl.connected_at or 0) for cl in clients) - killed,
+        "storm_synced_s": max(synced) if len(synced) == len(clients) else float("nan"),
+        "storm_synced_p50_s": pct(synced, 50),
+        "storm_clients_synced": len(synced),
+        "storm_clients_silent": silent,
+        "storm_breaks": totals.breaks - breaks0,
+        "storm_break_codes": ", ".join(f"{c} {n}" for c, n in sorted(codes.items())) or "none",
+        "storm_responses": totals.responses - resp0,
+        "storm_by_type": _type_counts(totals, by0, rby0),
+        "storm_resources": totals.resources - res0,
+        "storm_mb": (totals.bytes - bytes0) / 1e6,
+        "storm_server_cpu_s": cpu,
+        "storm_server_peak_rss_mib": peak / 2**20,
+        "storm_assignments_wrong": max(wrong, 0),
+    }
+
+
 async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[str, Any]:
     totals = Totals()
     tracker = Tracker()
@@ -554,6 +1032,11 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         ("grpc.max_receive_message_length", -1),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # A lost connection is retried within 0.1-1 s (gRPC's default starts at 1 s and grows to
+        # 120 s); Envoy opens a new connection for each attempt of its ADS stream.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     auth: Auth | None = getattr(target, "auth", None)  # only IsthmusTarget has it (parse_args checks)
     channels = [
@@ -572,6 +1055,16 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         if completed == shape.clients:
             all_complete.set()
 
+    churn: ChurnTracker | None = None
+
+    def on_eds(client: SimEnvoy, raw: bytes, names: list[str], now: float) -> None:
+        if tracker.pending:
+            tracker.on_eds(client, raw, names, now)
+        if churn is not None:
+            churn.on_eds(client, raw, names, now)
+
+    # What the clients hold is checked (their assignments' bytes kept) after a churn or a storm.
+    check = args.churn > 0 or args.reconnect_storm
     clients: list[SimEnvoy] = []
     for i in range(shape.clients):
         cluster, node = client_node(shape, i)
@@ -584,9 +1077,11 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
                 streams[i % len(streams)],
                 totals,
                 mtls=args.mtls,
-                on_eds=tracker.on_eds,
+                on_eds=on_eds,
                 on_complete=on_complete,
                 metadata=auth.metadata(i) if auth is not None else (),
+                keep_eds=check,
+                track_versions=args.reconnect_storm,
             )
         )
 
@@ -687,6 +1182,15 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     row["responses"] = totals.responses
     row["mb_received"] = totals.bytes / 1e6
 
+    workload: Workload = getattr(target, "workload")  # noqa: B009 - both targets have one
+    eds_check = EdsCheck(workload, args.mtls)
+    if args.churn > 0:
+        churn = ChurnTracker(clients, args.mtls)
+        row.update(await rolling_churn(args, target, workload, churn, totals, sampler, eds_check, clients))
+        totals.errors += churn.errors
+    if args.reconnect_storm:
+        row.update(await reconnect_storm(args, target, workload, totals, sampler, eds_check, clients))
+
     for cl in clients:
         cl.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -736,6 +1240,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--debounce", type=float, default=None, help="isthmus --debounce (default: as shipped, 0.1 s)"
     )
+    p.add_argument(
+        "--debounce-max",
+        type=float,
+        default=None,
+        help="isthmus --debounce-max (default: as shipped, 1 s: what a push waits at most under churn)",
+    )
+    p.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="rolling churn after the one-at-a-time changes: RATE endpoint changes a second (random "
+        "cluster, service and endpoint, seeded), written on schedule without waiting for convergence",
+    )
+    p.add_argument("--churn-seconds", type=float, default=60.0, metavar="S", help="how long --churn writes")
+    p.add_argument(
+        "--reconnect-storm",
+        action="store_true",
+        help="at the end: SIGKILL the server, start it again with the same arguments, and time every "
+        "client's reconnection until all hold the current state again",
+    )
+    p.add_argument(
+        "--storm-changes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="with --reconnect-storm: endpoint changes made while the server is down (the restarted "
+        "server must deliver them)",
+    )
+    p.add_argument("--storm-timeout", type=float, default=120.0, help="with --reconnect-storm: limit (s)")
     p.add_argument("--no-mtls", dest="mtls", action="store_false")
     p.add_argument(
         "--auth",
@@ -786,6 +1320,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--clients must be at least --clusters (every cluster needs clients)")
     if args.scrape and args.target != "isthmus":
         p.error("--scrape is for --target isthmus (the peer has no status pages)")
+    if args.debounce_max is not None and args.target != "isthmus":
+        p.error("--debounce-max is for --target isthmus (the peer has no debounce)")
+    if args.churn < 0 or (args.churn > 0 and args.churn_seconds <= 0):
+        p.error("--churn RATE and --churn-seconds S must be positive")
     return args
 
 
@@ -861,11 +1399,80 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
             if args.scrape
             else []
         ),
+        *(_churn_lines(args, row, f) if args.churn > 0 else []),
+        *(_storm_lines(args, row, f) if args.reconnect_storm else []),
         ("errors", str(row["errors"])),
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
+
+
+Lines = list[tuple[str, str]]
+
+
+def _churn_lines(args: argparse.Namespace, row: dict[str, Any], f: Callable[..., str]) -> Lines:
+    gcp = args.target == "gcp"
+    return [
+        (
+            f"rolling churn: {args.churn:g}/s for {args.churn_seconds:g} s: written / in / lag p50, p99",
+            f"{row['churn_written']} / {f('churn_write_s', 1)} s / {f('churn_write_lag_p50_ms', 0)}, "
+            f"{f('churn_write_lag_p99_ms', 0)} ms "
+            + (
+                "(due -> PATCH answered: the load tool's controller regenerates per batch)"
+                if gcp
+                else "(due -> API write)"
+            ),
+        ),
+        (
+            f"rolling churn: convergence per change, n={row['churn_conv_n']}: p50 / p90 / p99 / max",
+            f"{f('churn_conv_p50_ms', 0)} / {f('churn_conv_p90_ms', 0)} / {f('churn_conv_p99_ms', 0)} / "
+            f"{f('churn_conv_max_ms', 0)} ms ({'PATCH answered' if gcp else 'API write'} -> the last of "
+            f"its clients ACKed it; first client p50 {f('churn_first_p50_ms', 0)} ms)",
+        ),
+        (
+            "rolling churn: unconverged changes / drained after the last write",
+            f"{row['churn_unconverged']} / {f('churn_drain_s', 2)} s",
+        ),
+        (
+            "rolling churn: clients holding the final state (wrong assignments)",
+            f"{row['churn_clients_converged']} of {args.clients} ({row['churn_assignments_wrong']})",
+        ),
+        (
+            "rolling churn: server CPU / tool CPU (cores, over the writes)",
+            f"{f('churn_server_cores', 2)} / {f('churn_tool_cores', 2)}",
+        ),
+        (
+            "rolling churn: responses (resources) / MB",
+            f"{row['churn_responses']} ({row['churn_resources']}): {row['churn_by_type']} / "
+            f"{f('churn_mb', 1)}",
+        ),
+    ]
+
+
+def _storm_lines(args: argparse.Namespace, row: dict[str, Any], f: Callable[..., str]) -> Lines:
+    return [
+        (
+            f"reconnect storm ({args.storm_changes} changes while down): kill -> all synced again",
+            f"{f('storm_synced_s', 2)} s (p50 {f('storm_synced_p50_s', 2)} s; all reconnected "
+            f"{f('storm_reconnected_s', 2)} s)",
+        ),
+        (
+            "reconnect storm: server startup (spawn -> ready) / CPU since spawn / peak RSS",
+            f"{f('storm_server_startup_s', 2)} s / {f('storm_server_cpu_s', 2)} s / "
+            f"{f('storm_server_peak_rss_mib', 0)} MiB",
+        ),
+        (
+            "reconnect storm: responses (resources) / MB re-sent",
+            f"{row['storm_responses']} ({row['storm_resources']}): {row['storm_by_type']} / "
+            f"{f('storm_mb', 1)}",
+        ),
+        (
+            "reconnect storm: clients synced (sent nothing) / streams ended",
+            f"{row['storm_clients_synced']} of {args.clients} ({row['storm_clients_silent']}) / "
+            f"{row['storm_breaks']} ({row['storm_break_codes']})",
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -908,6 +1515,9 @@ def main(argv: list[str] | None = None) -> int:
         "source": args.source if args.target == "isthmus" else "file",
         "debounce_s": args.debounce,
         "poll_interval_s": args.poll_interval,
+        # Only when set, as auth above.
+        **({"debounce_max_s": args.debounce_max} if args.debounce_max is not None else {}),
+        **({"churn_seconds": args.churn_seconds} if args.churn > 0 else {}),
         **row,
     }
     report(args, shape, row)
