@@ -112,6 +112,13 @@ class _Topic:
     followers: set[Notify] = field(default_factory=set)
 
 
+# Every group the cache generates (a type URL, or a part of one) -> its type URL.
+_TYPE_OF: Mapping[str, str] = {
+    **{type_url: type_url for type_url in GENERATORS},
+    **{group: type_url for type_url, parts in PARTS.items() for group, _ in parts},
+}
+
+
 def _change(before: MeshView, after: MeshView) -> _Change:
     old, new = before.services, after.services
     keys = [k for k, s in new.items() if (o := old.get(k)) is not s and (o is None or o.digest != s.digest)]
@@ -202,21 +209,36 @@ class ConfigCache:
         self._bump()
 
     def _bump(self, only: str | None = None) -> None:
-        """Forget generated sets (of type ``only``, or all) and tell the followers of every topic
-        whose set changed."""
+        """Forget generated sets (of type ``only``, or all; a new view keeps those it left as they
+        were) and tell the followers of every topic whose set changed."""
         self._generation += 1
         if only is None:
-            self._previous = self._memo
-            self._memo = {}
-            # Unions of parts of the last generation: kept one more generation, for identity only.
-            self._merged_before = self._merged
-            self._merged = {}
+            self._previous, self._merged_before = self._memo, self._merged
+            self._memo = {key: s for key, s in self._memo.items() if self._kept(*key)}
+            # Unions of parts: those whose parts are all kept stay; the others are kept one more
+            # generation, for identity only.
+            self._merged = {key: m for key, m in self._merged.items() if self._parts_kept(key[1], m[0])}
         else:
-            for key in [k for k in self._memo if k[0] == only]:
+            for key in [k for k in self._memo if _TYPE_OF.get(k[0]) == only]:
                 self._previous[key] = self._memo.pop(key)
+            for key in [k for k in self._merged if k[0] == only]:
+                self._merged_before[key] = self._merged.pop(key)
             if self._change is not None:  # what changed is outside the view: regenerate ``only``
                 self._change = replace(self._change, unaffected=self._change.unaffected - {only})
         self._publish(only)
+
+    def _kept(self, group: str, proxy: Proxy) -> bool:
+        """Whether the set of ``group`` for ``proxy`` of the last generation is still current."""
+        type_url = _TYPE_OF.get(group)
+        standard = type_url is not None and self._generators.get(type_url) is GENERATORS.get(type_url)
+        return standard and self._unaffected(group, proxy)
+
+    def _parts_kept(self, proxy: Proxy, sets: tuple[ResourceSet, ...]) -> bool:
+        parts = PARTS.get(sets[0].type_url, ()) if sets else ()
+        return len(parts) == len(sets) and all(
+            self._memo.get((group, proxy.for_type(group))) is part
+            for (group, _), part in zip(parts, sets, strict=True)
+        )
 
     def _publish(self, only: str | None) -> None:
         for (type_url, group), topic in self._topics.items():
@@ -288,9 +310,12 @@ class ConfigCache:
             return self._generate(type_url, type_url, generator, proxy)
         # Generated in parts, each shared by its own group; the union is kept per proxy group and
         # rebuilt only when a part changed (parts keep their identity when their contents do).
-        sets = tuple(self._generate(name, type_url, part, proxy) for name, part in parts)
         key = (type_url, proxy.for_type(type_url))
-        known = self._merged.get(key) or self._merged_before.get(key)
+        current = self._merged.get(key)
+        if current is not None:  # made (or kept) in this generation
+            return current[1]
+        sets = tuple(self._generate(name, type_url, part, proxy) for name, part in parts)
+        known = self._merged_before.get(key)
         if known is not None and all(a is b for a, b in zip(known[0], sets, strict=True)):
             self._merged[key] = known
             return known[1]
