@@ -79,5 +79,10 @@ bench-peer: ## build the go-control-plane peer (bench/peers/gcp; needs Go)
 	@mkdir -p $(BIN)
 	cd bench/peers/gcp && go build -o $(CURDIR)/$(BIN)/gcp-peer .
 
+.PHONY: bench-istiod
+bench-istiod: $(STAMP) ## build istiod (hack/istiod.sh; Go, ~4 min once) and run it and isthmus against the same real API servers (W1, Delta)
+	@bash hack/istiod.sh >/dev/null
+	$(BIN)/python -m bench.istiod --clients 1000 --services 1000 --changes 20 --mode delta
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
