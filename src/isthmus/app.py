@@ -65,6 +65,8 @@ from isthmus.settings import (
     parse_xds_address,
     with_mesh_config,
 )
+from isthmus.workers.messages import WorkerConfig
+from isthmus.workers.pool import WorkerPool
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Proxy, Role
@@ -118,7 +120,8 @@ class ControlPlane:
         self._complete = self.members is None
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
-        self.drains = Drains(self.aggregator, self.ads, settings.drain_step, settings.drain_ack_timeout)
+        self.pool: WorkerPool | None = None  # --xds-workers: the other processes serving xDS
+        self.drains = Drains(self.aggregator, self._lagging, settings.drain_step, settings.drain_ack_timeout)
         # The configuration API (MemberCluster objects in the home cluster): drains every replica follows.
         self.config: ConfigApi | None = None
         self._config_started: set[str] = set()  # clusters whose recorded weight was applied
@@ -247,8 +250,23 @@ class ControlPlane:
             if target != at or start is not None or (progress is not None and progress.state == "running"):
                 self.drains.toward(cluster, target, start)  # from a recorded weight: its progress shows
 
+    def _lagging(self, type_url: str) -> list[str]:
+        """Proxies of every xDS process that do not hold the current resources of ``type_url``."""
+        lagging = self.ads.lagging(type_url)
+        return lagging if self.pool is None else lagging + self.pool.lagging(type_url)
+
+    def _connected_clusters(self, role: Role) -> set[str]:
+        connected = self.ads.connected_clusters(role)
+        if self.pool is not None:
+            connected |= {
+                cluster for (cluster, r, _), n in self.pool.connected().items() if r == role.value and n
+            }
+        return connected
+
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
+        if self.pool is not None:
+            self.pool.set_view(view)
         self.view_loaded = True
         if self.members is not None and self.members.service_imports and self._complete:
             self.members.write_imports(self._imports(view))
@@ -268,6 +286,8 @@ class ControlPlane:
             return Readiness(False, "configuration API (MeshConfig, MemberClusters) not read yet")
         if self.ads.port is None:
             return Readiness(False, "xDS server not listening")
+        if self.pool is not None and not self.pool.ready:
+            return Readiness(False, "xDS worker processes starting")
         if self.members is not None and not self._complete:
             loop = asyncio.get_running_loop()
             if self._ready_deadline is not None and loop.time() < self._ready_deadline:
@@ -283,7 +303,7 @@ class ControlPlane:
             "mesh_version": self.cache.view.version,
             "services": len(self.cache.view.services),
             "clusters": sorted(self.cache.view.clusters),
-            "proxies": len(self.ads.status()),
+            "proxies": len(self.ads.status()) + (self.pool.streams() if self.pool is not None else 0),
             "member_clusters": self.members.status() if self.members is not None else {},
             "membership": self.members.membership_status() if self.members is not None else {},
             "settings": self._settings_status(),
@@ -297,10 +317,24 @@ class ControlPlane:
                         else []
                     ),
                 ],
-                "refused_streams": dict(sorted(self.ads.auth_failures.items())),  # by reason
+                "refused_streams": self._refused_streams(),  # by reason
+                "workers": self._workers_status(),
                 "pod_bound_streams": len(self.pod_bindings) if self.pod_bindings is not None else 0,
             },
         }
+
+    def _refused_streams(self) -> dict[str, int]:
+        refused = dict(self.ads.auth_failures)
+        for reason, n in (self.pool.auth_failures() if self.pool is not None else {}).items():
+            refused[reason] = refused.get(reason, 0) + n
+        return dict(sorted(refused.items()))
+
+    def _workers_status(self) -> dict[str, object]:
+        """The processes serving xDS: this one first, then the workers (pid, streams)."""
+        here = {"pid": os.getpid(), "streams": len(self.ads.streams())}
+        if self.pool is None:
+            return {"processes": [here]}
+        return {"processes": [here, *self.pool.processes()], "ready": self.pool.ready}
 
     def _settings_status(self) -> dict[str, object]:
         """The MeshConfig settings in force and where each comes from, and the MeshConfig's state."""
@@ -418,6 +452,8 @@ class ControlPlane:
                 config.cancel()
                 await asyncio.wait([config])
             await self.drains.close()
+            if self.pool is not None:
+                await self.pool.stop()
             await self.ads.stop(self.settings.shutdown_grace)
             await runner.cleanup()
             if webhook is not None:
@@ -467,8 +503,43 @@ class ControlPlane:
         self.ads.authenticator = self._authenticator()
         if self.members is not None:
             self.ads.locate = self._locate
-        await self.ads.start()
+        if self.settings.xds_workers > 1:
+            self.ads.share_port = "first"
+        port = await self.ads.start()
+        if self.settings.xds_workers > 1:
+            await self._start_workers(port, ca)
         return ca
+
+    async def _start_workers(self, port: int, ca: MeshCA | None) -> None:
+        """N-1 more processes serving xDS on the same port (SO_REUSEPORT), fed every view."""
+        xds = parse_xds_address(self.settings.xds_address, "--xds-address")
+        assert isinstance(xds, tuple)  # settings: workers need a TCP address
+        shared_ca = None
+        if ca is not None and (self.settings.mtls or self.settings.xds_sans):
+            shared_ca = (ca.trust_bundle, ca.root_key_pem(), ca.trust_domain)
+        configs = [
+            WorkerConfig(
+                index=i,
+                host=xds[0],
+                port=port,
+                send_timeout=self.settings.send_timeout,
+                send_budget=self.settings.send_budget,
+                shutdown_grace=self.settings.shutdown_grace,
+                cert_ttl=self.settings.cert_ttl,
+                ca=shared_ca,
+                mtls=self.settings.mtls,
+                xds_sans=self.settings.xds_sans,
+                token_file=self.settings.xds_token_file,
+                gateway_identities=self.settings.gateway_identities,
+                log_level=logging.getLogger().getEffectiveLevel(),
+            )
+            for i in range(1, self.settings.xds_workers)
+        ]
+        self.pool = WorkerPool(configs)
+        if self.view_loaded:
+            self.pool.set_view(self.cache.view)
+        await self.pool.start()
+        log.info("xDS served by %d processes on port %d", self.settings.xds_workers, port)
 
     async def _start_webhook(self, ca: MeshCA | None) -> tuple[web.AppRunner, HttpsServing] | None:
         """The admission webhook on --webhook-address (HTTPS with a mesh-CA certificate), if asked."""
@@ -600,7 +671,7 @@ class ControlPlane:
         liveness = GatewayLiveness(self.settings.gateway_grace)
         while True:
             await asyncio.sleep(min(1.0, self.settings.gateway_grace / 3))
-            connected = self.ads.connected_clusters(Role.GATEWAY)
+            connected = self._connected_clusters(Role.GATEWAY)
             with_gateway = {n for n, c in self.cache.view.clusters.items() if c.gateway is not None}
             down = liveness.observe(connected, with_gateway)
             if down != self._gateways_down:

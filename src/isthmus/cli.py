@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
         help="responses sent and not yet ACKed, over all streams: bounds memory when many proxies "
         "connect at once (a larger one may speed up their cold start)",
     )
+    serve.add_argument(
+        "--xds-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes that serve xDS on --xds-address: this one and N-1 workers sharing its port, "
+        "each fed every mesh view (docs/architecture.md, Worker processes); about one per core",
+    )
     ident = serve.add_argument_group("mTLS and the mesh CA (docs/security.md)")
     ident.add_argument("--no-mtls", action="store_true", help="no certificates, plain text everywhere")
     ident.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
@@ -756,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             mesh=args.mesh,
             send_timeout=args.send_timeout,
             send_budget=args.send_budget_mib * 2**20,
+            xds_workers=args.xds_workers,
             mtls=not args.no_mtls,
             trust_domain=args.trust_domain,
             ca_cert=args.ca_cert,

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from isthmus.discovery.aggregate import Aggregator
 from isthmus.discovery.model import FULL_WEIGHT
 from isthmus.xds import types
-from isthmus.xds.server import AdsServer
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,14 @@ class Drains:
     """Runs at most one drain or undrain per member cluster."""
 
     def __init__(
-        self, aggregator: Aggregator, ads: AdsServer, step_seconds: float = 2.0, ack_timeout: float = 30.0
+        self,
+        aggregator: Aggregator,
+        lagging: Callable[[str], list[str]],
+        step_seconds: float = 2.0,
+        ack_timeout: float = 30.0,
     ) -> None:
         self.aggregator = aggregator
-        self.ads = ads
+        self.lagging = lagging  # node ids of the proxies not holding a type's current resources
         self.step_seconds = step_seconds
         self.ack_timeout = ack_timeout
         self.progress: dict[str, DrainProgress] = {}
@@ -100,7 +104,7 @@ class Drains:
         deadline = time.monotonic() + self.ack_timeout
         await asyncio.sleep(0.05)  # let the streams pick the new view up
         while True:
-            progress.waiting_for = self.ads.lagging(types.ENDPOINT)
+            progress.waiting_for = self.lagging(types.ENDPOINT)
             if not progress.waiting_for:
                 return
             if time.monotonic() >= deadline:

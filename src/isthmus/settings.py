@@ -86,6 +86,7 @@ class ServeSettings:
     mesh_poll_interval: float = 1.0
     send_timeout: float = 30.0
     send_budget: int = 64 * 2**20  # bytes sent and not yet ACKed, over all streams
+    xds_workers: int = 1  # processes serving xDS on --xds-address (the main one and N-1 workers)
     shutdown_grace: float = 5.0
     clusters: tuple[tuple[str, Path], ...] = ()  # --cluster NAME=KUBECONFIG
     kubeconfig_dir: Path | None = None
@@ -186,6 +187,15 @@ class ServeSettings:
             )
         if self.xds_token_file is not None and not self.xds_token_file.is_file():
             raise SettingsError(f"--xds-token-file: {self.xds_token_file} is not a readable file")
+        if self.xds_workers < 1:
+            raise SettingsError("--xds-workers must be at least 1")
+        if self.xds_workers > 1 and not isinstance(xds, tuple):
+            raise SettingsError("--xds-workers needs a TCP --xds-address (workers share its port)")
+        if self.xds_workers > 1 and self.kube_authentication:
+            raise SettingsError(
+                "--xds-workers does not serve proxies authenticated by TokenReview yet: use one "
+                "process, or --xds-token-file"
+            )
         if self.mtls and not is_local(xds) and not self.authenticated and not self.insecure_keys_on_network:
             raise SettingsError(
                 f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies are "

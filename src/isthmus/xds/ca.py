@@ -175,6 +175,11 @@ class MeshCA:
             )
         return cls(cert, key, trust_domain=trust_domain, **kw)  # type: ignore[arg-type]
 
+    def root_key_pem(self) -> str:
+        """The root's private key, for the xDS worker processes of this control plane only
+        (isthmus.workers: they issue their proxies' certificates); never logged or served."""
+        return _key_pem(self._root_key)
+
     # ---- workload certificates -----------------------------------------------------------------
 
     def _issue(

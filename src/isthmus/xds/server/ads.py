@@ -12,6 +12,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -40,6 +41,22 @@ def _parse(kind: Any) -> Any:
     return parse
 
 
+def _check_free(address: str) -> None:
+    """Bind ``address`` without SO_REUSEPORT and let go: fails if anything holds the port (also
+    another control plane sharing it with its workers), which a shared bind would join silently."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address} for xDS: {exc.strerror}") from None
+
+
 MAX_PENDING_STREAMS = 50_000  # new streams waiting for the event loop (a reconnect storm of W3)
 
 
@@ -66,6 +83,10 @@ class AdsServer:
         self._budget = SendBudget(self.limits.send_budget)
         self.max_request_bytes = max_request_bytes
         self.port: int | None = None
+        # Port sharing (SO_REUSEPORT) with the xDS worker processes of this control plane
+        # (isthmus.workers): "first" checks the port is free and opens it for them, "join" binds
+        # beside the first. Without it a second server on the same port fails, as it must.
+        self.share_port: str = ""
         self._server: grpc.aio.Server | None = None
         self._streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
@@ -83,7 +104,7 @@ class AdsServer:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.max_request_bytes),
-                ("grpc.so_reuseport", 0),  # a second instance on the same port must fail, not share it
+                ("grpc.so_reuseport", 1 if self.share_port else 0),  # others must fail, not share it
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -112,6 +133,8 @@ class AdsServer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers), *self.services)
         )
+        if self.share_port == "first":
+            _check_free(self.address)
         if self.credentials is not None:
             port = server.add_secure_port(self.address, self.credentials)
         else:

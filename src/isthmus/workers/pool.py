@@ -1,0 +1,220 @@
+"""The main process's side of the xDS workers: starts them, feeds them views, reads their reports.
+
+Each worker gets every mesh view, as what changed since the view it holds; a worker that is busy
+gets only the newest (views replace each other). A worker that dies is started again after a
+second and gets the whole view. What the main process asks of its streams (which proxies lag
+behind the current resources, which gateways are connected) merges its own with the workers'
+last Summary; a worker whose Summary is of another mesh version than the current one counts as
+lagging as a whole, so a drain never moves on before it has the view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from isthmus.discovery.model import MeshView
+from isthmus.workers.messages import Listening, Localities, Summary, ViewDelta, WorkerConfig, frame, read
+
+log = logging.getLogger(__name__)
+
+RESTART_AFTER = 1.0  # seconds
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    config: WorkerConfig
+    process: asyncio.subprocess.Process | None = None
+    listening: Listening | None = None
+    summary: Summary | None = None
+    sent: MeshView | None = None  # the view the worker holds (as far as it was written)
+    localities_sent: Localities | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class WorkerPool:
+    """N xDS worker processes beside the main process's own ADS server."""
+
+    def __init__(self, configs: list[WorkerConfig]) -> None:
+        self._workers = [_Worker(c) for c in configs]
+        self._view: MeshView | None = None
+        self._localities: Localities | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    @property
+    def ready(self) -> bool:
+        """Every worker is serving."""
+        return all(w.ready.is_set() for w in self._workers)
+
+    def processes(self) -> list[dict[str, object]]:
+        """Each worker: its pid (None while it starts) and its streams at its last Summary."""
+        return [
+            {
+                "worker": w.config.index,
+                "pid": w.listening.pid if w.listening is not None else None,
+                "streams": w.summary.streams if w.summary is not None else 0,
+                "mesh_version": w.summary.view_version if w.summary is not None else "",
+            }
+            for w in self._workers
+        ]
+
+    async def start(self) -> None:
+        for worker in self._workers:
+            self._tasks.append(
+                asyncio.create_task(self._run(worker), name=f"xds-worker-{worker.config.index}")
+            )
+
+    async def wait_ready(self) -> None:
+        """Until every worker serves (bound it with asyncio.timeout)."""
+        await asyncio.gather(*(w.ready.wait() for w in self._workers))
+
+    async def stop(self) -> None:
+        """Close the workers' stdin (they close their streams and exit), then wait for them."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    # ---- what the workers are told ---------------------------------------------------------
+
+    def set_view(self, view: MeshView) -> None:
+        self._view = view
+        for worker in self._workers:
+            worker.wake.set()
+
+    def set_localities(self, nodes: dict[tuple[str, str], tuple[str, str]]) -> None:
+        if self._localities is not None and self._localities.nodes == nodes:
+            return
+        self._localities = Localities(dict(nodes))
+        for worker in self._workers:
+            worker.wake.set()
+
+    # ---- what they say ---------------------------------------------------------------------
+
+    def lagging(self, type_url: str) -> list[str]:
+        """The workers' proxies that do not hold the current resources of ``type_url``."""
+        out: list[str] = []
+        current = self._view.version if self._view is not None else ""
+        for worker in self._workers:
+            summary = worker.summary
+            if summary is None or summary.view_version != current:
+                out.append(f"(xDS worker {worker.config.index}: mesh version {current} not applied yet)")
+                continue
+            out.extend(summary.lagging.get(type_url, ()))
+        return out
+
+    def connected(self) -> dict[tuple[str, str, str], int]:
+        """(member cluster, role, mode) -> the workers' connected streams."""
+        out: dict[tuple[str, str, str], int] = {}
+        for worker in self._workers:
+            if worker.summary is not None and worker.process is not None:
+                for key, n in worker.summary.connected.items():
+                    out[key] = out.get(key, 0) + n
+        return out
+
+    def streams(self) -> int:
+        return sum(w.summary.streams for w in self._workers if w.summary is not None)
+
+    def auth_failures(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for worker in self._workers:
+            if worker.summary is not None:
+                for reason, n in worker.summary.auth_failures.items():
+                    out[reason] = out.get(reason, 0) + n
+        return out
+
+    # ---- one worker ------------------------------------------------------------------------
+
+    async def _run(self, worker: _Worker) -> None:
+        while True:
+            try:
+                await self._serve(worker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("xDS worker %d failed", worker.config.index)
+            log.warning(
+                "xDS worker %d stopped; starting it again in %.0fs", worker.config.index, RESTART_AFTER
+            )
+            await asyncio.sleep(RESTART_AFTER)
+
+    async def _serve(self, worker: _Worker) -> None:
+        worker.sent, worker.localities_sent, worker.summary, worker.listening = None, None, None, None
+        worker.ready.clear()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "isthmus.workers.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            limit=2**26,
+        )
+        worker.process = process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        stdin, stdout = process.stdin, process.stdout
+        try:
+            stdin.write(frame(worker.config))
+            await stdin.drain()
+            listening = await read(stdout)
+            if not isinstance(listening, Listening):
+                raise RuntimeError(f"xDS worker {worker.config.index} did not start serving")
+            worker.listening = listening
+            worker.ready.set()
+            log.info("xDS worker %d (pid %d) serving", worker.config.index, listening.pid)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._feed(worker, stdin))
+                reports = tasks.create_task(self._reports(worker, stdout))
+                await reports  # the worker ended its stdout: it is gone
+                raise _WorkerGone
+        except* _WorkerGone:
+            pass
+        finally:
+            worker.ready.clear()
+            worker.process = None
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    stdin.close()
+                try:
+                    async with asyncio.timeout(worker.config.shutdown_grace + 5):
+                        await process.wait()
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+            log.info("xDS worker %d exited (%s)", worker.config.index, process.returncode)
+
+    async def _feed(self, worker: _Worker, stdin: asyncio.StreamWriter) -> None:
+        while True:
+            await worker.wake.wait()
+            worker.wake.clear()
+            localities = self._localities
+            if localities is not None and localities is not worker.localities_sent:
+                stdin.write(frame(localities))
+                worker.localities_sent = localities
+            view = self._view
+            if view is not None and view is not worker.sent:
+                stdin.write(frame(ViewDelta.between(worker.sent, view)))
+                worker.sent = view
+            await stdin.drain()  # a busy worker makes the next view wait here (and skip those between)
+
+    async def _reports(self, worker: _Worker, stdout: asyncio.StreamReader) -> None:
+        while (message := await read(stdout)) is not None:
+            if isinstance(message, Summary):
+                worker.summary = message
+
+
+class _WorkerGone(Exception):
+    pass

@@ -1,0 +1,174 @@
+"""An xDS worker process: serves ADS on the main process's address with its own cache.
+
+Run by the main process (pool.py) as ``python -m isthmus.workers.worker``. It reads its
+WorkerConfig, then mesh views (ViewDelta) and node localities from stdin, serves xDS with the
+same protocol code as the main process, renews its proxies' certificates when due, and writes a
+Summary of its streams to stdout a few times a second. It stops when stdin ends (the main process
+stopped or died): streams are closed with UNAVAILABLE and Envoy reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from isthmus.discovery.model import Locality, MeshView
+from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
+from isthmus.identity.tokens import StaticTokens
+from isthmus.identity.xds_tls import ServingCredentials
+from isthmus.workers.messages import Listening, Localities, Summary, ViewDelta, WorkerConfig, frame, read
+from isthmus.xds import types
+from isthmus.xds.ca import MeshCA
+from isthmus.xds.cache import ConfigCache
+from isthmus.xds.proxy import Proxy
+from isthmus.xds.server import AdsServer, Limits
+
+log = logging.getLogger(__name__)
+
+SUMMARY_EVERY = 0.25  # seconds
+
+
+def load_ca(config: WorkerConfig) -> MeshCA | None:
+    if config.ca is None:
+        return None
+    cert_pem, key_pem, trust_domain = config.ca
+    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return MeshCA(cert, key, trust_domain, ttl=datetime.timedelta(seconds=config.cert_ttl))
+
+
+class Worker:
+    """One worker's cache and ADS server, fed by the main process."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.cache = ConfigCache()
+        limits = Limits(send_timeout=config.send_timeout, send_budget=config.send_budget)
+        self.ads = AdsServer(self.cache, f"{config.host}:{config.port}", limits)
+        self.view: MeshView | None = None
+        self.localities: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def _locate(self, proxy: Proxy) -> Proxy:
+        """As the main process does (app.ControlPlane._locate), from the localities it sent."""
+        if not proxy.node_name or proxy.locality.region or proxy.locality.zone:
+            return proxy
+        found = self.localities.get((proxy.cluster, proxy.node_name))
+        if found is None:
+            return proxy
+        return replace(proxy, locality=Locality(found[0], found[1], proxy.cluster))
+
+    async def start(self) -> int:
+        ca = load_ca(self.config)
+        if ca is not None:
+            if self.config.mtls:
+                self.cache.use_ca(ca)
+            if self.config.xds_sans:
+                self.ads.credentials = ServingCredentials(ca, self.config.xds_sans).credentials()
+        if self.config.token_file is not None:
+            identities = GatewayIdentities.of(self.config.gateway_identities)
+            self.ads.authenticator = GatewayChecked(StaticTokens(self.config.token_file), identities)
+        self.ads.locate = self._locate
+        self.ads.share_port = "join"
+        return await self.ads.start()
+
+    def apply(self, message: object) -> None:
+        if isinstance(message, ViewDelta):
+            self.view = message.apply(self.view)
+            self.cache.set_view(self.view)
+        elif isinstance(message, Localities):
+            self.localities = message.nodes
+        else:
+            log.warning(
+                "xDS worker %d: unknown message %s ignored", self.config.index, type(message).__name__
+            )
+
+    def summary(self) -> Summary:
+        streams = self.ads.streams()
+        connected: dict[tuple[str, str, str], int] = {}
+        for stream in streams:
+            if stream.proxy is not None:
+                key = (stream.proxy.cluster, stream.proxy.role.value, stream.mode)
+                connected[key] = connected.get(key, 0) + 1
+        lagging = {t: tuple(found) for t in types.PUSH_ORDER if (found := self.ads.lagging(t))}
+        return Summary(
+            pid=os.getpid(),
+            view_version=self.view.version if self.view is not None else "",
+            streams=len(streams),
+            lagging=lagging,
+            connected=connected,
+            auth_failures=dict(self.ads.auth_failures),
+        )
+
+    async def rotate(self) -> None:
+        ca = self.cache.ca
+        if ca is None:
+            return
+        longest = min(30.0, self.config.cert_ttl / 4)
+        while True:
+            due = ca.next_rotation()
+            wait = longest if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.5), longest))
+            self.cache.rotate_certificates()
+
+
+async def _stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything printed goes to the log, not the frames
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, frames)
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, writer
+
+
+async def main() -> int:
+    reader, writer = await _stdio()
+    config = await read(reader)
+    if not isinstance(config, WorkerConfig):
+        log.error("xDS worker: the first message is not a WorkerConfig")
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s xds-worker-{config.index} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    worker = Worker(config)
+    port = await worker.start()
+    writer.write(frame(Listening(os.getpid(), port)))
+    await writer.drain()
+    log.info("xDS worker %d (pid %d) serving on %s:%d", config.index, os.getpid(), config.host, port)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(SUMMARY_EVERY)
+            writer.write(frame(worker.summary()))
+            await writer.drain()
+
+    tasks = [asyncio.create_task(report(), name="summaries"), asyncio.create_task(worker.rotate())]
+    try:
+        while (message := await read(reader)) is not None:
+            worker.apply(message)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        log.info("xDS worker %d: the main process is gone; closing streams", config.index)
+        await worker.ads.stop(config.shutdown_grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
