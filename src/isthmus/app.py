@@ -439,6 +439,8 @@ class ControlPlane:
                 if self.cache.ca is not None:
                     tasks.create_task(self._rotate_certificates(), name="certificates")
                 tasks.create_task(self._watch_gateways(), name="gateway-liveness")
+                if self.pool is not None and self.members is not None:
+                    tasks.create_task(self._feed_localities(self.pool, self.members), name="node-localities")
                 tasks.create_task(self._freeze_after_sync(), name="gc-freeze")
                 if webhook is not None:
                     tasks.create_task(self._renew_webhook_certificate(webhook[1]), name="webhook-tls")
@@ -538,6 +540,8 @@ class ControlPlane:
         self.pool = WorkerPool(configs)
         if self.view_loaded:
             self.pool.set_view(self.cache.view)
+        if self.members is not None:
+            self.pool.set_localities(self.members.node_localities())
         await self.pool.start()
         log.info("xDS served by %d processes on port %d", self.settings.xds_workers, port)
 
@@ -683,6 +687,13 @@ class ControlPlane:
                     log.info("cluster %s: east-west gateway back", cluster)
                 self._gateways_down = down
                 self.aggregator.set_gateways_down(down)
+
+    @staticmethod
+    async def _feed_localities(pool: WorkerPool, members: Members) -> None:
+        """The workers locate injected sidecars by their node as this process does (``_locate``)."""
+        while True:
+            await asyncio.sleep(1.0)
+            pool.set_localities(members.node_localities())
 
     async def _rotate_certificates(self) -> None:
         """Renew workload certificates when due (at half their lifetime). Certificates issued while

@@ -90,3 +90,20 @@ def test_the_pool_counts_a_worker_behind_the_current_view_as_lagging() -> None:
     assert pool.connected() == {}
     one.process = two.process = object()  # type: ignore[assignment]
     assert pool.connected() == {("east", "gateway", "delta"): 1, ("west", "gateway", "sotw"): 1}
+
+
+def test_a_worker_locates_an_injected_sidecar_by_its_node_as_the_main_process_does() -> None:
+    from isthmus.discovery.model import Locality
+    from isthmus.workers.messages import Localities
+    from isthmus.workers.worker import Worker
+    from isthmus.xds.proxy import Proxy, Role
+
+    worker = Worker(config(1))
+    injected = Proxy("p", Role.SIDECAR, "shop", "web", "web", Locality("", "", "east"), node_name="node-a")
+    assert worker._locate(injected) is injected, "nothing known yet: as it came"
+    worker.apply(Localities({("east", "node-a"): ("us-east1", "us-east1-b")}))
+    assert worker._locate(injected).locality == Locality("us-east1", "us-east1-b", "east")
+    other = replace(injected, locality=Locality("", "", "west"))
+    assert worker._locate(other) is other, "a node of another cluster is not this one"
+    placed = replace(injected, locality=Locality("r", "z", "east"))
+    assert worker._locate(placed) is placed, "a bootstrap's own locality wins"

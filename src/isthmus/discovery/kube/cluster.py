@@ -239,6 +239,10 @@ class ClusterWatcher:
         region, zone = node_locality(found)
         return region or self.policy.region, zone or self.policy.zone
 
+    def node_localities(self) -> dict[str, tuple[str, str]]:
+        """node_locality of every Node the watch holds, by name."""
+        return {name: loc for name in self._store("nodes") if (loc := self.node_locality(name)) is not None}
+
     def pod_uid(self, namespace: str, name: str) -> str | None:
         """The uid of pod namespace/name as the watch holds it; None: no such pod; "": pods not listed yet."""
         reflector = self._reflectors.get("pods")

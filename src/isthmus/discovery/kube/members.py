@@ -306,6 +306,14 @@ class Members:
         member = self.members.get(cluster)
         return None if member is None else member.watcher.node_locality(node)
 
+    def node_localities(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """(member cluster, node) -> (region, zone) of every Node the members' watches hold."""
+        return {
+            (cluster, node): locality
+            for cluster, member in self.members.items()
+            for node, locality in member.watcher.node_localities().items()
+        }
+
     def pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
         """The uid of a pod of member cluster ``cluster`` (ClusterWatcher.pod_uid; "" if unknown)."""
         member = self.members.get(cluster)
