@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -319,7 +319,8 @@ class ControlPlane:
                 ],
                 "refused_streams": self._refused_streams(),  # by reason
                 "workers": self._workers_status(),
-                "pod_bound_streams": len(self.pod_bindings) if self.pod_bindings is not None else 0,
+                "pod_bound_streams": (len(self.pod_bindings) if self.pod_bindings is not None else 0)
+                + (self.pool.pod_bound_streams() if self.pool is not None else 0),
             },
         }
 
@@ -374,11 +375,19 @@ class ControlPlane:
             return None
         return GatewayChecked(found, GatewayIdentities.of(self.settings.gateway_identities))
 
+    def _pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
+        """A member cluster's pod watch changed: streams of deleted pods' tokens end, here and in
+        the workers."""
+        if self.pod_bindings is not None:
+            self.pod_bindings.pods_changed(cluster, keys)
+        if self.pool is not None:
+            self.pool.pods_changed(cluster, keys)
+
     def _token_authenticator(self) -> StreamAuthenticator | None:
         static = StaticTokens(self.settings.xds_token_file) if self.settings.xds_token_file else None
         if self.settings.kube_authentication and self.members is not None:
             self.pod_bindings = PodBindings(self.members.pod_uid)
-            self.members.on_pods = self.pod_bindings.pods_changed
+            self.members.on_pods = self._pods_changed
             kube = KubeTokens(
                 self.members.review, (self.settings.token_audience,), bindings=self.pod_bindings
             )
@@ -533,11 +542,17 @@ class ControlPlane:
                 xds_sans=self.settings.xds_sans,
                 token_file=self.settings.xds_token_file,
                 gateway_identities=self.settings.gateway_identities,
+                token_audience=self.settings.token_audience if self.settings.kube_authentication else None,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             for i in range(1, self.settings.xds_workers)
         ]
-        self.pool = WorkerPool(configs)
+        kube = self.settings.kube_authentication and self.members is not None
+        self.pool = WorkerPool(
+            configs,
+            review=self.members.review if kube and self.members is not None else None,
+            pod_uid=self.members.pod_uid if kube and self.members is not None else None,
+        )
         if self.view_loaded:
             self.pool.set_view(self.cache.view)
         if self.members is not None:

@@ -191,11 +191,6 @@ class ServeSettings:
             raise SettingsError("--xds-workers must be at least 1")
         if self.xds_workers > 1 and not isinstance(xds, tuple):
             raise SettingsError("--xds-workers needs a TCP --xds-address (workers share its port)")
-        if self.xds_workers > 1 and self.kube_authentication:
-            raise SettingsError(
-                "--xds-workers does not serve proxies authenticated by TokenReview yet: use one "
-                "process, or --xds-token-file"
-            )
         if self.mtls and not is_local(xds) and not self.authenticated and not self.insecure_keys_on_network:
             raise SettingsError(
                 f"--xds-address {self.xds_address} is not a loopback address or Unix socket, and proxies are "

@@ -123,3 +123,68 @@ async def test_a_cluster_that_cannot_review_admits_no_new_proxy(
     west_token = apis["west"].issue_token("shop", "web")
     failure = await refused(tokens, west_token, "west", proxy("west"))
     assert failure.code is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_an_xds_worker_reviews_through_the_main_process_and_follows_its_pods(
+    clusters: tuple[dict[str, FakeKubeApi], Members],
+) -> None:
+    """A worker process (isthmus.workers) asks the main process for TokenReviews and for the pods
+    of its streams' tokens: wired here in one process, the messages framed as between processes."""
+    from isthmus.workers.messages import WorkerConfig, frame, read
+    from isthmus.workers.pool import WorkerPool
+    from isthmus.workers.worker import Worker
+
+    apis, members = clusters
+    east = apis["east"]
+    config = WorkerConfig(1, "127.0.0.1", 0, 30.0, 1 << 20, 1.0, 3600.0, token_audience="isthmus")
+    pool = WorkerPool([config], review=members.review, pod_uid=members.pod_uid)
+    members.on_pods = pool.pods_changed  # as the main process wires it (app.ControlPlane._pods_changed)
+    [side] = pool._workers
+    to_worker, to_main = asyncio.StreamReader(), asyncio.StreamReader()
+
+    class Pipe:  # what the worker's and the pool's stream writers do: frames, in order
+        def __init__(self, reader: asyncio.StreamReader) -> None:
+            self.reader = reader
+
+        def write(self, data: bytes) -> None:
+            self.reader.feed_data(data)
+
+    side.stdin = Pipe(to_worker)  # type: ignore[assignment]
+    worker = Worker(config, lambda message: to_main.feed_data(frame(message)))
+    await worker.start()
+
+    async def deliver() -> None:
+        while True:
+            worker.apply(await read(to_worker))
+
+    pumps = [asyncio.create_task(deliver()), asyncio.create_task(pool._reports(side, to_main))]
+    try:
+        assert worker.ads.authenticator is not None
+        pod = east.create(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "shop"}, "spec": {}}
+        )
+        token = east.issue_token("shop", "web", pod=("web-1", pod["metadata"]["uid"]))
+        headers = {"authorization": f"Bearer {token}", "isthmus-cluster": "east"}
+        revocation = (await worker.ads.authenticator(headers))(proxy("east", pod="web-1"))
+        assert revocation is not None, "a pod-bound token's stream is followed"
+        assert east.token_reviews == 1, "the main process asked east's API server"
+        other = east.issue_token("shop", "api")
+        with pytest.raises(AuthFailure) as failure:
+            (await worker.ads.authenticator({"authorization": f"Bearer {other}", "isthmus-cluster": "east"}))(
+                proxy("east", account="web")
+            )
+        assert failure.value.reason == "node-mismatch"
+        # The main process's pod watch sees web-1 go: the worker's stream of its token ends.
+        await asyncio.sleep(0.3)  # the pod watch has listed web-1
+        east.delete("pods", "shop", "web-1")
+        for _ in range(100):
+            if revocation.failure is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert revocation.failure is not None
+        assert revocation.failure.reason == "pod-deleted"
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await worker.ads.stop(0.1)

@@ -112,7 +112,7 @@ async def test_envoy_receives_endpoints_of_two_clusters(
 
 
 async def authenticating_control_plane(
-    procs: Any, east: Any, namespace: str, tmp_path: Path
+    procs: Any, east: Any, namespace: str, tmp_path: Path, extra: list[str] | None = None
 ) -> tuple[KubeControlPlane, list[str]]:
     """`isthmus serve` over TLS watching real cluster ``east`` with the reader role (so proxies
     authenticate by TokenReview), with Service web and service accounts default and other in
@@ -131,7 +131,9 @@ async def authenticating_control_plane(
         )
     ca_dir = tmp_path / "ca"
     cp = KubeControlPlane(
-        directory, tmp_path / "isthmus-auth.log", ["--xds-san", "localhost", "--ca-dir", str(ca_dir)]
+        directory,
+        tmp_path / "isthmus-auth.log",
+        ["--xds-san", "localhost", "--ca-dir", str(ca_dir), *(extra or [])],
     )
     procs.started.append(cp)
     cp.start()
@@ -179,14 +181,18 @@ async def test_envoy_authenticates_with_a_service_account_token_of_its_real_clus
 
 
 @pytest.mark.realkube
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_the_stream_of_a_pod_bound_token_ends_when_its_pod_is_deleted(
-    procs, eventually, holds, tmp_path, real_clusters, namespace
+    procs, eventually, holds, tmp_path, real_clusters, namespace, workers
 ) -> None:
     """A token bound to a pod (as the kubelet projects it) admits the Envoy that names that pod;
     when the pod is deleted, isthmus closes the open stream (the pod watch of the member cluster)
-    and the reconnect is refused (the API server no longer accepts the token)."""
+    and the reconnect is refused (the API server no longer accepts the token). With a worker
+    process the Envoys land on either process: the worker asks the main one for reviews and pods."""
     east = real_clusters["a"]
-    cp, tls = await authenticating_control_plane(procs, east, namespace, tmp_path)
+    cp, tls = await authenticating_control_plane(
+        procs, east, namespace, tmp_path, ["--xds-workers", str(workers)]
+    )
     pod = await east.admin.create(
         {
             "apiVersion": "v1",

@@ -37,6 +37,8 @@ class WorkerConfig:
     xds_sans: tuple[str, ...] = ()  # serve TLS with a certificate of the CA for these names
     token_file: Path | None = None  # proxies authenticate with a token of this file
     gateway_identities: tuple[tuple[str, str, str], ...] = ()
+    # Service-account tokens reviewed by the main process (TokenReview), for this audience.
+    token_audience: str | None = None
     log_level: int = 20
 
 
@@ -97,6 +99,46 @@ class Localities:
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewRequest:
+    """Worker -> main: ask member cluster ``cluster`` whose ``token`` this is (a TokenReview)."""
+
+    id: int
+    cluster: str
+    token: str
+    audiences: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewResult:
+    """Main -> worker: the TokenReview's answer (identity.kube_tokens.ReviewAnswer)."""
+
+    id: int
+    authenticated: bool
+    username: str = ""
+    error: str = ""
+    unavailable: bool = False
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchPod:
+    """Worker -> main: a stream of this pod's token is open: say when the pod changes."""
+
+    cluster: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PodUids:
+    """Main -> worker: the uids of watched pods of ``cluster`` as its watch holds them (None: no
+    such pod; "": the cluster's pods are not listed yet)."""
+
+    cluster: str
+    uids: dict[tuple[str, str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Listening:
     """The worker serves xDS (its first message)."""
 
@@ -116,6 +158,7 @@ class Summary:
     # (member cluster, role, mode) -> connected streams
     connected: dict[tuple[str, str, str], int] = field(default_factory=dict)
     auth_failures: dict[str, int] = field(default_factory=dict)
+    pod_bound_streams: int = 0  # streams of pod-bound tokens, followed until their pod goes
 
 
 async def read(reader: asyncio.StreamReader) -> Any:

@@ -15,14 +15,33 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from isthmus.discovery.model import MeshView
-from isthmus.workers.messages import Listening, Localities, Summary, ViewDelta, WorkerConfig, frame, read
+from isthmus.workers.messages import (
+    Listening,
+    Localities,
+    PodUids,
+    ReviewRequest,
+    ReviewResult,
+    Summary,
+    ViewDelta,
+    WatchPod,
+    WorkerConfig,
+    frame,
+    read,
+)
 
 log = logging.getLogger(__name__)
 
 RESTART_AFTER = 1.0  # seconds
+
+# What the main process does for its workers' proxies (identity.kube_tokens.ReviewFn and
+# identity.pod_bindings.PodUid, served by discovery.kube.Members).
+Review = Callable[[str, str, tuple[str, ...]], Awaitable[Any]]
+PodUid = Callable[[str, str, str], str | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +52,8 @@ class _Worker:
     summary: Summary | None = None
     sent: MeshView | None = None  # the view the worker holds (as far as it was written)
     localities_sent: Localities | None = None
+    stdin: asyncio.StreamWriter | None = None
+    watched: set[tuple[str, str, str]] = field(default_factory=set)  # pods of its streams' tokens
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -40,8 +61,13 @@ class _Worker:
 class WorkerPool:
     """N xDS worker processes beside the main process's own ADS server."""
 
-    def __init__(self, configs: list[WorkerConfig]) -> None:
+    def __init__(
+        self, configs: list[WorkerConfig], review: Review | None = None, pod_uid: PodUid | None = None
+    ) -> None:
         self._workers = [_Worker(c) for c in configs]
+        self._review = review
+        self._pod_uid = pod_uid
+        self._answers: set[asyncio.Task[None]] = set()
         self._view: MeshView | None = None
         self._localities: Localities | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -100,6 +126,30 @@ class WorkerPool:
         for worker in self._workers:
             worker.wake.set()
 
+    def pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
+        """Member cluster ``cluster``'s pod watch changed ``keys`` ("namespace/name"; None: all):
+        each worker hears of the pods its streams' tokens are bound to."""
+        if self._pod_uid is None:
+            return
+        changed = None if keys is None else {tuple(k.partition("/")[::2]) for k in keys}
+        for worker in self._workers:
+            mine = [
+                (ns, name)
+                for c, ns, name in worker.watched
+                if c == cluster and (changed is None or (ns, name) in changed)
+            ]
+            if mine:
+                self._tell_pods(worker, cluster, mine)
+
+    def _tell_pods(self, worker: _Worker, cluster: str, pods: list[tuple[str, str]]) -> None:
+        assert self._pod_uid is not None
+        uids = {(ns, name): self._pod_uid(cluster, ns, name) for ns, name in pods}
+        for (ns, name), uid in uids.items():
+            if uid is None:
+                worker.watched.discard((cluster, ns, name))
+        if worker.stdin is not None:
+            worker.stdin.write(frame(PodUids(cluster, uids)))
+
     # ---- what they say ---------------------------------------------------------------------
 
     def lagging(self, type_url: str) -> list[str]:
@@ -126,6 +176,9 @@ class WorkerPool:
     def streams(self) -> int:
         return sum(w.summary.streams for w in self._workers if w.summary is not None)
 
+    def pod_bound_streams(self) -> int:
+        return sum(w.summary.pod_bound_streams for w in self._workers if w.summary is not None)
+
     def auth_failures(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for worker in self._workers:
@@ -151,6 +204,7 @@ class WorkerPool:
 
     async def _serve(self, worker: _Worker) -> None:
         worker.sent, worker.localities_sent, worker.summary, worker.listening = None, None, None, None
+        worker.watched.clear()
         worker.ready.clear()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -165,6 +219,7 @@ class WorkerPool:
         assert process.stdin is not None
         assert process.stdout is not None
         stdin, stdout = process.stdin, process.stdout
+        worker.stdin = stdin
         try:
             stdin.write(frame(worker.config))
             await stdin.drain()
@@ -184,6 +239,7 @@ class WorkerPool:
         finally:
             worker.ready.clear()
             worker.process = None
+            worker.stdin = None
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     stdin.close()
@@ -214,6 +270,34 @@ class WorkerPool:
         while (message := await read(stdout)) is not None:
             if isinstance(message, Summary):
                 worker.summary = message
+            elif isinstance(message, ReviewRequest):
+                task = asyncio.create_task(self._answer(worker, message))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
+            elif isinstance(message, WatchPod) and self._pod_uid is not None:
+                worker.watched.add((message.cluster, message.namespace, message.name))
+                self._tell_pods(worker, message.cluster, [(message.namespace, message.name)])
+
+    async def _answer(self, worker: _Worker, request: ReviewRequest) -> None:
+        """A worker's TokenReview, asked with the member cluster's credentials (the main process's)."""
+        if self._review is None:
+            result = ReviewResult(request.id, False, error="tokens are not reviewed here", unavailable=True)
+        else:
+            try:
+                answer = await self._review(request.cluster, request.token, request.audiences)
+                result = ReviewResult(
+                    request.id,
+                    answer.authenticated,
+                    answer.username,
+                    answer.error,
+                    answer.unavailable,
+                    dict(answer.extra),
+                )
+            except Exception as exc:  # fail closed, and keep serving the other workers
+                log.warning("a TokenReview for xDS worker %d failed: %r", worker.config.index, exc)
+                result = ReviewResult(request.id, False, error="review failed", unavailable=True)
+        if worker.stdin is not None:
+            worker.stdin.write(frame(result))
 
 
 class _WorkerGone(Exception):

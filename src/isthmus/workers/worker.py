@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 from cryptography import x509
@@ -23,9 +25,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from isthmus.discovery.model import Locality, MeshView
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
+from isthmus.identity.kube_tokens import FirstOf, KubeTokens
+from isthmus.identity.pod_bindings import PodBindings
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
-from isthmus.workers.messages import Listening, Localities, Summary, ViewDelta, WorkerConfig, frame, read
+from isthmus.workers.messages import (
+    Listening,
+    Localities,
+    PodUids,
+    ReviewRequest,
+    ReviewResult,
+    Summary,
+    ViewDelta,
+    WatchPod,
+    WorkerConfig,
+    frame,
+    read,
+)
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
@@ -35,6 +51,7 @@ from isthmus.xds.server import AdsServer, Limits
 log = logging.getLogger(__name__)
 
 SUMMARY_EVERY = 0.25  # seconds
+REVIEW_TIMEOUT = 10.0  # seconds the main process may take to answer a review (else: unavailable)
 
 
 def load_ca(config: WorkerConfig) -> MeshCA | None:
@@ -50,13 +67,42 @@ def load_ca(config: WorkerConfig) -> MeshCA | None:
 class Worker:
     """One worker's cache and ADS server, fed by the main process."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, send: Callable[[object], None] = lambda message: None) -> None:
         self.config = config
+        self._send = send  # a message to the main process
         self.cache = ConfigCache()
         limits = Limits(send_timeout=config.send_timeout, send_budget=config.send_budget)
         self.ads = AdsServer(self.cache, f"{config.host}:{config.port}", limits)
         self.view: MeshView | None = None
         self.localities: dict[tuple[str, str], tuple[str, str]] = {}
+        self._reviews: dict[int, asyncio.Future[ReviewResult]] = {}
+        self._review_ids = itertools.count(1)
+        # Pods with streams of their token here, as the main process's watch holds them.
+        self._pods: dict[tuple[str, str, str], str | None] = {}
+        self.bindings = PodBindings(self._pod_uid) if config.token_audience is not None else None
+
+    async def review(self, cluster: str, token: str, audiences: tuple[str, ...]) -> ReviewResult:
+        """A TokenReview, asked of the main process (identity.kube_tokens.ReviewFn)."""
+        review_id = next(self._review_ids)
+        answer: asyncio.Future[ReviewResult] = asyncio.get_running_loop().create_future()
+        self._reviews[review_id] = answer
+        try:
+            self._send(ReviewRequest(review_id, cluster, token, audiences))
+            async with asyncio.timeout(REVIEW_TIMEOUT):
+                return await answer
+        except TimeoutError:
+            return ReviewResult(review_id, False, error="the main process did not answer", unavailable=True)
+        finally:
+            self._reviews.pop(review_id, None)
+
+    def _pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
+        """The pod's uid as the main process last said; "" (not known) until it says, which it
+        does once asked to watch the pod."""
+        key = (cluster, namespace, name)
+        if key not in self._pods:
+            self._pods[key] = ""
+            self._send(WatchPod(cluster, namespace, name))
+        return self._pods[key]
 
     def _locate(self, proxy: Proxy) -> Proxy:
         """As the main process does (app.ControlPlane._locate), from the localities it sent."""
@@ -74,9 +120,14 @@ class Worker:
                 self.cache.use_ca(ca)
             if self.config.xds_sans:
                 self.ads.credentials = ServingCredentials(ca, self.config.xds_sans).credentials()
-        if self.config.token_file is not None:
+        static = StaticTokens(self.config.token_file) if self.config.token_file is not None else None
+        kube = None
+        if self.config.token_audience is not None:
+            kube = KubeTokens(self.review, (self.config.token_audience,), bindings=self.bindings)
+        found = FirstOf(static, kube) if static is not None and kube is not None else static or kube
+        if found is not None:
             identities = GatewayIdentities.of(self.config.gateway_identities)
-            self.ads.authenticator = GatewayChecked(StaticTokens(self.config.token_file), identities)
+            self.ads.authenticator = GatewayChecked(found, identities)
         self.ads.locate = self._locate
         self.ads.share_port = "join"
         return await self.ads.start()
@@ -87,10 +138,27 @@ class Worker:
             self.cache.set_view(self.view)
         elif isinstance(message, Localities):
             self.localities = message.nodes
+        elif isinstance(message, ReviewResult):
+            answer = self._reviews.get(message.id)
+            if answer is not None and not answer.done():
+                answer.set_result(message)
+        elif isinstance(message, PodUids):
+            self._pods_changed(message)
         else:
             log.warning(
                 "xDS worker %d: unknown message %s ignored", self.config.index, type(message).__name__
             )
+
+    def _pods_changed(self, message: PodUids) -> None:
+        """The bindings check the pods the main process says changed; one gone (None) is then
+        forgotten, and watched again if a stream of its name comes."""
+        for (namespace, name), uid in message.uids.items():
+            self._pods[(message.cluster, namespace, name)] = uid
+        if self.bindings is not None:
+            self.bindings.pods_changed(message.cluster, [f"{ns}/{name}" for ns, name in message.uids])
+        for (namespace, name), uid in message.uids.items():
+            if uid is None:
+                self._pods.pop((message.cluster, namespace, name), None)
 
     def summary(self) -> Summary:
         streams = self.ads.streams()
@@ -107,6 +175,7 @@ class Worker:
             lagging=lagging,
             connected=connected,
             auth_failures=dict(self.ads.auth_failures),
+            pod_bound_streams=len(self.bindings) if self.bindings is not None else 0,
         )
 
     async def rotate(self) -> None:
@@ -143,7 +212,7 @@ async def main() -> int:
         format=f"%(asctime)s %(levelname)s xds-worker-{config.index} %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    worker = Worker(config)
+    worker = Worker(config, lambda message: writer.write(frame(message)))
     port = await worker.start()
     writer.write(frame(Listening(os.getpid(), port)))
     await writer.drain()
