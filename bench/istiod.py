@@ -357,6 +357,41 @@ class Istiod:
     def ready(self) -> bool:
         return http_ok(f"http://{self.http}/ready")
 
+    async def warm(self, shape: Shape) -> float:
+        """Fill istiod's XDS cache as a running mesh has it filled (--istiod-warm). A proxy's first
+        requests are generated with the time of the last push it got, none for a new connection,
+        and istiod's cache keeps nothing generated without a time (pilot/pkg/xds/ads.go,
+        pilot/pkg/model/typed_xds_cache.go): right after startup every connecting proxy is
+        generated from scratch. Here one proxy per member cluster (clients 0 .. C-1) connects, a
+        full push is asked for (GET /debug/adsz?push=true on istiod's HTTP port) and answered;
+        what those pushes generated is cached for the clients of the same cluster and locality.
+        Returns the seconds it took."""
+        t0 = time.monotonic()
+        hold = asyncio.Event()
+        served = [asyncio.Event() for _ in range(shape.clusters)]
+        holders = [
+            asyncio.create_task(probe(self.xds_address, self.node(shape, c)[1], 120.0, hold, served[c]))
+            for c in range(shape.clusters)
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in served)), 120.0)
+            for e in served:
+                e.clear()
+            url = f"http://{self.http}/debug/adsz?push=true"
+            answer = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read())
+            print(f"istiod warm: {answer.decode().strip()}")
+            await asyncio.sleep(1.0)  # the push reaches the holders; then they go quiet again
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in served)), 120.0)
+            hold.set()
+            snaps = await asyncio.gather(*holders)
+            if any(snap.responses < 8 for snap in snaps):  # 4 types at connect, 4 again pushed
+                raise RuntimeError(f"istiod warm: the push did not reach {[x.responses for x in snaps]}")
+        finally:
+            for task in holders:
+                task.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+        return time.monotonic() - t0
+
     def node(self, shape: Shape, i: int) -> tuple[str, base_pb2.Node]:
         """Client i as istiod expects a sidecar: cluster i % C, service (i // C) % S (as bench.load),
         with an address of its own (one of its service's endpoints in its cluster)."""
@@ -418,12 +453,14 @@ def cpu_of(pids: list[int]) -> float:
     return sum(proc_usage(pid)[0] for pid in pids)
 
 
-def machine_cpu() -> float:
-    """CPU seconds the whole machine has been busy (all cores; /proc/stat), to tell how much of a
-    phase went to processes outside the benchmark."""
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal): CPU seconds the whole machine has been busy (all cores, irq and softirq
+    included, as the kernel also charges those to the running process) and those the hypervisor
+    took (steal), from /proc/stat: how much of a phase went to processes outside the benchmark."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 # ---- one proxy's configuration (a SotW probe) -----------------------------------------------
@@ -435,6 +472,7 @@ class Snapshot:
 
     resources: dict[str, dict[str, bytes]] = field(default_factory=dict)
     response_bytes: dict[str, int] = field(default_factory=dict)
+    responses: int = 0
 
     def assignments(self) -> dict[str, tuple[str, ...]]:
         """EDS name -> the endpoint addresses it holds."""
@@ -446,11 +484,20 @@ class Snapshot:
         return out
 
 
-async def probe(address: str, node: base_pb2.Node, limit: float = 30.0) -> Snapshot:
+async def probe(
+    address: str,
+    node: base_pb2.Node,
+    limit: float = 30.0,
+    hold: asyncio.Event | None = None,
+    served: asyncio.Event | None = None,
+) -> Snapshot:
     """One SotW ADS stream as Envoy opens it (CDS, LDS, then EDS and RDS for what they name), every
-    response ACKed; returns once every requested type has been answered and nothing came for 0.5 s."""
+    response ACKed; returns once every requested type has been answered and nothing came for 0.5 s
+    (``served`` is set then) or, with ``hold``, once that is set (pushes are ACKed meanwhile)."""
     snap = Snapshot()
     channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    responses: asyncio.Queue[bytes] = asyncio.Queue()
+    reader: asyncio.Task[None] | None = None
     try:
         call = open_stream(channel, "sotw")(wait_for_ready=True)
         first = True
@@ -466,21 +513,36 @@ async def probe(address: str, node: base_pb2.Node, limit: float = 30.0) -> Snaps
                 first = False
             await call.write(request)
 
+        async def read() -> None:
+            while (raw := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                responses.put_nowait(raw)
+            raise RuntimeError("the server ended the probe's stream")
+
         await send(CDS, [])
         await send(LDS, [])
+        reader = asyncio.create_task(read())
         answered: set[str] = set()
         async with asyncio.timeout(limit):
             while True:
-                try:
-                    raw = await asyncio.wait_for(call.read(), 0.5)
-                except TimeoutError:
+                get = asyncio.ensure_future(responses.get())
+                done, _ = await asyncio.wait({get, reader}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    get.cancel()
+                    reader.result()  # raises what ended it
+                if get not in done:
+                    get.cancel()
                     if {CDS, LDS} | {t for t, names in wanted.items() if names} <= answered:
-                        break
+                        if served is not None:
+                            served.set()
+                        if hold is None or hold.is_set():
+                            break
                     continue
+                raw = get.result()
                 r = discovery_pb2.DiscoveryResponse.FromString(raw)
                 values = {name_of(a.value): a.value for a in r.resources}
                 t = r.type_url
                 snap.response_bytes[t] = snap.response_bytes.get(t, 0) + len(raw)
+                snap.responses += 1
                 if t in (CDS, LDS):
                     snap.resources[t] = values
                 else:
@@ -498,6 +560,10 @@ async def probe(address: str, node: base_pb2.Node, limit: float = 30.0) -> Snaps
                 await send(t, wanted.get(t, []), r.version_info, r.nonce)
         call.cancel()
     finally:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
         await channel.close(None)
     return snap
 
@@ -590,9 +656,11 @@ async def run_server(
         """(server CPU, API servers' CPU, the tool's CPU) so far."""
         return proc_usage(pid_of(server.proc))[0], cpu_of(kube_pids), time.process_time()
 
-    def others(machine0: float, used: float) -> float:
-        """CPU seconds of everything else on the machine since ``machine0`` (``used``: ours)."""
-        return machine_cpu() - machine0 - used
+    def others(machine0: tuple[float, float], used: float) -> tuple[float, float]:
+        """CPU seconds of everything else on the machine since ``machine0`` (``used``: ours), and
+        the seconds stolen by the hypervisor."""
+        busy, steal = machine_cpu()
+        return busy - machine0[0] - used, steal - machine0[1]
 
     # ---- startup: spawn -> a probe proxy holds the whole mesh ----
     kube0 = cpu_of(kube_pids)
@@ -617,7 +685,11 @@ async def run_server(
     row["startup_kube_cpu_s"] = kube1 - kube0
     row["startup_rss_mib"] = proc_rss(pid_of(server.proc)) / 2**20
     row["flat"] = flat
-    await asyncio.sleep(1.0)  # the probe's stream is gone before the clients come
+    row["warm_s"] = row["warm_server_cpu_s"] = float("nan")
+    if args.istiod_warm and isinstance(server, Istiod):
+        row["warm_s"] = await server.warm(shape)
+        row["warm_server_cpu_s"] = proc_usage(pid_of(server.proc))[0] - cpu1
+    await asyncio.sleep(1.0)  # the probes' streams are gone before the clients come
 
     # ---- cold start ----
     totals = Totals()
@@ -683,7 +755,9 @@ async def run_server(
         row["cold_server_cpu_s"] = cpu2 - cpu1
         row["cold_tool_cpu_s"] = tool2 - tool1
         row["cold_kube_cpu_s"] = kube2 - kube1
-        row["cold_other_cpu_s"] = others(machine1, cpu2 - cpu1 + tool2 - tool1 + kube2 - kube1)
+        row["cold_other_cpu_s"], row["cold_steal_s"] = others(
+            machine1, cpu2 - cpu1 + tool2 - tool1 + kube2 - kube1
+        )
         row["cold_server_peak_rss_mib"] = proc_usage(pid_of(server.proc))[1] / 2**20
         row["cold_responses"] = totals.responses
         row["cold_by_type"] = ", ".join(f"{SHORT.get(t, t)} {n}" for t, n in sorted(totals.by_type.items()))
@@ -732,7 +806,9 @@ async def run_server(
         row["conv_tool_cpu_per_change_ms"] = (tool4 - tool3) / n * 1e3
         row["conv_kube_cpu_per_change_ms"] = (kube4 - kube3) / n * 1e3
         used = cpu4 - cpu3 + tool4 - tool3 + kube4 - kube3
-        row["conv_other_cpu_per_change_ms"] = others(machine3, used) / n * 1e3
+        other, steal = others(machine3, used)
+        row["conv_other_cpu_per_change_ms"] = other / n * 1e3
+        row["conv_steal_per_change_ms"] = steal / n * 1e3
         row["conv_responses_per_change"] = (totals.responses - resp0) / n
         row["conv_eds_per_change"] = (totals.by_type.get(EDS, 0) - eds0) / n
         row["conv_mb_per_change"] = (totals.bytes - bytes0) / 1e6 / n
@@ -776,6 +852,12 @@ def report(args: argparse.Namespace, shape: Shape, rows: list[dict[str, Any]]) -
             lambda r: f"{f(r, 'startup_server_cpu_s')} / {f(r, 'startup_kube_cpu_s')}",
         ),
         (
+            "istiod: cache warmed by a push first (s, server CPU s)",
+            lambda r: (
+                f"{f(r, 'warm_s')} ({f(r, 'warm_server_cpu_s')})" if r["warm_s"] == r["warm_s"] else "no"
+            ),
+        ),
+        (
             "network as served",
             lambda r: "flat (every endpoint directly)" if r["flat"] else "through gateways",
         ),
@@ -784,7 +866,7 @@ def report(args: argparse.Namespace, shape: Shape, rows: list[dict[str, Any]]) -
             lambda r: f"{f(r, 'cold_start_s')} ({f(r, 'cold_p50_s')})",
         ),
         (
-            "cold start: CPU server / tool / API servers / others (s)",
+            "cold start: CPU server / tool / API servers / others (steal) (s)",
             lambda r: (
                 f"{f(r, 'cold_server_cpu_s')} / {f(r, 'cold_tool_cpu_s')} / {f(r, 'cold_kube_cpu_s')}"
                 f" / {f(r, 'cold_other_cpu_s')}"
@@ -811,10 +893,11 @@ def report(args: argparse.Namespace, shape: Shape, rows: list[dict[str, Any]]) -
             lambda r: f"{f(r, 'conv_first_p50_ms', 0)} / {f(r, 'api_write_p50_ms', 0)}",
         ),
         (
-            "per change: CPU server / tool / API servers / others (ms)",
+            "per change: CPU server / tool / API servers / others (steal) (ms)",
             lambda r: (
                 f"{f(r, 'conv_server_cpu_per_change_ms', 0)} / {f(r, 'conv_tool_cpu_per_change_ms', 0)} / "
-                f"{f(r, 'conv_kube_cpu_per_change_ms', 0)} / {f(r, 'conv_other_cpu_per_change_ms', 0)}"
+                f"{f(r, 'conv_kube_cpu_per_change_ms', 0)} / {f(r, 'conv_other_cpu_per_change_ms', 0)} "
+                f"({f(r, 'conv_steal_per_change_ms', 0)})"
             ),
         ),
         (
@@ -925,8 +1008,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=0, help="gRPC channels (default: one per 1,000 clients)")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=300.0, help="startup and cold start limit (s)")
+    p.add_argument("--timeout", type=float, default=900.0, help="startup and cold start limit (s)")
     p.add_argument("--change-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--istiod-warm",
+        action="store_true",
+        help="fill istiod's XDS cache before the clients connect: one proxy per cluster connected "
+        "through a full push (as in a mesh where pushes happen); without it istiod generates every "
+        "connecting proxy's configuration from scratch",
+    )
     p.add_argument("--dump", type=Path, help="write one proxy's resources as text protos into this directory")
     p.add_argument("--csv", type=Path, help="append one row per server to this CSV file")
     args = p.parse_args(argv)
