@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import gc
 import logging
 import os
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
+from envoy.service.status.v3 import csds_pb2
 
 from isthmus.admin.app import AdminCheck, DrainActions, Readiness, make_admin_app, start_admin
 from isthmus.admin.debug import debug_routes
@@ -72,7 +74,7 @@ from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Proxy, Role
 from isthmus.xds.server import AdsServer, Limits
 from isthmus.xds.server.auth import StreamAuthenticator
-from isthmus.xds.server.csds import Csds, CsdsCheck
+from isthmus.xds.server.csds import Csds, CsdsCheck, Refused
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,14 @@ class ControlPlane:
         self._complete = self.members is None
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
-        self.pool: WorkerPool | None = None  # --xds-workers: the other processes serving xDS
+        # --xds-workers: the other processes serving xDS (started with the xDS server)
+        self.pool: WorkerPool | None = None
+        if settings.xds_workers > 1:
+            kube = self.members if settings.kube_authentication else None
+            self.pool = WorkerPool(
+                review=kube.review if kube is not None else None,
+                pod_uid=kube.pod_uid if kube is not None else None,
+            )
         self.drains = Drains(self.aggregator, self._lagging, settings.drain_step, settings.drain_ack_timeout)
         # The configuration API (MemberCluster objects in the home cluster): drains every replica follows.
         self.config: ConfigApi | None = None
@@ -417,11 +426,20 @@ class ControlPlane:
         home = Reviewer.home(self.settings.home_kubeconfig) if self.settings.admin_kube_auth else None
         check = self._admin_check(home)
         admin = make_admin_app(self.readiness, self.info, actions, check, open_paths=UI_PATHS)
-        admin.add_routes(debug_routes(self.ads.streams, lambda: self.cache.view, self._clusters_status))
+        admin.add_routes(
+            debug_routes(self.ads.streams, lambda: self.cache.view, self._clusters_status, others=self.pool)
+        )
         admin.add_routes(ui_routes())
         runner = await start_admin(admin, host, port)
         log.info("admin listening on %s:%d (/healthz, /readyz, /drain, /debug/..., /ui)", host, port)
-        self.ads.services.append(Csds(self.ads.streams, self._csds_check(check)).handler())
+        csds = Csds(
+            self.ads.streams,
+            self._csds_check(check),
+            others=self.pool.csds_parts if self.pool is not None else None,
+        )
+        self.ads.services.append(csds.handler())
+        if self.pool is not None:
+            self.pool.csds = functools.partial(_csds_for_workers, csds)
         config: asyncio.Task[None] | None = None
         webhook: tuple[web.AppRunner, HttpsServing] | None = None
         try:
@@ -547,12 +565,8 @@ class ControlPlane:
             )
             for i in range(1, self.settings.xds_workers)
         ]
-        kube = self.settings.kube_authentication and self.members is not None
-        self.pool = WorkerPool(
-            configs,
-            review=self.members.review if kube and self.members is not None else None,
-            pod_uid=self.members.pod_uid if kube and self.members is not None else None,
-        )
+        assert self.pool is not None
+        self.pool.configure(configs)
         if self.view_loaded:
             self.pool.set_view(self.cache.view)
         if self.members is not None:
@@ -722,6 +736,15 @@ class ControlPlane:
             wait = longest if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
             await asyncio.sleep(min(max(wait, 0.5), longest))
             self.cache.rotate_certificates()
+
+
+async def _csds_for_workers(csds: Csds, token: str | None, request: bytes) -> tuple[int | None, str, bytes]:
+    """A CSDS call that reached a worker, answered here for every process."""
+    try:
+        response = await csds.respond(token, csds_pb2.ClientStatusRequest.FromString(request))
+    except Refused as exc:
+        return exc.code.value[0], exc.details, b""
+    return None, "", response.SerializeToString()
 
 
 def load_ca(settings: ServeSettings) -> MeshCA:

@@ -130,14 +130,15 @@ async def test_an_xds_worker_reviews_through_the_main_process_and_follows_its_po
 ) -> None:
     """A worker process (isthmus.workers) asks the main process for TokenReviews and for the pods
     of its streams' tokens: wired here in one process, the messages framed as between processes."""
-    from isthmus.workers.messages import WorkerConfig, frame, read
+    from isthmus.workers.messages import Asking, WorkerConfig, frame, read
     from isthmus.workers.pool import WorkerPool
     from isthmus.workers.worker import Worker
 
     apis, members = clusters
     east = apis["east"]
     config = WorkerConfig(1, "127.0.0.1", 0, 30.0, 1 << 20, 1.0, 3600.0, token_audience="isthmus")
-    pool = WorkerPool([config], review=members.review, pod_uid=members.pod_uid)
+    pool = WorkerPool(review=members.review, pod_uid=members.pod_uid)
+    pool.configure([config])
     members.on_pods = pool.pods_changed  # as the main process wires it (app.ControlPlane._pods_changed)
     [side] = pool._workers
     to_worker, to_main = asyncio.StreamReader(), asyncio.StreamReader()
@@ -150,6 +151,7 @@ async def test_an_xds_worker_reviews_through_the_main_process_and_follows_its_po
             self.reader.feed_data(data)
 
     side.stdin = Pipe(to_worker)  # type: ignore[assignment]
+    side.asking = Asking(lambda message: to_worker.feed_data(frame(message)), 5.0)
     worker = Worker(config, lambda message: to_main.feed_data(frame(message)))
     await worker.start()
 

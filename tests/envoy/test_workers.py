@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import grpc
 from cryptography import x509
+from envoy.service.status.v3 import csds_pb2
 
 from conftest import LOOPBACK, MeshFile, Processes, _eventually
 from isthmus.xds import types
@@ -103,8 +104,45 @@ async def test_workers_serve_the_mesh_its_changes_and_one_root(procs: Processes,
         assert len(issuers) == 1, "every process issues certificates under the one root"
         assert len(roots) <= 1
 
+        # The per-proxy pages show every process's proxies: syncz, config dumps, and CSDS from a
+        # connection to either process.
+        names = {f"c-{i}" for i in range(CLIENTS_N)}
+        async with aiohttp.ClientSession() as session:
+            base = f"http://{LOOPBACK}:{cp.admin_port}"
+
+            async def synced() -> list[dict[str, Any]]:  # syncz is built at most once a second
+                async with session.get(f"{base}/debug/syncz") as reply:
+                    rows: list[dict[str, Any]] = await reply.json()
+                assert {row["proxy"] for row in rows} == names, rows
+                return rows
+
+            rows = await _eventually(synced, what="syncz lists every process's proxies", within=5)
+            by_process = {row["process"]: row["proxy"] for row in rows}
+            assert set(by_process) == {p["pid"] for p in processes}, (by_process, processes)
+            for name in by_process.values():  # one proxy of each process
+                await asyncio.sleep(0.5)  # config dumps are rate limited (2/s)
+                async with session.get(f"{base}/debug/config_dump", params={"proxy": name}) as reply:
+                    assert reply.status == 200, (name, await reply.text())
+                    dump = await reply.json()
+                assert dump["streams"], dump
+                assert "EDS" in dump["streams"][0]["types"], dump
+        for i in range(10):  # connections: some reach the worker, which asks the main process
+            channel = grpc.aio.insecure_channel(
+                f"{LOOPBACK}:{cp.xds_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            channels.append(channel)
+            fetch = channel.unary_unary(
+                "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus",
+                request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+                response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+            )
+            answer = await fetch(csds_pb2.ClientStatusRequest(exclude_resource_contents=True), timeout=10)
+            assert {c.node.id for c in answer.config} == names, (i, [c.node.id for c in answer.config])
+
         # A change reaches every client, wherever it is served.
-        mesh.write(mesh.service("web", ("127.0.0.12", 8080), west), mesh.service("client", ("127.0.0.20", 8080)))
+        mesh.write(
+            mesh.service("web", ("127.0.0.12", 8080), west), mesh.service("client", ("127.0.0.20", 8080))
+        )
         for client in clients:
             await latest(client, types.ENDPOINT, lambda r: "127.0.0.12" in web_addresses(r))
 
@@ -145,7 +183,9 @@ async def test_workers_serve_the_mesh_its_changes_and_one_root(procs: Processes,
             return list(found["processes"])
 
         await _eventually(restarted, what="the killed worker is started again")
-        mesh.write(mesh.service("web", ("127.0.0.13", 8080), west), mesh.service("client", ("127.0.0.20", 8080)))
+        mesh.write(
+            mesh.service("web", ("127.0.0.13", 8080), west), mesh.service("client", ("127.0.0.20", 8080))
+        )
         again, more = await connect(cp.xds_port, CLIENTS_N, "d")
         channels += more
         clients += again

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from isthmus.admin.debug import _Bucket, _Decoded
+from isthmus.admin.debug import _Bucket, Decoded
 from isthmus.xds.resources import Resource
 from isthmus.xds.server.introspect import Held
 
@@ -19,7 +19,7 @@ def test_the_bucket_allows_a_burst_then_its_rate() -> None:
 
 
 def test_a_resource_version_is_decoded_once_and_the_oldest_go_first() -> None:
-    decoded = _Decoded(size=2)
+    decoded = Decoded(size=2)
     type_url = "type.googleapis.com/google.protobuf.Empty"
     items = [Held(type_url, f"r{i}", f"v{i}", Resource.from_bytes(type_url, f"r{i}", b"")) for i in range(3)]
     body, new = decoded.get(items[0])

@@ -71,7 +71,8 @@ def config(index: int) -> WorkerConfig:
 
 def test_the_pool_counts_a_worker_behind_the_current_view_as_lagging() -> None:
     view = parse_mesh(example_mesh_text())
-    pool = WorkerPool([config(1), config(2)])
+    pool = WorkerPool()
+    pool.configure([config(1), config(2)])
     pool.set_view(view)
     one, two = pool._workers
     # No report yet: both lag as a whole (a drain waits for them).

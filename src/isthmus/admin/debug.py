@@ -20,9 +20,10 @@ import asyncio
 import collections
 import datetime
 import json
+import os
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -83,6 +84,7 @@ def syncz(streams: list[Stream]) -> list[dict[str, Any]]:
                 "role": status.role,
                 "mode": status.mode,
                 "stream": status.stream_id,
+                "process": os.getpid(),  # with --xds-workers, which process serves it
                 "peer": status.peer,
                 "connected_since": _iso(status.connected_since),
                 "types": {short_type(t): type_sync(s) for t, s in sorted(status.types.items())},
@@ -122,7 +124,7 @@ def mesh_json(view: MeshView) -> dict[str, Any]:
     return {"version": view.version, "services": services, "gateways": gateways}
 
 
-class _Decoded:
+class Decoded:
     """Resources as JSON bytes, by (type, name, version): a resource's version is its content hash,
     so an entry never goes stale; the least recently used go first past ``size``."""
 
@@ -164,13 +166,53 @@ class _Bucket:
         return (1 - self._tokens) / self.rate
 
 
+class OtherProcesses(Protocol):
+    """The other processes serving xDS (isthmus.workers): their parts of the per-proxy pages."""
+
+    async def syncz(self) -> list[dict[str, Any]]: ...
+
+    async def config_dump(self, proxy: str) -> list[bytes]:
+        """The dump's stream entries (as ``dump_streams`` writes them) of ``proxy``'s streams there."""
+        ...
+
+
+async def dump_streams(
+    snapshot: list[tuple[int, str, dict[str, list[Held]]]], decoded: Decoded
+) -> AsyncIterator[bytes]:
+    """The JSON of each stream of a config dump (``{"stream": .., "mode": .., "types": {..}}``),
+    decoding each resource version once and yielding to the event loop every few resources."""
+    fresh = 0
+    for stream_id, mode, types in snapshot:
+        head = {"stream": stream_id, "mode": mode}
+        chunks = [json.dumps(head).encode()[:-1] + b', "types": {']
+        for j, (type_url, items) in enumerate(types.items()):
+            parts = []
+            for item in items:
+                body, new = decoded.get(item)
+                parts.append(body)
+                fresh += new
+                if fresh >= DECODE_BATCH:  # let pushes run between batches
+                    fresh = 0
+                    await asyncio.sleep(0)
+            name = json.dumps(short_type(type_url)).encode()
+            chunks.append((b", " if j else b"") + name + b": [" + b", ".join(parts) + b"]")
+        chunks.append(b"}}")
+        yield b"".join(chunks)
+
+
+def dump_snapshot(streams: list[Stream], proxy: str) -> list[tuple[int, str, dict[str, list[Held]]]]:
+    return [(s.status.stream_id, s.status.mode, held(s)) for s in streams if s.status.node_id == proxy]
+
+
 def debug_routes(
     streams: Callable[[], list[Stream]],
     view: Callable[[], MeshView],
     clusters: Callable[[], Mapping[str, Mapping[str, Any]]],
     clock: Callable[[], float] = time.monotonic,
+    others: OtherProcesses | None = None,
 ) -> list[web.RouteDef]:
-    """The routes above, reading the ADS server's ``streams``, the mesh ``view`` and ``clusters``.
+    """The routes above, reading the ADS server's ``streams``, the mesh ``view`` and ``clusters``,
+    and the parts of ``others`` (the xDS worker processes), if any.
 
     What these pages cost the pushes is bounded, however often they are asked for: syncz is built
     at most once a second (it may be that old), the mesh page once per mesh version, and a config
@@ -180,7 +222,7 @@ def debug_routes(
     """
     syncz_cache: list[tuple[float, bytes]] = []
     mesh_cache: list[tuple[str, bytes]] = []
-    decoded = _Decoded()
+    decoded = Decoded()
     one_dump = asyncio.Lock()
     dumps = _Bucket(DUMPS_PER_SECOND, DUMP_BURST, clock)
 
@@ -190,7 +232,10 @@ def debug_routes(
     async def get_syncz(_: web.Request) -> web.Response:
         now = clock()
         if not syncz_cache or now - syncz_cache[0][0] >= SYNCZ_MAX_AGE:
-            syncz_cache[:] = [(now, json.dumps(syncz(streams())).encode())]
+            rows = syncz(streams())
+            if others is not None:
+                rows += await others.syncz()
+            syncz_cache[:] = [(now, json.dumps(rows).encode())]
         return json_bytes(syncz_cache[0][1])
 
     async def get_config_dump(request: web.Request) -> web.StreamResponse:
@@ -199,8 +244,8 @@ def debug_routes(
             return web.json_response({"error": "give the proxy: ?proxy=NODE_ID"}, status=400)
         if len(proxy) > MAX_PROXY_ID:
             return web.json_response({"error": f"proxy id longer than {MAX_PROXY_ID}"}, status=400)
-        found = [s for s in streams() if s.status.node_id == proxy]
-        if not found:
+        snapshot = dump_snapshot(streams(), proxy)
+        if not snapshot and others is None:
             return web.json_response({"error": f"no connected proxy {proxy!r}"}, status=404)
         wait = dumps.take()
         if wait > 0:
@@ -209,27 +254,20 @@ def debug_routes(
                 status=429,
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        snapshot = [(s.status.stream_id, s.status.mode, held(s)) for s in found]
+        elsewhere = await others.config_dump(proxy) if others is not None else []
+        if not snapshot and not elsewhere:
+            return web.json_response({"error": f"no connected proxy {proxy!r}"}, status=404)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         async with one_dump:
             await response.write(b'{"proxy": ' + json.dumps(proxy).encode() + b', "streams": [')
-            fresh = 0
-            for i, (stream_id, mode, types) in enumerate(snapshot):
-                head = {"stream": stream_id, "mode": mode}
-                await response.write((b", " if i else b"") + json.dumps(head).encode()[:-1] + b', "types": {')
-                for j, (type_url, items) in enumerate(types.items()):
-                    parts = []
-                    for item in items:
-                        body, new = decoded.get(item)
-                        parts.append(body)
-                        fresh += new
-                        if fresh >= DECODE_BATCH:  # let pushes run between batches
-                            fresh = 0
-                            await asyncio.sleep(0)
-                    name = json.dumps(short_type(type_url)).encode()
-                    await response.write((b", " if j else b"") + name + b": [" + b", ".join(parts) + b"]")
-                await response.write(b"}}")
+            i = 0
+            async for entry in dump_streams(snapshot, decoded):
+                await response.write((b", " if i else b"") + entry)
+                i += 1
+            for entry in elsewhere:
+                await response.write((b", " if i else b"") + entry)
+                i += 1
             await response.write(b"]}")
         await response.write_eof()
         return response

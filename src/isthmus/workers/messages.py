@@ -9,8 +9,10 @@ worker restarts, is the whole view.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,20 +101,9 @@ class Localities:
 
 
 @dataclass(frozen=True, slots=True)
-class ReviewRequest:
-    """Worker -> main: ask member cluster ``cluster`` whose ``token`` this is (a TokenReview)."""
-
-    id: int
-    cluster: str
-    token: str
-    audiences: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class ReviewResult:
-    """Main -> worker: the TokenReview's answer (identity.kube_tokens.ReviewAnswer)."""
+    """A TokenReview's answer (identity.kube_tokens.ReviewAnswer), as the main process got it."""
 
-    id: int
     authenticated: bool
     username: str = ""
     error: str = ""
@@ -139,6 +130,26 @@ class PodUids:
 
 
 @dataclass(frozen=True, slots=True)
+class Ask:
+    """A question for the other side, answered by an Answer of the same id. Main -> worker:
+    ``syncz`` (its /debug/syncz rows), ``dump`` (proxy id: its config dump stream entries),
+    ``csds`` (a serialized ClientStatusRequest: its part of the answer). Worker -> main: ``csds``
+    ((bearer token, serialized request): the whole answer, the caller checked as the admin API
+    checks it); ``review`` ((member cluster, token, audiences): a ReviewResult)."""
+
+    id: int
+    what: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: int
+    value: Any = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Listening:
     """The worker serves xDS (its first message)."""
 
@@ -159,6 +170,41 @@ class Summary:
     connected: dict[tuple[str, str, str], int] = field(default_factory=dict)
     auth_failures: dict[str, int] = field(default_factory=dict)
     pod_bound_streams: int = 0  # streams of pod-bound tokens, followed until their pod goes
+
+
+class Asking:
+    """Questions sent and not answered yet, by id."""
+
+    def __init__(self, send: Callable[[object], None], timeout: float) -> None:
+        self._send = send
+        self._timeout = timeout
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
+        self._ids = itertools.count(1)
+
+    async def ask(self, what: str, *args: Any) -> Answer:
+        """The answer; Answer(error=...) if none comes within the timeout."""
+        question = Ask(next(self._ids), what, args)
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[question.id] = answer
+        try:
+            self._send(question)
+            async with asyncio.timeout(self._timeout):
+                return await answer
+        except TimeoutError:
+            return Answer(question.id, error=f"no answer to {what} within {self._timeout:.0f}s")
+        finally:
+            self._waiting.pop(question.id, None)
+
+    def answered(self, answer: Answer) -> None:
+        waiting = self._waiting.get(answer.id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    def cancel(self) -> None:
+        """The other side is gone: every question waiting gets an error."""
+        for question_id, waiting in list(self._waiting.items()):
+            if not waiting.done():
+                waiting.set_result(Answer(question_id, error="the other process is gone"))
 
 
 async def read(reader: asyncio.StreamReader) -> Any:

@@ -21,10 +21,12 @@ from typing import Any
 
 from isthmus.discovery.model import MeshView
 from isthmus.workers.messages import (
+    Answer,
+    Ask,
+    Asking,
     Listening,
     Localities,
     PodUids,
-    ReviewRequest,
     ReviewResult,
     Summary,
     ViewDelta,
@@ -42,6 +44,10 @@ RESTART_AFTER = 1.0  # seconds
 # identity.pod_bindings.PodUid, served by discovery.kube.Members).
 Review = Callable[[str, str, tuple[str, ...]], Awaitable[Any]]
 PodUid = Callable[[str, str, str], str | None]
+# (bearer token or None, serialized ClientStatusRequest) -> (refusal code or None, detail, serialized
+# response): the main process's whole CSDS answer (xds.server.csds.Csds.respond).
+CsdsAnswer = Callable[[str | None, bytes], Awaitable[tuple[int | None, str, bytes]]]
+ASK_TIMEOUT = 5.0  # seconds a worker may take to answer the main process's questions
 
 
 @dataclass(slots=True, eq=False)
@@ -53,6 +59,7 @@ class _Worker:
     sent: MeshView | None = None  # the view the worker holds (as far as it was written)
     localities_sent: Localities | None = None
     stdin: asyncio.StreamWriter | None = None
+    asking: Asking | None = None  # questions to the running process
     watched: set[tuple[str, str, str]] = field(default_factory=set)  # pods of its streams' tokens
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -61,12 +68,11 @@ class _Worker:
 class WorkerPool:
     """N xDS worker processes beside the main process's own ADS server."""
 
-    def __init__(
-        self, configs: list[WorkerConfig], review: Review | None = None, pod_uid: PodUid | None = None
-    ) -> None:
-        self._workers = [_Worker(c) for c in configs]
+    def __init__(self, review: Review | None = None, pod_uid: PodUid | None = None) -> None:
+        self._workers: list[_Worker] = []
         self._review = review
         self._pod_uid = pod_uid
+        self.csds: CsdsAnswer | None = None  # set by the wiring once CSDS exists
         self._answers: set[asyncio.Task[None]] = set()
         self._view: MeshView | None = None
         self._localities: Localities | None = None
@@ -79,7 +85,12 @@ class WorkerPool:
     @property
     def ready(self) -> bool:
         """Every worker is serving."""
-        return all(w.ready.is_set() for w in self._workers)
+        return bool(self._workers) and all(w.ready.is_set() for w in self._workers)
+
+    def configure(self, configs: list[WorkerConfig]) -> None:
+        """The workers to run (once the xDS port and the CA are known)."""
+        assert not self._tasks, "configured before it starts"
+        self._workers = [_Worker(c) for c in configs]
 
     def processes(self) -> list[dict[str, object]]:
         """Each worker: its pid (None while it starts) and its streams at its last Summary."""
@@ -149,6 +160,29 @@ class WorkerPool:
                 worker.watched.discard((cluster, ns, name))
         if worker.stdin is not None:
             worker.stdin.write(frame(PodUids(cluster, uids)))
+
+    # ---- what they hold (the per-proxy pages: admin.debug.OtherProcesses, CSDS) -------------
+
+    async def _ask_all(self, what: str, *args: Any) -> list[Any]:
+        """Every running worker's answer (those that fail or do not answer are left out, logged)."""
+        running = [w for w in self._workers if w.asking is not None]
+        answers = await asyncio.gather(*(w.asking.ask(what, *args) for w in running if w.asking))
+        out = []
+        for worker, answer in zip(running, answers, strict=True):
+            if answer.error:
+                log.warning("xDS worker %d did not answer %s: %s", worker.config.index, what, answer.error)
+            else:
+                out.append(answer.value)
+        return out
+
+    async def syncz(self) -> list[dict[str, Any]]:
+        return [row for rows in await self._ask_all("syncz") for row in rows]
+
+    async def config_dump(self, proxy: str) -> list[bytes]:
+        return [entry for entries in await self._ask_all("dump", proxy) for entry in entries]
+
+    async def csds_parts(self, request: bytes) -> list[bytes]:
+        return [bytes(part) for part in await self._ask_all("csds", request)]
 
     # ---- what they say ---------------------------------------------------------------------
 
@@ -220,6 +254,7 @@ class WorkerPool:
         assert process.stdout is not None
         stdin, stdout = process.stdin, process.stdout
         worker.stdin = stdin
+        worker.asking = Asking(lambda message: stdin.write(frame(message)), ASK_TIMEOUT)
         try:
             stdin.write(frame(worker.config))
             await stdin.drain()
@@ -240,6 +275,9 @@ class WorkerPool:
             worker.ready.clear()
             worker.process = None
             worker.stdin = None
+            if worker.asking is not None:
+                worker.asking.cancel()
+                worker.asking = None
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     stdin.close()
@@ -270,7 +308,9 @@ class WorkerPool:
         while (message := await read(stdout)) is not None:
             if isinstance(message, Summary):
                 worker.summary = message
-            elif isinstance(message, ReviewRequest):
+            elif isinstance(message, Answer) and worker.asking is not None:
+                worker.asking.answered(message)
+            elif isinstance(message, Ask):
                 task = asyncio.create_task(self._answer(worker, message))
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)
@@ -278,26 +318,30 @@ class WorkerPool:
                 worker.watched.add((message.cluster, message.namespace, message.name))
                 self._tell_pods(worker, message.cluster, [(message.namespace, message.name)])
 
-    async def _answer(self, worker: _Worker, request: ReviewRequest) -> None:
-        """A worker's TokenReview, asked with the member cluster's credentials (the main process's)."""
-        if self._review is None:
-            result = ReviewResult(request.id, False, error="tokens are not reviewed here", unavailable=True)
-        else:
-            try:
-                answer = await self._review(request.cluster, request.token, request.audiences)
-                result = ReviewResult(
-                    request.id,
-                    answer.authenticated,
-                    answer.username,
-                    answer.error,
-                    answer.unavailable,
-                    dict(answer.extra),
+    async def _answer(self, worker: _Worker, question: Ask) -> None:
+        """A worker's question: a TokenReview (with the member cluster's credentials, which only
+        this process holds), or a whole CSDS answer."""
+        try:
+            if question.what == "review" and self._review is not None:
+                cluster, token, audiences = question.args
+                review = await self._review(cluster, token, audiences)
+                value: object = ReviewResult(
+                    review.authenticated,
+                    review.username,
+                    review.error,
+                    review.unavailable,
+                    dict(review.extra),
                 )
-            except Exception as exc:  # fail closed, and keep serving the other workers
-                log.warning("a TokenReview for xDS worker %d failed: %r", worker.config.index, exc)
-                result = ReviewResult(request.id, False, error="review failed", unavailable=True)
+            elif question.what == "csds" and self.csds is not None:
+                value = await self.csds(*question.args)
+            else:
+                raise ValueError(f"{question.what!r} is not answered here")
+            answer = Answer(question.id, value)
+        except Exception as exc:  # fail closed, and keep serving the other workers
+            log.warning("xDS worker %d: %s failed: %r", worker.config.index, question.what, exc)
+            answer = Answer(question.id, error=f"{question.what} failed")
         if worker.stdin is not None:
-            worker.stdin.write(frame(result))
+            worker.stdin.write(frame(answer))
 
 
 class _WorkerGone(Exception):

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import itertools
 import logging
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.status.v3 import csds_pb2
 
+from isthmus.admin.debug import Decoded, dump_snapshot, dump_streams, syncz
 from isthmus.discovery.model import Locality, MeshView
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
@@ -30,10 +32,12 @@ from isthmus.identity.pod_bindings import PodBindings
 from isthmus.identity.tokens import StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
 from isthmus.workers.messages import (
+    Answer,
+    Ask,
+    Asking,
     Listening,
     Localities,
     PodUids,
-    ReviewRequest,
     ReviewResult,
     Summary,
     ViewDelta,
@@ -47,11 +51,12 @@ from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
 from isthmus.xds.proxy import Proxy
 from isthmus.xds.server import AdsServer, Limits
+from isthmus.xds.server.csds import Csds, client_status
 
 log = logging.getLogger(__name__)
 
 SUMMARY_EVERY = 0.25  # seconds
-REVIEW_TIMEOUT = 10.0  # seconds the main process may take to answer a review (else: unavailable)
+ANSWER_TIMEOUT = 10.0  # seconds the main process may take to answer (a review: else unavailable)
 
 
 def load_ca(config: WorkerConfig) -> MeshCA | None:
@@ -75,25 +80,28 @@ class Worker:
         self.ads = AdsServer(self.cache, f"{config.host}:{config.port}", limits)
         self.view: MeshView | None = None
         self.localities: dict[tuple[str, str], tuple[str, str]] = {}
-        self._reviews: dict[int, asyncio.Future[ReviewResult]] = {}
-        self._review_ids = itertools.count(1)
+        self.asking = Asking(send, ANSWER_TIMEOUT)  # questions to the main process
+        self._answers: set[asyncio.Task[None]] = set()
+        self._decoded = Decoded()  # config dumps decode each resource version once
         # Pods with streams of their token here, as the main process's watch holds them.
         self._pods: dict[tuple[str, str, str], str | None] = {}
         self.bindings = PodBindings(self._pod_uid) if config.token_audience is not None else None
 
     async def review(self, cluster: str, token: str, audiences: tuple[str, ...]) -> ReviewResult:
         """A TokenReview, asked of the main process (identity.kube_tokens.ReviewFn)."""
-        review_id = next(self._review_ids)
-        answer: asyncio.Future[ReviewResult] = asyncio.get_running_loop().create_future()
-        self._reviews[review_id] = answer
-        try:
-            self._send(ReviewRequest(review_id, cluster, token, audiences))
-            async with asyncio.timeout(REVIEW_TIMEOUT):
-                return await answer
-        except TimeoutError:
-            return ReviewResult(review_id, False, error="the main process did not answer", unavailable=True)
-        finally:
-            self._reviews.pop(review_id, None)
+        answer = await self.asking.ask("review", cluster, token, audiences)
+        if isinstance(answer.value, ReviewResult):
+            return answer.value
+        return ReviewResult(False, error=answer.error or "no review", unavailable=True)
+
+    async def _csds(self, token: str | None, request: bytes) -> tuple[int | None, str, bytes]:
+        """A CSDS call reaching this worker is answered by the main process, for every process
+        (the caller checked there, as the admin API checks it)."""
+        answer = await self.asking.ask("csds", token, request)
+        if answer.error:
+            return grpc.StatusCode.UNAVAILABLE.value[0], f"CSDS: {answer.error}", b""
+        code, detail, body = answer.value
+        return code, detail, body
 
     def _pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
         """The pod's uid as the main process last said; "" (not known) until it says, which it
@@ -129,6 +137,7 @@ class Worker:
             identities = GatewayIdentities.of(self.config.gateway_identities)
             self.ads.authenticator = GatewayChecked(found, identities)
         self.ads.locate = self._locate
+        self.ads.services.append(Csds(self.ads.streams, relay=self._csds).handler())
         self.ads.share_port = "join"
         return await self.ads.start()
 
@@ -138,16 +147,35 @@ class Worker:
             self.cache.set_view(self.view)
         elif isinstance(message, Localities):
             self.localities = message.nodes
-        elif isinstance(message, ReviewResult):
-            answer = self._reviews.get(message.id)
-            if answer is not None and not answer.done():
-                answer.set_result(message)
+        elif isinstance(message, Answer):
+            self.asking.answered(message)
+        elif isinstance(message, Ask):
+            task = asyncio.create_task(self._answer(message))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
         elif isinstance(message, PodUids):
             self._pods_changed(message)
         else:
             log.warning(
                 "xDS worker %d: unknown message %s ignored", self.config.index, type(message).__name__
             )
+
+    async def _answer(self, question: Ask) -> None:
+        """The main process's questions about this worker's streams (its per-proxy pages)."""
+        try:
+            if question.what == "syncz":
+                value: object = syncz(self.ads.streams())
+            elif question.what == "dump":
+                snapshot = dump_snapshot(self.ads.streams(), str(question.args[0]))
+                value = [entry async for entry in dump_streams(snapshot, self._decoded)]
+            elif question.what == "csds":
+                request = csds_pb2.ClientStatusRequest.FromString(question.args[0])
+                value = client_status(self.ads.streams(), request).SerializeToString()
+            else:
+                raise ValueError(f"unknown question {question.what!r}")
+            self._send(Answer(question.id, value))
+        except Exception as exc:  # the question fails, the worker does not
+            self._send(Answer(question.id, error=f"{type(exc).__name__}: {exc}"))
 
     def _pods_changed(self, message: PodUids) -> None:
         """The bindings check the pods the main process says changed; one gone (None) is then

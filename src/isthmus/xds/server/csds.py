@@ -46,6 +46,7 @@ _CLIENT = {
     NOT_SENT: config_dump_shared_pb2.REQUESTED,
 }
 _REFUSED = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class BadRequest(ValueError):
@@ -119,12 +120,54 @@ def client_status(
     return response
 
 
-class Csds:
-    """The CSDS service over the streams of an AdsServer (``streams``), callers checked by ``check``."""
+# The parts of other processes serving xDS (isthmus.workers): serialized ClientStatusResponses.
+OtherParts = Callable[[bytes], Awaitable[list[bytes]]]
+# (bearer token or None, serialized request) -> (refusal code or None, its detail, serialized
+# response): the whole answer, given by another process (an xDS worker asks its main process).
+Relay = Callable[[str | None, bytes], Awaitable[tuple[int | None, str, bytes]]]
 
-    def __init__(self, streams: Callable[[], list[Stream]], check: CsdsCheck | None = None) -> None:
+
+class Refused(Exception):
+    """A CSDS call that gets no answer: the gRPC status code and why."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Csds:
+    """The CSDS service over the streams of an AdsServer (``streams``), callers checked by ``check``;
+    with the parts of ``others``, or answered by ``relay`` instead."""
+
+    def __init__(
+        self,
+        streams: Callable[[], list[Stream]],
+        check: CsdsCheck | None = None,
+        others: OtherParts | None = None,
+        relay: Relay | None = None,
+    ) -> None:
         self.streams = streams
         self.check = check
+        self.others = others
+        self.relay = relay
+
+    async def respond(
+        self, token: str | None, request: csds_pb2.ClientStatusRequest
+    ) -> csds_pb2.ClientStatusResponse:
+        """The answer to ``request`` for a caller with ``token`` (Refused when there is none)."""
+        if self.check is not None:
+            status, detail = await self.check(token)
+            if status != 200:
+                raise Refused(_REFUSED.get(status, grpc.StatusCode.UNAVAILABLE), f"CSDS: {detail}")
+        try:
+            response = client_status(self.streams(), request)
+        except BadRequest as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if self.others is not None:
+            for part in await self.others(request.SerializeToString()):
+                response.MergeFromString(part)  # the repeated configs of each process, one after another
+        return response
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         parse = csds_pb2.ClientStatusRequest.FromString
@@ -141,28 +184,30 @@ class Csds:
             },
         )
 
-    async def _allow(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if self.check is None:
-            return
+    @staticmethod
+    def _token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         scheme, _, token = metadata.get("authorization", "").partition(" ")
-        status, detail = await self.check(token.strip() if scheme.lower() == "bearer" else None)
-        if status != 200:
-            await context.abort(_REFUSED.get(status, grpc.StatusCode.UNAVAILABLE), f"CSDS: {detail}")
+        return token.strip() if scheme.lower() == "bearer" else None
 
     async def _answer(
         self, request: csds_pb2.ClientStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> csds_pb2.ClientStatusResponse:
+        token = self._token(context)
+        if self.relay is not None:
+            code, detail, body = await self.relay(token, request.SerializeToString())
+            if code is not None:
+                await context.abort(_CODES.get(code, grpc.StatusCode.UNAVAILABLE), detail)
+            return csds_pb2.ClientStatusResponse.FromString(body)
         try:
-            return client_status(self.streams(), request)
-        except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return await self.respond(token, request)
+        except Refused as exc:
+            await context.abort(exc.code, exc.details)
             raise  # abort raises; this is for the type checker
 
     async def _fetch(
         self, request: csds_pb2.ClientStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> csds_pb2.ClientStatusResponse:
-        await self._allow(context)
         return await self._answer(request, context)
 
     async def _stream(
@@ -170,6 +215,5 @@ class Csds:
         requests: AsyncIterator[csds_pb2.ClientStatusRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
-        await self._allow(context)
         async for request in requests:
             yield await self._answer(request, context)
