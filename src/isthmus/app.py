@@ -464,7 +464,9 @@ class ControlPlane:
                 if config is not None:
                     tasks.create_task(_join(config), name="configuration-api")
                 if self.cache.ca is not None:
-                    tasks.create_task(self._rotate_certificates(), name="certificates")
+                    tasks.create_task(
+                        self.cache.renew_certificates(self.settings.cert_ttl), name="certificates"
+                    )
                 tasks.create_task(self._watch_gateways(), name="gateway-liveness")
                 if self.pool is not None and self.members is not None:
                     tasks.create_task(self._feed_localities(self.pool, self.members), name="node-localities")
@@ -723,19 +725,6 @@ class ControlPlane:
         while True:
             await asyncio.sleep(1.0)
             pool.set_localities(members.node_localities())
-
-    async def _rotate_certificates(self) -> None:
-        """Renew workload certificates when due (at half their lifetime). Certificates issued while
-        this sleeps are due no sooner than half a lifetime later, so checking at least every
-        quarter lifetime (and every 30 s) is on time."""
-        ca = self.cache.ca
-        assert ca is not None
-        longest = min(30.0, self.settings.cert_ttl / 4)
-        while True:
-            due = ca.next_rotation()
-            wait = longest if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
-            await asyncio.sleep(min(max(wait, 0.5), longest))
-            self.cache.rotate_certificates()
 
 
 async def _csds_for_workers(csds: Csds, token: str | None, request: bytes) -> tuple[int | None, str, bytes]:

@@ -206,17 +206,6 @@ class Worker:
             pod_bound_streams=len(self.bindings) if self.bindings is not None else 0,
         )
 
-    async def rotate(self) -> None:
-        ca = self.cache.ca
-        if ca is None:
-            return
-        longest = min(30.0, self.config.cert_ttl / 4)
-        while True:
-            due = ca.next_rotation()
-            wait = longest if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
-            await asyncio.sleep(min(max(wait, 0.5), longest))
-            self.cache.rotate_certificates()
-
 
 async def _stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     loop = asyncio.get_running_loop()
@@ -252,7 +241,10 @@ async def main() -> int:
             writer.write(frame(worker.summary()))
             await writer.drain()
 
-    tasks = [asyncio.create_task(report(), name="summaries"), asyncio.create_task(worker.rotate())]
+    tasks = [
+        asyncio.create_task(report(), name="summaries"),
+        asyncio.create_task(worker.cache.renew_certificates(config.cert_ttl)),
+    ]
     try:
         while (message := await read(reader)) is not None:
             worker.apply(message)

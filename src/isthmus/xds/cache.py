@@ -27,7 +27,9 @@ converged to. Each generation of a type for a proxy group is timed
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import datetime
 import logging
 import time
 import weakref
@@ -265,6 +267,17 @@ class ConfigCache:
         if rotated:
             self._bump(only=types.SECRET)
         return len(rotated)
+
+    async def renew_certificates(self, cert_ttl: float) -> None:
+        """Forever: renew workload certificates when due (at half their lifetime). Certificates
+        issued while this sleeps are due no sooner than half a lifetime later, so checking at
+        least every quarter lifetime (and every 30 s) is on time."""
+        longest = min(30.0, cert_ttl / 4)
+        while True:
+            due = self.ca.next_rotation() if self.ca is not None else None
+            wait = longest if due is None else (due - datetime.datetime.now(datetime.UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.5), longest))
+            self.rotate_certificates()
 
     def _identity_for(self, type_url: str, proxy: Proxy) -> MeshIdentity:
         if self.ca is not None and type_url == types.SECRET and proxy.role is Role.SIDECAR:
