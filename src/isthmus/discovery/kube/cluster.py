@@ -36,6 +36,7 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from isthmus.discovery.aggregate import Aggregator, Shard
+from isthmus.discovery.kube import trim
 from isthmus.discovery.kube.convert import (
     ClusterObjects,
     ExportPolicy,
@@ -390,7 +391,8 @@ class ClusterWatcher:
 
     # ---- run ------------------------------------------------------------------------------
 
-    def _reflector(self, kind: str, list_fn: ListFn) -> Reflector:
+    def _reflector(self, kind: str, list_fn: ListFn, trimmed: trim.Trim | None = None) -> Reflector:
+        """The reflector of ``kind``, storing its objects as ``trimmed`` makes them (trim.py)."""
         on_change = functools.partial(self._on_change, kind)
         reflector = Reflector(
             kind,
@@ -401,6 +403,7 @@ class ClusterWatcher:
             self.timing,
             on_wait=self._on_wait,
             cluster=self.name,
+            trim=trimmed,
         )
         self._reflectors[kind] = reflector
         return reflector
@@ -421,13 +424,15 @@ class ClusterWatcher:
                 return list_fn
 
             reflectors = [
-                self._reflector("services", core.list_service_for_all_namespaces),
-                self._reflector("endpointslices", discovery.list_endpoint_slice_for_all_namespaces),
-                self._reflector("nodes", core.list_node),
-                self._reflector("pods", core.list_pod_for_all_namespaces),
-                self._reflector("namespaces", core.list_namespace),
-                self._reflector(MCS_PLURAL, crd(MCS_GROUP, MCS_VERSION, MCS_PLURAL)),
-                self._reflector(SMI_PLURAL, crd(SMI_GROUP, SMI_VERSION, SMI_PLURAL)),
+                self._reflector("services", core.list_service_for_all_namespaces, trim.service),
+                self._reflector(
+                    "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, trim.endpoint_slice
+                ),
+                self._reflector("nodes", core.list_node, trim.node),
+                self._reflector("pods", core.list_pod_for_all_namespaces, trim.pod),
+                self._reflector("namespaces", core.list_namespace, trim.namespace),
+                self._reflector(MCS_PLURAL, crd(MCS_GROUP, MCS_VERSION, MCS_PLURAL), trim.service_export),
+                self._reflector(SMI_PLURAL, crd(SMI_GROUP, SMI_VERSION, SMI_PLURAL), trim.traffic_split),
             ]
             async with asyncio.TaskGroup() as tasks:
                 for r in reflectors:

@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from kubernetes_asyncio import client
 
 from isthmus.api.v1alpha1 import member_cluster_pb2, mesh_pb2
+from isthmus.discovery.kube import trim
 from isthmus.discovery.kube.reflector import Obj, Reflector, Timing
 from isthmus.discovery.kube.secrets import home_api_client
 from isthmus.discovery.model import FULL_WEIGHT
@@ -404,9 +405,15 @@ class ConfigApi:
 
             return list_fn
 
-        self.reflector = Reflector(KIND, lister(PLURAL), lambda keys: self.on_change(), timing=self._timing)
+        self.reflector = Reflector(
+            KIND, lister(PLURAL), lambda keys: self.on_change(), timing=self._timing, trim=trim.config_object
+        )
         self.meshes = Reflector(
-            MESH_KIND, lister(MESH_PLURAL), lambda keys: self.on_mesh(), timing=self._timing
+            MESH_KIND,
+            lister(MESH_PLURAL),
+            lambda keys: self.on_mesh(),
+            timing=self._timing,
+            trim=trim.config_object,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -10,6 +10,13 @@ whose silent 410 retry could go back in time:
 * the owner's ``on_change`` hears the store key of the object each event
   added, modified or deleted, and ``None`` ("anything may have changed") after
   a list that changed the store;
+* given a ``trim`` (one per kind, in trim.py; as client-go's informer transform
+  functions), the store holds every listed object and every ADDED or MODIFIED
+  event's object as trim made it: only the fields its consumers read. Changes
+  are judged on the trimmed objects: a list whose objects differ from the store
+  only in fields nobody reads (a Pod's status, a Node's heartbeat, managedFields)
+  reports no change, and an event whose trimmed object equals the stored one
+  calls no ``on_change``; rightly so, as nothing that is read has changed;
 * an ERROR event with code 410 (Expired/Gone), or a 410 status, means the
   history is gone: RELIST, replace the store (the keys that vanished during the
   gap are deletions, reported with everything else as ``None``), never going
@@ -126,8 +133,10 @@ class Reflector:
         timing: Timing | None = None,
         on_wait: Callable[[str, BaseException], None] | None = None,
         cluster: str | None = None,
+        trim: Callable[[Obj], Obj] | None = None,
     ) -> None:
         self.kind = kind
+        self._trim = trim
         self._list_fn = list_fn
         self._on_change = on_change
         self._on_error = on_error
@@ -211,11 +220,19 @@ class Reflector:
                 body = await response.json()
         finally:
             response.release()
+        version = str((body.get("metadata") or {}).get("resourceVersion", ""))
         items = body.get("items") or []
-        fresh = {object_key(obj): obj for obj in items}
-        changed = fresh != self.store
+        trim = self._trim
+        fresh: dict[str, Obj] = {}
+        for i, obj in enumerate(items):
+            if trim is not None:
+                items[i] = None  # the whole object goes as soon as its trimmed copy is made
+                fresh[object_key(obj)] = trim(obj)
+            else:
+                fresh[object_key(obj)] = obj
+        changed = fresh != self.store  # trimmed objects: a change of unread fields is none
         self.store = fresh  # objects missing from the list were deleted during the gap
-        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        self.resource_version = version
         if self._counted and self.relists:
             self._relists_total.inc()
         self.relists += 1
@@ -273,7 +290,10 @@ class Reflector:
         if kind == "DELETED":
             self.store.pop(key, None)
         elif kind in ("ADDED", "MODIFIED"):
-            self.store[key] = obj
+            kept = self._trim(obj) if self._trim is not None else obj
+            if self.store.get(key) == kept:
+                return  # only fields nobody reads changed
+            self.store[key] = kept
         else:
             return
         self._on_change((key,))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from kubernetes_asyncio import client, config
 
+from isthmus.discovery.kube import trim
 from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.discovery.kube.reflector import Obj, Reflector, Timing
 
@@ -130,7 +131,9 @@ class SecretMembers:
             list_fn = functools.partial(
                 core.list_namespaced_secret, self.namespace, label_selector=f"{MEMBER_LABEL}=true"
             )
-            self._reflector = Reflector("secrets", list_fn, self._changed, self._error, self._ok, self.timing)
+            self._reflector = Reflector(
+                "secrets", list_fn, self._changed, self._error, self._ok, self.timing, trim=trim.secret
+            )
             await self._reflector.run()
         finally:
             await api.close()

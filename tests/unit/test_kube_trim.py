@@ -1,0 +1,1334 @@
+"""trim.py: what discovery keeps of each Kubernetes object is all its consumers read, and little else.
+
+Per kind, for whole objects as a real API server serves them (managedFields, status, the
+last-applied annotation, labels and annotations nobody reads), every consumer's result on the
+trimmed object equals its result on the whole one, and the trimmed object is much smaller. The
+fixtures set every field a consumer reads, with values that decide the results (ports by name and
+number, every endpoint condition, zones from the endpoint and from the node, a gateway by ingress
+and by node port, ...). Independently of those values, the consumers also read the whole objects
+through a recording wrapper: every field they look at must be in the trimmed object, with the same
+value, so a trim that drops a field a converter reads fails here even where the result would not
+show it. The Reflector stores objects through the trim and judges changes on trimmed objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+import yaml
+
+from isthmus.discovery.aggregate import Aggregator
+from isthmus.discovery.kube import trim
+from isthmus.discovery.kube.cluster import ClusterPolicy, ClusterWatcher
+from isthmus.discovery.kube.config_api import (
+    KIND,
+    MESH_KIND,
+    Condition,
+    ConfigApi,
+    Report,
+    drain_target,
+    mesh_overrides,
+)
+from isthmus.discovery.kube.convert import (
+    ClusterObjects,
+    ExportPolicy,
+    SliceIndex,
+    mesh_label,
+    node_locality,
+    shard_of,
+    traffic_splits,
+)
+from isthmus.discovery.kube.gateway import gateway_of, gateway_ready, gateway_service, sidecar_port
+from isthmus.discovery.kube.kubeconfig import Credentials
+from isthmus.discovery.kube.mcs import ImportWriter, service_import
+from isthmus.discovery.kube.reflector import Reflector, object_key
+from isthmus.discovery.kube.secrets import credentials_of
+from isthmus.discovery.model import Gateway, MemberCluster, Protocol, Service, ServiceKey, ServicePort
+
+Obj = dict[str, Any]
+
+
+# ---- whole objects, as a real API server serves them -------------------------------------------
+
+
+def managed_fields(manager: str, *fields: str) -> list[Obj]:
+    """A managedFields list like a real server's (server-side apply's record of who set what)."""
+    tree: Obj = {f"f:{name}": {} for name in fields}
+    return [
+        {
+            "manager": manager,
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": "2025-11-02T09:14:03Z",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": tree},
+        },
+        {
+            "manager": "kubectl-client-side-apply",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": "2025-11-02T09:14:03Z",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last": {}}}},
+        },
+    ]
+
+
+def meta(name: str, namespace: str | None = "shop", **extra: Any) -> Obj:
+    """Metadata with everything a real server adds: uid, resourceVersion, managedFields, ..."""
+    out: Obj = {"name": name}
+    if namespace is not None:
+        out["namespace"] = namespace
+    out |= {
+        "uid": f"7c1e0a52-{zlib.crc32(f'{namespace}/{name}'.encode()):08x}-4a8e-9f3b-0242ac120002",
+        "resourceVersion": "48213",
+        "generation": 3,
+        "creationTimestamp": "2025-11-02T09:14:03Z",
+        "labels": {"app": name, "app.kubernetes.io/part-of": "shop", **extra.pop("labels", {})},
+        "annotations": {
+            "kubectl.kubernetes.io/last-applied-configuration": json.dumps({"metadata": {"name": name}}) * 8,
+            **extra.pop("annotations", {}),
+        },
+        "managedFields": managed_fields("kube-controller-manager", "ports", "selector", "type"),
+    }
+    return out | extra
+
+
+def service(name: str, namespace: str = "shop", labels: Obj | None = None, **spec: Any) -> Obj:
+    created = spec.pop("created", "2025-11-02T09:14:03Z")
+    status = spec.pop("status", {"loadBalancer": {}})
+    return {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": meta(name, namespace, labels=labels or {}, creationTimestamp=created),
+        "spec": {
+            "selector": {"app": name},
+            "sessionAffinity": "None",
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "type": "ClusterIP",
+            **spec,
+        },
+        "status": status,
+    }
+
+
+GATEWAY = {"isthmus.io/gateway": "eastwest"}
+WEB_PORTS = [
+    {"name": "http", "protocol": "TCP", "appProtocol": "http", "port": 80, "targetPort": 8080},
+    {"name": "grpc-api", "protocol": "TCP", "port": 9090, "targetPort": "grpc"},
+    {"name": "web", "protocol": "TCP", "appProtocol": "kubernetes.io/h2c", "port": 8443, "targetPort": 8443},
+    {"name": "metrics", "protocol": "TCP", "port": 9100, "targetPort": 9100},
+    {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53},
+]
+SERVICES = {
+    "shop/web": service(
+        "web",
+        ports=WEB_PORTS,
+        clusterIP="10.96.12.7",
+        clusterIPs=["10.96.12.7", "fd00:10:96::c07"],
+        ipFamilies=["IPv4", "IPv6"],
+        ipFamilyPolicy="PreferDualStack",
+    ),
+    "shop/db": service(
+        "db", ports=[{"protocol": "TCP", "port": 5432, "targetPort": 5432}], clusterIP="10.96.0.9"
+    ),
+    "shop/cache": service(
+        "cache",
+        ports=[{"name": "tcp-redis", "port": 6379, "targetPort": 6379}],
+        clusterIP="None",
+        clusterIPs=["None"],
+    ),
+    "shop/ext": service("ext", type="ExternalName", externalName="db.example.com", ports=WEB_PORTS[:1]),
+    "shop/udp": service("udp", ports=WEB_PORTS[4:], clusterIP="10.96.0.10"),
+    "legacy/old": service("old", "legacy", ports=WEB_PORTS[:1], clusterIP="10.96.0.11"),
+    "other/api": service(
+        "api", "other", ports=WEB_PORTS[:2], clusterIP="10.96.0.12", created="2025-10-01T00:00:00Z"
+    ),
+    "isthmus-system/eastwest": service(
+        "eastwest",
+        "isthmus-system",
+        GATEWAY,
+        type="LoadBalancer",
+        ports=[
+            {"name": "status", "protocol": "TCP", "port": 15021, "targetPort": 15021, "nodePort": 31021},
+            {"name": "tls", "protocol": "TCP", "port": 15443, "targetPort": 15443, "nodePort": 31443},
+        ],
+        clusterIP="10.96.0.40",
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=30111,
+        status={
+            "loadBalancer": {"ingress": [{"ip": "203.0.113.7", "ipMode": "VIP", "ports": [{"port": 15443}]}]}
+        },
+    ),
+}
+# Gateways found other ways: a pending LoadBalancer (its node port), a hostname, a NodePort one.
+GATEWAYS_BY_NODE_PORT = {
+    "gw/eastwest": service(
+        "eastwest",
+        "gw",
+        GATEWAY,
+        type="NodePort",
+        ports=[{"name": "mtls", "protocol": "TCP", "port": 15443, "targetPort": 15443, "nodePort": 32443}],
+    ),
+}
+GATEWAYS_BY_HOSTNAME = {
+    "gw/eastwest": service(
+        "eastwest",
+        "gw",
+        GATEWAY,
+        type="LoadBalancer",
+        ports=[{"protocol": "TCP", "port": 443, "targetPort": 15443, "nodePort": 30443}],
+        status={"loadBalancer": {"ingress": [{"hostname": "gw.elb.example.com"}]}},
+    ),
+    "gw/pending": service(
+        "pending",
+        "gw",
+        GATEWAY,
+        type="LoadBalancer",
+        ports=[{"name": "tls", "port": 15443, "nodePort": 31999}],
+    ),
+}
+
+
+def endpoint(
+    address: str | None,
+    node: str | None,
+    pod: str | None,
+    zone: str | None = None,
+    namespace: str | None = "shop",
+    **conditions: bool,
+) -> Obj:
+    out: Obj = {"addresses": [address] if address else []}
+    if conditions:
+        out["conditions"] = conditions
+    if node:
+        out["nodeName"] = node
+    if zone:
+        out["zone"] = zone
+        out["hints"] = {"forZones": [{"name": zone}]}
+    if pod:
+        ref = {"kind": "Pod", "name": pod, "uid": f"uid-{pod}", "resourceVersion": "481"}
+        out["targetRef"] = ref | ({"namespace": namespace} if namespace else {})
+    out["hostname"] = pod or "none"
+    out["deprecatedTopology"] = {"kubernetes.io/hostname": node or ""}
+    return out
+
+
+def endpoint_slice(
+    name: str,
+    service_name: str,
+    endpoints: list[Obj],
+    ports: list[Obj],
+    namespace: str = "shop",
+    **extra: Any,
+) -> Obj:
+    labels = {
+        "kubernetes.io/service-name": service_name,
+        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+    }
+    return {
+        "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": meta(
+            name,
+            namespace,
+            labels=labels,
+            annotations={"endpoints.kubernetes.io/last-change-trigger-time": "2025-11-02T09:14:03Z"},
+            generateName=f"{service_name}-",
+            ownerReferences=[
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": service_name,
+                    "uid": "7c1e0a52",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        ),
+        "addressType": extra.pop("addressType", "IPv4"),
+        "endpoints": endpoints,
+        "ports": ports,
+        **extra,
+    }
+
+
+SLICE_PORTS = [
+    {"name": "http", "protocol": "TCP", "port": 8080, "appProtocol": "http"},
+    {"name": "grpc-api", "protocol": "TCP", "port": 9091},
+    {"name": "web", "protocol": "TCP", "port": 8443},
+]
+SLICES = {
+    "shop/web-a1b2c": endpoint_slice(
+        "web-a1b2c",
+        "web",
+        [
+            endpoint("10.1.0.1", "node-a", "web-1", ready=True, serving=True, terminating=False),
+            endpoint(
+                "10.1.0.2", "node-a", "web-2", "eu-west-1c", ready=False, serving=True, terminating=True
+            ),
+            endpoint("10.1.0.3", "node-b", "web-3", ready=False, serving=False, terminating=True),
+            endpoint("10.1.0.4", "node-b", "web-4", ready=False),
+            endpoint("10.1.0.5", "node-unknown", "web-5"),  # no conditions: ready
+            endpoint("10.1.0.6", None, "web-6", namespace=None, ready=True),  # targetRef without namespace
+            endpoint("10.1.0.7", "node-a", None, ready=True),  # no targetRef: no pod, no identity
+            endpoint(None, "node-a", "web-8", ready=True),  # no address: skipped
+            endpoint("10.1.0.9", "node-a", "web-9", terminating=True),  # ready absent, terminating: unhealthy
+        ],
+        SLICE_PORTS,
+    ),
+    # The same addresses in a second slice: the healthiest of each counts, the first slice between equals.
+    "shop/web-d3e4f": endpoint_slice(
+        "web-d3e4f",
+        "web",
+        [
+            endpoint("10.1.0.3", "node-a", "web-3", ready=True),
+            endpoint("10.1.0.4", "node-b", "web-4", ready=False, serving=True, terminating=True),
+            endpoint("10.1.0.1", "node-b", "web-1", "eu-west-1b", ready=True),
+        ],
+        SLICE_PORTS[:1],
+    ),
+    "shop/web-v6": endpoint_slice(
+        "web-v6",
+        "web",
+        [endpoint("fd00:10:1::1", "node-a", "web-1", ready=True)],
+        SLICE_PORTS,
+        addressType="IPv6",
+    ),
+    "shop/web-fqdn": endpoint_slice(
+        "web-fqdn",
+        "web",
+        [endpoint("web.example.com", "node-a", None, ready=True)],
+        SLICE_PORTS,
+        addressType="FQDN",
+    ),
+    "shop/db-x1": endpoint_slice(  # a single-port service's unnamed slice port
+        "db-x1", "db", [endpoint("10.1.1.1", "node-b", "db-0", ready=True)], [{"name": "", "port": 5432}]
+    ),
+    "shop/cache-x1": endpoint_slice(
+        "cache-x1", "cache", [endpoint("10.1.2.1", "node-a", "cache-0", ready=True)], [{"port": 6379}]
+    ),
+    "other/api-x1": endpoint_slice(
+        "api-x1", "api", [endpoint("10.1.3.1", "node-a", "api-0", namespace="other")], SLICE_PORTS, "other"
+    ),
+    "shop/orphan": endpoint_slice("orphan", "", [endpoint("10.1.9.9", "node-a", "web-1")], SLICE_PORTS),
+    "isthmus-system/eastwest-x1": endpoint_slice(
+        "eastwest-x1",
+        "eastwest",
+        [
+            endpoint("10.1.4.1", "node-a", "gw-0", ready=False, serving=True, terminating=True),
+            endpoint("10.1.4.2", "node-b", "gw-1", ready=True),
+        ],
+        [{"name": "tls", "port": 15443}],
+        "isthmus-system",
+    ),
+}
+
+
+def node(name: str, labels: Obj, addresses: list[Obj]) -> Obj:
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": meta(
+            name,
+            None,
+            labels={
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "node.kubernetes.io/instance-type": "m5.large",
+                **labels,
+            },
+            annotations={
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+            },
+        ),
+        "spec": {
+            "podCIDR": "10.1.0.0/24",
+            "podCIDRs": ["10.1.0.0/24"],
+            "providerID": f"aws:///eu-west-1a/{name}",
+        },
+        "status": {
+            "addresses": addresses,
+            "capacity": {"cpu": "2", "memory": "8025124Ki", "pods": "110", "ephemeral-storage": "81106868Ki"},
+            "allocatable": {"cpu": "1930m", "memory": "7284772Ki", "pods": "110"},
+            "conditions": [
+                {
+                    "type": kind,
+                    "status": "False" if kind != "Ready" else "True",
+                    "lastHeartbeatTime": "2025-11-02T10:01:12Z",
+                    "lastTransitionTime": "2025-11-02T09:00:00Z",
+                    "reason": f"Kubelet{kind}",
+                    "message": f"kubelet reports {kind}",
+                }
+                for kind in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "kubeletVersion": "v1.34.1",
+                "containerRuntimeVersion": "containerd://2.1.4",
+                "osImage": "Debian",
+            },
+            "images": [
+                {"names": [f"registry.example/app-{i}@sha256:{i:064x}"], "sizeBytes": 10**7 + i}
+                for i in range(30)
+            ],
+        },
+    }
+
+
+REGION, ZONE = "topology.kubernetes.io/region", "topology.kubernetes.io/zone"
+NODES = {
+    "node-a": node(
+        "node-a",
+        {REGION: "eu-west-1", ZONE: "eu-west-1a"},
+        [
+            {"type": "InternalIP", "address": "192.168.1.10"},
+            {"type": "Hostname", "address": "node-a"},
+            {"type": "ExternalIP", "address": "198.51.100.10"},
+        ],
+    ),
+    "node-b": node("node-b", {REGION: "eu-west-1"}, [{"type": "InternalIP", "address": "192.168.1.11"}]),
+}
+NODES_INTERNAL_ONLY = {"node-b": NODES["node-b"]}
+
+
+def pod(name: str, namespace: str = "shop", account: str | None = None, inbound: str | None = "15006") -> Obj:
+    annotations = {"kubectl.kubernetes.io/restartedAt": "2025-11-02T09:00:00Z"}
+    if inbound is not None:
+        annotations["isthmus.io/inbound-port"] = inbound
+    spec: Obj = {
+        "containers": [
+            {
+                "name": "app",
+                "image": f"registry.example/{name}:1.2.3",
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "env": [{"name": f"VAR_{i}", "value": "x" * 40} for i in range(10)],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                "volumeMounts": [
+                    {"name": "kube-api-access", "mountPath": "/var/run/secrets", "readOnly": True}
+                ],
+            },
+            {"name": "isthmus-proxy", "image": "envoyproxy/envoy:v1.40.0", "args": ["-c", "/etc/envoy.yaml"]},
+        ],
+        "nodeName": "node-a",
+        "restartPolicy": "Always",
+        "dnsPolicy": "ClusterFirst",
+        "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"}],
+        "volumes": [
+            {
+                "name": "kube-api-access",
+                "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
+            }
+        ],
+    }
+    if account is not None:
+        spec["serviceAccount"] = spec["serviceAccountName"] = account
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": meta(
+            name,
+            namespace,
+            annotations=annotations,
+            generateName=name.rsplit("-", 1)[0] + "-",
+            ownerReferences=[{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "uid": "u"}],
+        ),
+        "spec": spec,
+        "status": {
+            "phase": "Running",
+            "podIP": "10.1.0.1",
+            "podIPs": [{"ip": "10.1.0.1"}],
+            "hostIP": "192.168.1.10",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2025-11-02T09:14:33Z"}],
+            "containerStatuses": [
+                {
+                    "name": "app",
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "y",
+                    "started": True,
+                }
+            ],
+        },
+    }
+
+
+PODS = {
+    "shop/web-1": pod("web-1", account="web"),
+    "shop/web-2": pod("web-2", account="web", inbound="not-a-port"),
+    "shop/web-3": pod("web-3", account="web-canary", inbound=None),
+    "shop/web-4": pod("web-4"),  # no service account: "default"
+    "shop/web-6": pod("web-6", account="web", inbound="99999"),
+    "shop/web-9": pod("web-9", account="web"),
+    "shop/db-0": pod("db-0", account="db", inbound="15007"),
+    "shop/cache-0": pod("cache-0", account="cache"),
+    "other/api-0": pod("api-0", "other", account="api"),
+    "isthmus-system/gw-1": pod("gw-1", "isthmus-system", account="isthmus-gateway", inbound=None),
+}
+
+
+def namespace(name: str, mesh: str | None) -> Obj:
+    labels = {"kubernetes.io/metadata.name": name}
+    if mesh is not None:
+        labels["isthmus.io/mesh"] = mesh
+    return {
+        "kind": "Namespace",
+        "apiVersion": "v1",
+        "metadata": meta(name, None, labels=labels),
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    }
+
+
+NAMESPACES = {
+    "shop": namespace("shop", "enabled"),
+    "legacy": namespace("legacy", "disabled"),
+    "other": namespace("other", None),
+    "isthmus-system": namespace("isthmus-system", "enabled"),
+}
+
+
+def service_export(name: str, namespace: str = "shop", conditions: list[Obj] | None = None) -> Obj:
+    out: Obj = {
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceExport",
+        "metadata": meta(name, namespace, creationTimestamp="2025-09-01T12:00:00Z"),
+        "spec": {},
+    }
+    if conditions is not None:
+        out["status"] = {"conditions": conditions, "observedBy": "another-controller"}
+    return out
+
+
+EXPORTS = {
+    "shop/web": service_export(
+        "web",
+        conditions=[
+            {
+                "type": "Valid",
+                "status": "True",
+                "reason": "Exported",
+                "message": "",
+                "lastTransitionTime": "T0",
+            },
+            {
+                "type": "Conflict",
+                "status": "False",
+                "reason": "NoConflict",
+                "message": "",
+                "lastTransitionTime": "T0",
+            },
+        ],
+    ),
+    "shop/db": service_export("db"),
+    "shop/gone": service_export(
+        "gone", conditions=[{"type": "Valid", "status": "True", "lastTransitionTime": "T1"}]
+    ),
+}
+
+
+def traffic_split(name: str, spec: Obj, namespace: str = "shop") -> Obj:
+    return {
+        "apiVersion": "split.smi-spec.io/v1alpha2",
+        "kind": "TrafficSplit",
+        "metadata": meta(name, namespace),
+        "spec": spec,
+    }
+
+
+SPLITS = {
+    "shop/web": traffic_split(
+        "web",
+        {
+            "service": "web",
+            "backends": [
+                {"service": "web-v1", "weight": 90, "note": "stable"},
+                {"service": "web-v2", "weight": 10},
+                {"service": "web-v3", "weight": "10"},  # not an integer: skipped
+                "not-a-backend",
+            ],
+            "matches": [{"kind": "HTTPRouteGroup", "name": "canary"}],
+        },
+    ),
+    "shop/zero": traffic_split("zero", {"service": "db", "backends": [{"service": "db-v2", "weight": 0}]}),
+    "legacy/old": traffic_split(
+        "old", {"service": "old", "backends": [{"service": "x", "weight": 1}]}, "legacy"
+    ),
+    "other/api": traffic_split(
+        "api", {"service": "api", "backends": [{"service": "api-v2", "weight": True}]}, "other"
+    ),
+}
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def kubeconfig(server: str) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "c", "cluster": {"server": server, "certificate-authority-data": b64("CA" * 300)}}
+            ],
+            "users": [{"name": "u", "user": {"token": "t0k3n"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+        }
+    )
+
+
+SECRETS = {
+    "isthmus-system/members": {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": meta("members", "isthmus-system", labels={"isthmus.io/member-cluster": "true"}),
+        "type": "Opaque",
+        "data": {
+            "east": b64(kubeconfig("https://east.example:6443")),
+            "west": "not base64!",
+            "Bad_Name": b64(kubeconfig("https://x.example")),
+        },
+    },
+    "isthmus-system/more": {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": meta("more", "isthmus-system", labels={"isthmus.io/member-cluster": "true"}),
+        "type": "Opaque",
+        "data": {"east": b64(kubeconfig("https://other.example")), "south": b64("clusters: []")},
+    },
+}
+
+
+def member_cluster(name: str, spec: Obj, status: Obj | None = None) -> Obj:
+    out: Obj = {
+        "apiVersion": "isthmus.io/v1alpha1",
+        "kind": "MemberCluster",
+        "metadata": meta(name, "isthmus-system"),
+        "spec": spec,
+    }
+    if status is not None:
+        out["status"] = status
+    return out
+
+
+MEMBER_CLUSTERS = {
+    "isthmus-system/east": member_cluster(
+        "east",
+        {"drain": {"weight": 40}},
+        {
+            "drain": {"weight": 70, "state": "Draining", "proxiesWaiting": 2, "updated": "T5"},
+            "conditions": [
+                {"type": "Accepted", "status": "True", "reason": "Accepted", "lastTransitionTime": "T1"},
+                {"type": "Synced", "status": "False", "reason": "Unreachable", "lastTransitionTime": "T2"},
+                {"type": "Audited", "status": "True", "reason": "ByOthers", "lastTransitionTime": "T3"},
+            ],
+            "note": "written by someone else",
+        },
+    ),
+    "isthmus-system/west": member_cluster("west", {}),
+    "isthmus-system/bad": member_cluster("bad", {"drain": {"weight": 400}}),
+    "isthmus-system/worse": member_cluster("worse", {"drainage": True}),
+}
+MESH_CONFIGS = {
+    "isthmus-system/default": {
+        "apiVersion": "isthmus.io/v1alpha1",
+        "kind": "MeshConfig",
+        "metadata": meta("default", "isthmus-system"),
+        "spec": {
+            "trustDomain": "mesh.example",
+            "exportPolicy": "serviceexport",
+            "maxStaleness": "90s",
+            "debounce": {"quiet": "0.2s"},
+            "gateways": [{"cluster": "east", "address": "gw.east", "port": 15443}],
+        },
+        "status": {"inForce": [{"name": "trust_domain", "value": "x", "source": "flag"}], "conditions": []},
+    },
+    "isthmus-system/extra": {
+        "apiVersion": "isthmus.io/v1alpha1",
+        "kind": "MeshConfig",
+        "metadata": meta("extra", "isthmus-system"),
+        "spec": {"maxStaleness": "soon"},
+    },
+}
+
+
+def trimmed(objs: Mapping[str, Obj], trim_fn: trim.Trim) -> dict[str, Obj]:
+    return {key: trim_fn(obj) for key, obj in objs.items()}
+
+
+# ---- what the consumers read: a recording view of the whole objects -----------------------------
+
+Path = tuple[str | int, ...]
+WHOLE = "*"  # the path's dict was iterated: all its keys are read
+
+
+class Read(Mapping[str, Any]):
+    """A read-only view of a JSON object that notes the path of every field looked at."""
+
+    def __init__(self, data: Mapping[str, Any], path: Path, seen: set[Path]) -> None:
+        self._data, self._path, self._seen = data, path, seen
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data[key]  # a KeyError (a field absent) notes nothing: there is nothing to keep
+        self._seen.add((*self._path, key))
+        return _view(value, (*self._path, key), self._seen)
+
+    def __iter__(self) -> Iterator[str]:
+        self._seen.add((*self._path, WHOLE))
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self._seen.add((*self._path, WHOLE))
+        return len(self._data)
+
+    def __bool__(self) -> bool:  # ``x or {}``: a default for an absent or empty object, no field read
+        return bool(self._data)
+
+
+class ReadList(Sequence[Any]):
+    def __init__(self, data: list[Any], path: Path, seen: set[Path]) -> None:
+        self._data, self._path, self._seen = data, path, seen
+        seen.add(path)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self._data))[index]]
+        value = self._data[index]
+        index = index % len(self._data)
+        self._seen.add((*self._path, index))
+        return _view(value, (*self._path, index), self._seen)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _view(value: Any, path: Path, seen: set[Path]) -> Any:
+    if isinstance(value, dict):
+        return Read(value, path, seen)
+    if isinstance(value, list):
+        return ReadList(value, path, seen)
+    return value
+
+
+def read_objects(objs: Mapping[str, Obj], seen: dict[str, set[Path]]) -> dict[str, Any]:
+    """The objects as recording views; ``seen[key]`` collects the paths read of each."""
+    return {key: _view(obj, (), seen.setdefault(key, set())) for key, obj in objs.items()}
+
+
+def _at(obj: Any, path: Path) -> Any:
+    for step in path:
+        obj = obj[step]
+    return obj
+
+
+def assert_kept(whole: Mapping[str, Obj], seen: Mapping[str, set[Path]], trim_fn: trim.Trim) -> None:
+    """Every field the consumers read of each whole object is in its trimmed copy, equal."""
+    assert any(seen.values()), "the consumers read something"
+    for key, paths in seen.items():
+        small = trim_fn(whole[key])
+        for path in sorted(paths, key=lambda p: (len(p), [str(s) for s in p])):
+            if path and path[-1] == WHOLE:
+                assert _at(small, path[:-1]) == _at(whole[key], path[:-1]), (key, path)
+                continue
+            try:
+                kept = _at(small, path)
+            except (KeyError, IndexError, TypeError):
+                pytest.fail(f"{key}: {'.'.join(map(str, path))} is read but trimmed away")
+            value = _at(whole[key], path)
+            if not isinstance(value, dict | list):
+                assert kept == value, (key, path)
+            elif isinstance(value, list):
+                assert len(kept) == len(value), (key, path)  # its items keep their places
+
+
+def size(obj: Any) -> int:
+    return len(json.dumps(obj))
+
+
+def assert_small(whole: Mapping[str, Obj], trim_fn: trim.Trim, most: float) -> None:
+    """The trimmed objects have no managedFields nor last-applied annotation, and are at most
+    ``most`` of the whole ones' size (as JSON) together."""
+    for key, obj in whole.items():
+        small = trim_fn(obj)
+        assert "managedFields" not in small["metadata"], key
+        annotations = small["metadata"].get("annotations", {})
+        assert "kubectl.kubernetes.io/last-applied-configuration" not in annotations, key
+    kept = sum(size(trim_fn(obj)) for obj in whole.values())
+    assert kept <= most * sum(size(obj) for obj in whole.values())
+
+
+def assert_untouched(whole: Mapping[str, Obj], trim_fn: trim.Trim) -> None:
+    before = copy.deepcopy(dict(whole))
+    for obj in whole.values():
+        trim_fn(obj)
+    assert dict(whole) == before, "the trim changes no argument"
+
+
+# ---- member cluster kinds: the shard, the slice index, gateways, localities ---------------------
+
+CLUSTER = MemberCluster("east", region="fallback-region", zone="fallback-zone")
+RULES = [(ExportPolicy.ALL, False), (ExportPolicy.ALL, True), (ExportPolicy.SERVICE_EXPORT, False)]
+KINDS: dict[str, tuple[Mapping[str, Obj], trim.Trim]] = {
+    "services": (SERVICES, trim.service),
+    "endpoint_slices": (SLICES, trim.endpoint_slice),
+    "nodes": (NODES, trim.node),
+    "pods": (PODS, trim.pod),
+    "namespaces": (NAMESPACES, trim.namespace),
+    "service_exports": (EXPORTS, trim.service_export),
+}
+
+
+def cluster_objects(make: Callable[[str, Mapping[str, Obj], trim.Trim], Mapping[str, Any]]) -> ClusterObjects:
+    return ClusterObjects(**{field: make(field, objs, fn) for field, (objs, fn) in KINDS.items()})
+
+
+@pytest.mark.parametrize(("export", "require_label"), RULES)
+def test_the_shard_of_trimmed_objects_is_the_shard_of_whole_ones(
+    export: ExportPolicy, require_label: bool
+) -> None:
+    whole = shard_of(CLUSTER, cluster_objects(lambda _, objs, fn: objs), export, require_label)
+    small = shard_of(CLUSTER, cluster_objects(lambda _, objs, fn: trimmed(objs, fn)), export, require_label)
+    assert small == whole
+    assert (small.services, small.endpoints, small.addresses, small.exported_at) == (
+        whole.services,
+        whole.endpoints,
+        whole.addresses,
+        whole.exported_at,
+    )
+
+
+def test_the_fixtures_decide_the_shard_by_every_field_read() -> None:
+    """The equality above means something: the whole objects make a shard that uses every rule."""
+    shard = shard_of(CLUSTER, cluster_objects(lambda _, objs, fn: objs))
+    web, db, cache = ServiceKey("shop", "web"), ServiceKey("shop", "db"), ServiceKey("shop", "cache")
+    assert set(shard.services) == {
+        web,
+        db,
+        cache,
+        ServiceKey("other", "api"),
+    }  # not ext, udp, legacy, gateway
+    assert [(p.name, p.port, p.target_port, p.protocol) for p in shard.services[web]] == [
+        ("http", 80, 8080, Protocol.HTTP),
+        ("grpc-api", 9090, 9090, Protocol.GRPC),
+        ("web", 8443, 8443, Protocol.HTTP2),
+        ("metrics", 9100, 9100, Protocol.TCP),
+    ]
+    assert shard.addresses[web] == ("10.96.12.7", "fd00:10:96::c07")
+    assert shard.addresses[cache] == ()
+    assert shard.exported_at[ServiceKey("other", "api")] == "2025-10-01T00:00:00Z"
+    assert shard.exported_at[web] == "2025-09-01T12:00:00Z"  # its ServiceExport's
+    by_address = {e.address: e for e in shard.endpoints[web]}
+    assert "web.example.com" not in by_address
+    assert "fd00:10:1::1" in by_address
+    assert {a: e.health.name for a, e in by_address.items() if a.startswith("10.")} == {
+        "10.1.0.1": "HEALTHY",
+        "10.1.0.2": "DRAINING",
+        "10.1.0.3": "HEALTHY",  # healthy in the second slice
+        "10.1.0.4": "DRAINING",
+        "10.1.0.5": "HEALTHY",
+        "10.1.0.6": "HEALTHY",
+        "10.1.0.7": "HEALTHY",
+        "10.1.0.9": "UNHEALTHY",
+    }
+    first = by_address["10.1.0.1"]
+    assert (first.locality.region, first.locality.zone) == ("eu-west-1", "eu-west-1a")  # the first slice's
+    assert first.ports == (("http", 8080), ("grpc-api", 9091), ("web", 8443))
+    assert (first.service_account, first.workload, first.sidecar_port) == ("web", "web-1", 15006)
+    assert by_address["10.1.0.2"].locality.zone == "eu-west-1c"  # the endpoint's zone
+    assert (by_address["10.1.0.3"].locality.zone, by_address["10.1.0.3"].service_account) == (
+        "eu-west-1a",
+        "web-canary",
+    )
+    assert by_address["10.1.0.4"].locality.zone == "fallback-zone"  # node-b has no zone label
+    assert by_address["10.1.0.4"].service_account == "default"
+    assert by_address["10.1.0.5"].locality.region == "fallback-region"  # unknown node
+    assert by_address["10.1.0.6"].sidecar_port == 0  # 99999 is no port
+    assert by_address["10.1.0.7"].workload == ""
+    assert by_address["10.1.0.2"].sidecar_port == 0
+    (db_endpoint,) = shard.endpoints[db]
+    assert (db_endpoint.ports, db_endpoint.sidecar_port) == ((("port-5432", 5432),), 15007)
+    assert shard_of(
+        CLUSTER, cluster_objects(lambda _, objs, fn: objs), require_namespace_label=True
+    ).services.keys() == {
+        web,
+        db,
+        cache,
+    }
+
+
+@pytest.mark.parametrize(("export", "require_label"), RULES)
+def test_the_shard_reads_only_fields_the_trims_keep(export: ExportPolicy, require_label: bool) -> None:
+    seen: dict[str, dict[str, set[Path]]] = {field: {} for field in KINDS}
+    objects = cluster_objects(lambda field, objs, fn: read_objects(objs, seen[field]))
+    shard_of(CLUSTER, objects, export, require_label)
+    for field, (objs, fn) in KINDS.items():
+        assert_kept(objs, seen[field], fn)
+
+
+def test_the_slice_index_of_trimmed_slices_is_that_of_whole_ones() -> None:
+    whole, small = SliceIndex.of(SLICES), SliceIndex.of(trimmed(SLICES, trim.endpoint_slice))
+    services = {ServiceKey("shop", n) for n in ("web", "db", "cache", "orphan")} | {
+        ServiceKey("other", "api")
+    }
+    for service_key in services:
+        assert small.slices(service_key) == whole.slices(service_key)
+    for pod_key in [*PODS, "shop/web-8", "shop/None", "shop/web-6"]:
+        assert small.services_of_pod(pod_key) == whole.services_of_pod(pod_key)
+    assert whole.services_of_pod("shop/web-1") == {ServiceKey("shop", "web")}
+    seen: dict[str, set[Path]] = {}
+    SliceIndex.of(read_objects(SLICES, seen))
+    assert_kept(SLICES, seen, trim.endpoint_slice)
+
+
+@pytest.mark.parametrize(
+    ("services", "nodes"),
+    [
+        (SERVICES, NODES),
+        (GATEWAYS_BY_NODE_PORT, NODES),
+        (GATEWAYS_BY_NODE_PORT, NODES_INTERNAL_ONLY),
+        (GATEWAYS_BY_HOSTNAME, NODES),
+    ],
+    ids=["ingress-ip", "node-port-external-ip", "node-port-internal-ip", "hostname"],
+)
+def test_gateways_of_trimmed_objects_are_those_of_whole_ones(
+    services: Mapping[str, Obj], nodes: Mapping[str, Obj]
+) -> None:
+    small_services, small_nodes = trimmed(services, trim.service), trimmed(nodes, trim.node)
+    found = gateway_of(services, nodes)
+    assert found is not None
+    assert gateway_of(small_services, small_nodes) == found
+    assert gateway_service(small_services) == gateway_service(services)
+    seen_services: dict[str, set[Path]] = {}
+    seen_nodes: dict[str, set[Path]] = {}
+    gateway_of(read_objects(services, seen_services), read_objects(nodes, seen_nodes))
+    gateway_service(read_objects(services, seen_services))
+    assert_kept(services, seen_services, trim.service)
+    if found.address not in ("203.0.113.7", "gw.elb.example.com"):
+        assert_kept(nodes, seen_nodes, trim.node)
+
+
+def test_gateway_addresses_the_fixtures_give() -> None:
+    assert gateway_of(SERVICES, NODES) == Gateway("203.0.113.7", 15443)
+    assert gateway_of(GATEWAYS_BY_NODE_PORT, NODES) == Gateway("198.51.100.10", 32443)
+    assert gateway_of(GATEWAYS_BY_NODE_PORT, NODES_INTERNAL_ONLY) == Gateway("192.168.1.11", 32443)
+    assert gateway_of(GATEWAYS_BY_HOSTNAME, NODES) == Gateway("gw.elb.example.com", 443)
+
+
+def test_gateway_readiness_of_trimmed_slices_is_that_of_whole_ones() -> None:
+    for keys in (["isthmus-system/eastwest-x1"], ["shop/web-a1b2c"], ["shop/web-fqdn"], []):
+        whole = gateway_ready(SLICES[k] for k in keys)
+        assert gateway_ready(trim.endpoint_slice(SLICES[k]) for k in keys) is whole
+        seen: dict[str, set[Path]] = {}
+        views = read_objects({k: SLICES[k] for k in keys}, seen)
+        gateway_ready(views[k] for k in keys)
+        if keys:
+            assert_kept({k: SLICES[k] for k in keys}, seen, trim.endpoint_slice)
+    unready = copy.deepcopy(SLICES["isthmus-system/eastwest-x1"])
+    unready["endpoints"][1]["conditions"]["ready"] = False
+    assert gateway_ready([unready]) is False
+    assert gateway_ready([trim.endpoint_slice(unready)]) is False
+
+
+def test_node_localities_namespace_labels_and_sidecars_survive_the_trims() -> None:
+    for key, obj in NODES.items():
+        assert node_locality(trim.node(obj)) == node_locality(obj), key
+    assert node_locality(NODES["node-a"]) == ("eu-west-1", "eu-west-1a")
+    for key, obj in NAMESPACES.items():
+        assert mesh_label(trim.namespace(obj)) == mesh_label(obj), key
+    assert {mesh_label(obj) for obj in NAMESPACES.values()} == {"enabled", "disabled", ""}
+    for key, obj in PODS.items():
+        assert sidecar_port(trim.pod(obj)) == sidecar_port(obj), key
+        assert trim.pod(obj)["metadata"]["uid"] == obj["metadata"]["uid"]  # pod-bound tokens' check
+    seen: dict[str, set[Path]] = {}
+    for view in read_objects(NODES, seen).values():
+        node_locality(view)
+    assert_kept(NODES, seen, trim.node)
+
+
+def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
+    """ClusterWatcher's own readers (pod uids, node localities, its published shard and member
+    record, the ServiceExports the ImportWriter gets) give the same answers."""
+
+    def watcher(trims: bool) -> tuple[ClusterWatcher, Aggregator]:
+        agg = Aggregator(lambda view: None)
+        w = ClusterWatcher(Credentials("east", {}, ""), agg, ClusterPolicy(region="r", zone="z"))
+        stores = {
+            "services": SERVICES,
+            "endpointslices": SLICES,
+            "nodes": NODES,
+            "pods": PODS,
+            "namespaces": NAMESPACES,
+            "serviceexports": EXPORTS,
+            "trafficsplits": SPLITS,
+        }
+        fns = {
+            "services": trim.service,
+            "endpointslices": trim.endpoint_slice,
+            "nodes": trim.node,
+            "pods": trim.pod,
+            "namespaces": trim.namespace,
+            "serviceexports": trim.service_export,
+            "trafficsplits": trim.traffic_split,
+        }
+        for kind, objs in stores.items():
+            r = w._reflector(kind, never, fns[kind] if trims else None)
+            for obj in objs.values():  # as a watch delivers them
+                r._apply({"type": "ADDED", "object": copy.deepcopy(obj)})
+            r.synced.set()
+        w._publish()
+        w.synced.set()
+        w._publish()
+        return w, agg
+
+    (whole, whole_agg), (small, small_agg) = watcher(False), watcher(True)
+    assert small_agg.shards == whole_agg.shards
+    (shard,) = whole_agg.shards.values()
+    assert shard.cluster.gateway is not None
+    assert shard.cluster.gateway_ready is True
+    assert shard.splits
+    for pod_key in [*PODS, "shop/nope"]:
+        namespace_name = pod_key.split("/")
+        assert small.pod_uid(*namespace_name) == whole.pod_uid(*namespace_name)
+    for name in [*NODES, "nope"]:
+        assert small.node_locality(name) == whole.node_locality(name)
+    small_exports, whole_exports = small.service_exports(), whole.service_exports()
+    assert small_exports.keys() == whole_exports.keys()
+    for key, (obj, ports) in whole_exports.items():
+        assert small_exports[key][1] == ports
+        assert small_exports[key][0] == trim.service_export(obj)
+
+
+async def never(**kw: Any) -> Any:
+    raise AssertionError("not listed in these tests")
+
+
+# ---- ServiceExports: read for export times, their status written back ----------------------------
+
+
+class StatusApi:
+    """The one call ImportWriter._export_statuses makes; records each body."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[str, str, str, Obj]] = []
+
+    async def replace_namespaced_custom_object_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, body: Obj, **kw: Any
+    ) -> Obj:
+        self.written.append((namespace, plural, name, body))
+        return body
+
+
+def export_writes(exports: Mapping[str, Obj]) -> list[tuple[str, str, str, Obj]]:
+    own = (ServicePort("http", 80, 8080, Protocol.HTTP),)
+    ports = {"shop/web": own, "shop/db": own, "shop/gone": None}
+    writer = ImportWriter("east", never, lambda: {key: (obj, ports[key]) for key, obj in exports.items()})
+    web = Service(
+        ServiceKey("shop", "web"), ports=(ServicePort("http", 80, 8080, Protocol.TCP),), vip="240.240.0.1"
+    )
+    api = StatusApi()
+    asyncio.run(
+        writer._export_statuses(api, {"shop/web": service_import(web), "shop/db": service_import(web)})
+    )
+    for *_, body in api.written:
+        for c in body["status"]["conditions"]:
+            if not c["lastTransitionTime"].startswith("T"):
+                c["lastTransitionTime"] = "now"  # written now, to the second
+    return api.written
+
+
+def test_service_export_status_writes_of_trimmed_exports_are_those_of_whole_ones() -> None:
+    whole, small = export_writes(EXPORTS), export_writes(trimmed(EXPORTS, trim.service_export))
+    assert len(whole) == len(small) == 3  # web: a port conflict now; db: no conditions yet; gone
+    for (namespace, plural, name, body), (namespace2, plural2, name2, body2) in zip(
+        whole, small, strict=True
+    ):
+        assert (namespace, plural, name) == (namespace2, plural2, name2)
+        assert body2["status"] == body["status"]  # the other fields of status kept
+        assert (
+            body2["status"]["conditions"][0]["lastTransitionTime"]
+            == body["status"]["conditions"][0]["lastTransitionTime"]
+        )
+        for field in ("apiVersion", "kind"):
+            assert body2[field] == body[field]
+        for field in ("name", "namespace", "uid", "resourceVersion"):  # the replace's preconditions
+            assert body2["metadata"][field] == body["metadata"][field]
+        assert "managedFields" not in body2["metadata"]
+        assert "spec" not in body2
+    assert whole[0][3]["status"]["observedBy"] == "another-controller"
+    assert_small(EXPORTS, trim.service_export, 0.35)
+
+
+# ---- TrafficSplits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("require_label", [False, True])
+def test_traffic_splits_of_trimmed_objects_are_those_of_whole_ones(require_label: bool) -> None:
+    small_namespaces = trimmed(NAMESPACES, trim.namespace)
+    whole = traffic_splits(SPLITS, NAMESPACES, require_label)
+    assert traffic_splits(trimmed(SPLITS, trim.traffic_split), small_namespaces, require_label) == whole
+    assert [(str(s.service), s.backends) for s in traffic_splits(SPLITS, NAMESPACES)] == [
+        ("shop/web", (("web-v1", 90), ("web-v2", 10)))
+    ]
+    seen: dict[str, set[Path]] = {}
+    seen_namespaces: dict[str, set[Path]] = {}
+    traffic_splits(read_objects(SPLITS, seen), read_objects(NAMESPACES, seen_namespaces), require_label)
+    assert_kept(SPLITS, seen, trim.traffic_split)
+    assert_kept(NAMESPACES, seen_namespaces, trim.namespace)
+    assert_small(SPLITS, trim.traffic_split, 0.2)
+
+
+# ---- the home cluster: Secrets, MemberClusters, MeshConfigs ---------------------------------------
+
+
+def test_member_credentials_of_trimmed_secrets_are_those_of_whole_ones() -> None:
+    whole = credentials_of(SECRETS)
+    assert credentials_of(trimmed(SECRETS, trim.secret)) == whole
+    assert set(whole.credentials) == {"east"}
+    assert set(whole.errors) == {"west", "Bad_Name", "south"}
+    seen: dict[str, set[Path]] = {}
+    credentials_of(read_objects(SECRETS, seen))
+    assert_kept(SECRETS, seen, trim.secret)
+    assert_small(SECRETS, trim.secret, 0.7)  # their data is most of them
+
+
+def config_api(trims: bool) -> ConfigApi:
+    api = ConfigApi("isthmus-system", "me", on_change=lambda: None)
+    fn = trim.config_object if trims else None
+    api.reflector = Reflector(KIND, never, lambda keys: None, trim=fn)
+    api.meshes = Reflector(MESH_KIND, never, lambda keys: None, trim=fn)
+    for reflector, objs in ((api.reflector, MEMBER_CLUSTERS), (api.meshes, MESH_CONFIGS)):
+        for obj in objs.values():
+            reflector._apply({"type": "ADDED", "object": copy.deepcopy(obj)})
+    return api
+
+
+def test_the_configuration_api_reads_and_writes_trimmed_objects_as_whole_ones() -> None:
+    whole, small = config_api(False), config_api(True)
+    assert small.desired() == whole.desired() == {"east": 40, "west": 100}
+    assert small.errors == whole.errors
+    assert set(whole.errors) == {"bad", "worse"}
+    assert small.applied() == whole.applied() == {"east": 70}
+    whole_mesh, small_mesh = whole.mesh_config(), small.mesh_config()
+    assert whole_mesh is not None
+    assert small_mesh is not None
+    assert mesh_overrides(small_mesh) == mesh_overrides(whole_mesh)
+    report = Report(
+        drains={"east": {"weight": 40, "state": "Draining", "waiting_for": ["p1"]}},
+        synced={
+            "east": Condition("Synced", True, "Synced"),
+            "west": Condition("Synced", False, "Unreachable"),
+        },
+        in_force=[("trust_domain", "mesh.example", "MeshConfig")],
+        mesh=[Condition("Applied", True, "Applied")],
+    )
+    assert whole.reflector is not None
+    assert small.reflector is not None
+    assert whole.meshes is not None
+    assert small.meshes is not None
+    pairs = [
+        (whole._member_status, whole.reflector, small.reflector),
+        (whole._mesh_status, whole.meshes, small.meshes),
+    ]
+    for status_of, whole_store, small_store in pairs:
+        assert whole_store.store.keys() == small_store.store.keys()
+        for key, obj in whole_store.store.items():
+            kept = small_store.store[key]
+            status = status_of(obj, report)
+            again = status_of(kept, report)
+            for c in (*status["conditions"], *again["conditions"]):  # written now, to the second
+                if c["lastTransitionTime"] not in ("T1", "T2", "T3"):
+                    c["lastTransitionTime"] = "now"
+            for s in (status, again):
+                if "drain" in s:
+                    s["drain"]["updated"] = "now"
+            assert again == status, key
+            body, body2 = {**obj, "status": status}, {**kept, "status": again}  # what _write sends
+            for field in ("apiVersion", "kind", "status"):
+                assert body2[field] == body[field]
+            for field in ("name", "namespace", "uid", "resourceVersion", "generation"):
+                assert body2["metadata"][field] == body["metadata"][field]
+    east = whole.reflector.store["isthmus-system/east"]
+    assert drain_target(small.reflector.store["isthmus-system/east"]) == drain_target(east) == 40
+    assert_small(MEMBER_CLUSTERS, trim.config_object, 0.3)
+    assert_small(MESH_CONFIGS, trim.config_object, 0.3)
+
+
+# ---- smaller: what goes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "most"),
+    [("services", 0.25), ("endpoint_slices", 0.25), ("nodes", 0.05), ("pods", 0.07), ("namespaces", 0.07)],
+)
+def test_trimmed_objects_are_much_smaller(kind: str, most: float) -> None:
+    objs, fn = KINDS[kind]
+    assert_small(objs, fn, most)
+    assert_untouched(objs, fn)
+
+
+def test_what_each_trim_drops() -> None:
+    svc = trim.service(SERVICES["isthmus-system/eastwest"])
+    assert svc["metadata"] == {
+        "name": "eastwest",
+        "namespace": "isthmus-system",
+        "creationTimestamp": "2025-11-02T09:14:03Z",
+        "labels": GATEWAY,
+    }
+    assert set(svc["spec"]) == {"type", "clusterIP", "ports"}  # not selector, externalTrafficPolicy, ...
+    assert svc["status"] == {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}
+    eps = trim.endpoint_slice(SLICES["shop/web-a1b2c"])
+    assert set(eps) == {"metadata", "addressType", "ports", "endpoints"}
+    assert set(eps["metadata"]) == {"name", "namespace", "labels"}
+    assert eps["metadata"]["labels"] == {"kubernetes.io/service-name": "web"}
+    assert eps["ports"][0] == {"name": "http", "port": 8080}
+    assert eps["endpoints"][1] == {
+        "addresses": ["10.1.0.2"],
+        "conditions": {"ready": False, "serving": True, "terminating": True},
+        "nodeName": "node-a",
+        "zone": "eu-west-1c",
+        "targetRef": {"name": "web-2", "namespace": "shop"},
+    }  # not hints, hostname, deprecatedTopology, the targetRef's kind, uid and resourceVersion
+    assert trim.node(NODES["node-b"]) == {
+        "metadata": {"name": "node-b", "labels": {REGION: "eu-west-1"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.11"}]},
+    }
+    p = PODS["shop/web-1"]
+    assert trim.pod(p) == {
+        "metadata": {
+            "name": "web-1",
+            "namespace": "shop",
+            "uid": p["metadata"]["uid"],
+            "annotations": {"isthmus.io/inbound-port": "15006"},
+        },
+        "spec": {"serviceAccountName": "web"},
+    }
+    assert trim.namespace(NAMESPACES["shop"]) == {
+        "metadata": {"name": "shop", "labels": {"isthmus.io/mesh": "enabled"}}
+    }
+    split = trim.traffic_split(SPLITS["shop/web"])
+    assert split["spec"]["backends"][0] == {"service": "web-v1", "weight": 90}
+    assert "matches" not in split["spec"]
+    assert set(trim.secret(SECRETS["isthmus-system/members"])) == {"metadata", "data"}
+
+
+def test_values_of_unexpected_types_are_kept_as_they_are() -> None:
+    odd = {"metadata": "x", "spec": "y", "status": ["z"], "endpoints": "e", "ports": 3, "data": None}
+    for fn in (trim.service, trim.endpoint_slice, trim.node, trim.pod, trim.namespace, trim.traffic_split):
+        small = fn(odd)
+        assert small["metadata"] == "x"
+        for key, value in small.items():
+            assert value == odd[key]
+    assert trim.service({"spec": {"ports": "p"}, "status": {"loadBalancer": {"ingress": 1}}}) == {
+        "spec": {"ports": "p"},
+        "status": {"loadBalancer": {"ingress": 1}},
+    }
+    assert trim.endpoint_slice({"endpoints": ["a", {"conditions": 1, "targetRef": None}]})["endpoints"] == [
+        "a",
+        {"conditions": 1, "targetRef": None},
+    ]
+    assert trim.service({}) == {}
+
+
+# ---- the Reflector stores trimmed objects and judges changes on them ------------------------------
+
+
+class ListResponse:
+    status = 200
+
+    def __init__(self, body: Obj) -> None:
+        self._body = body
+
+    async def json(self) -> Obj:
+        return copy.deepcopy(self._body)
+
+    def release(self) -> None:
+        pass
+
+
+def test_the_reflector_stores_what_the_trim_makes_and_judges_changes_on_it() -> None:
+    changes: list[Any] = []
+    items = [copy.deepcopy(PODS["shop/web-1"]), copy.deepcopy(PODS["shop/db-0"])]
+    body: Obj = {"metadata": {"resourceVersion": "100"}, "items": items}
+
+    async def list_fn(**kw: Any) -> ListResponse:
+        return ListResponse(body)
+
+    reflector = Reflector("pods", list_fn, changes.append, trim=trim.pod)
+
+    async def relist() -> None:
+        await reflector._list()
+
+    asyncio.run(relist())
+    assert reflector.store == {object_key(o): trim.pod(o) for o in items}
+    assert changes == [None]
+    assert reflector.resource_version == "100"
+    # A relist whose objects differ only in fields nobody reads reports no change.
+    items[0]["status"]["phase"] = "Succeeded"
+    items[0]["metadata"]["resourceVersion"] = "101"
+    items[1]["metadata"]["managedFields"] = []
+    body["metadata"]["resourceVersion"] = "102"
+    asyncio.run(relist())
+    assert changes == [None]
+    assert reflector.resource_version == "102"
+    # One that changes a field read does.
+    items[1]["spec"]["serviceAccountName"] = "db-admin"
+    asyncio.run(relist())
+    assert changes == [None, None]
+    assert reflector.store["shop/db-0"]["spec"] == {"serviceAccountName": "db-admin"}
+    # Events: stored trimmed; one that changes nothing read is not passed on (its version is kept).
+    modified = copy.deepcopy(items[0])
+    modified["status"]["podIP"] = "10.9.9.9"
+    modified["metadata"]["resourceVersion"] = "103"
+    reflector._apply({"type": "MODIFIED", "object": modified})
+    assert changes == [None, None]
+    assert reflector.resource_version == "103"
+    modified = copy.deepcopy(modified)
+    modified["metadata"]["annotations"]["isthmus.io/inbound-port"] = "15010"
+    modified["metadata"]["resourceVersion"] = "104"
+    reflector._apply({"type": "MODIFIED", "object": modified})
+    assert changes == [None, None, ("shop/web-1",)]
+    assert reflector.store["shop/web-1"] == trim.pod(modified)
+    added = pod("web-7", account="web")
+    reflector._apply({"type": "ADDED", "object": added})
+    assert reflector.store["shop/web-7"] == trim.pod(added)
+    assert changes[-1] == ("shop/web-7",)
+    reflector._apply({"type": "DELETED", "object": added})
+    assert "shop/web-7" not in reflector.store
+    assert changes[-1] == ("shop/web-7",)
+    assert reflector.events == 4
+
+
+def test_a_reflector_without_a_trim_stores_whole_objects() -> None:
+    reflector = Reflector("pods", never, lambda keys: None)
+    obj = copy.deepcopy(PODS["shop/web-1"])
+    reflector._apply({"type": "ADDED", "object": obj})
+    assert reflector.store["shop/web-1"] is obj
+
+
+def test_the_strings_kept_are_shared_between_objects() -> None:
+    """As parsed, every value is a string object of its own; the trimmed objects share equal ones."""
+
+    def parsed(obj: Obj) -> Obj:
+        return dict(json.loads(json.dumps(obj)))
+
+    one, two = trim.pod(parsed(PODS["shop/web-1"])), trim.pod(parsed(PODS["shop/web-2"]))
+    assert one["metadata"]["namespace"] is two["metadata"]["namespace"]
+    assert one["spec"]["serviceAccountName"] is two["spec"]["serviceAccountName"]
+    eps = trim.endpoint_slice(parsed(SLICES["shop/web-a1b2c"]))
+    first, second = eps["endpoints"][0], eps["endpoints"][1]
+    assert first["targetRef"]["name"] is one["metadata"]["name"]
+    assert first["targetRef"]["namespace"] is one["metadata"]["namespace"]
+    assert first["nodeName"] is second["nodeName"]
