@@ -322,20 +322,51 @@ def _status_bytes(pid: int | None, key: str) -> int:
     return 0
 
 
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (isthmus serve --xds-workers: its worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, ()))
+    return out
+
+
 def proc_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS bytes) of a process."""
+    """(CPU seconds, peak RSS bytes) of a process and its live descendants (summed: each has its
+    own peak), plus the CPU of those that ended and were waited for."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        fields = _stat_fields(pid)
+        cpu = sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime, stime, cutime, cstime
     except (OSError, ValueError):
         return float("nan"), 0
-    return cpu, _status_bytes(pid, "VmHWM")
+    peak = _status_bytes(pid, "VmHWM")
+    for child in process_tree(pid)[1:]:
+        try:
+            cpu += sum(int(f) for f in _stat_fields(child)[11:13]) / CLK_TCK
+        except (OSError, ValueError):
+            continue
+        peak += _status_bytes(child, "VmHWM")
+    return cpu, peak
 
 
 def proc_rss(pid: int | None) -> int:
-    """Resident set size now (bytes), 0 if unknown."""
-    return _status_bytes(pid, "VmRSS")
+    """Resident set size now (bytes) of a process and its live descendants, 0 if unknown."""
+    if pid is None:
+        return 0
+    return sum(_status_bytes(p, "VmRSS") for p in process_tree(pid))
 
 
 class IsthmusTarget:
@@ -351,6 +382,7 @@ class IsthmusTarget:
         self.mtls: bool = args.mtls
         self.debounce: float | None = args.debounce
         self.debounce_max: float | None = args.debounce_max
+        self.workers: int = getattr(args, "xds_workers", 1)
         self.profile: Path | None = args.profile_server
         self.auth = Auth(args.auth, workload.shape, workdir) if args.auth else None
         # --reconnect-storm: the development root is kept in a directory, as a deployment keeps its
@@ -403,6 +435,8 @@ class IsthmusTarget:
             serve += ["--debounce", str(self.debounce)]
         if self.debounce_max is not None:
             serve += ["--debounce-max", str(self.debounce_max)]
+        if self.workers > 1:
+            serve += ["--xds-workers", str(self.workers)]
         if not self.mtls:
             serve.append("--no-mtls")
         elif self.keep_ca is not None:
@@ -1247,6 +1281,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="isthmus --debounce-max (default: as shipped, 1 s: what a push waits at most under churn)",
     )
     p.add_argument(
+        "--xds-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="isthmus --xds-workers: N processes serve xDS (connections spread over them: give "
+        "--channels N or more); server CPU and RSS are summed over them",
+    )
+    p.add_argument(
         "--churn",
         type=float,
         default=0.0,
@@ -1335,7 +1377,9 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
     lines = [
         (
             "target / mode",
-            f"{row['target']} / {args.mode}, mTLS {'on' if args.mtls else 'off'}, "
+            f"{row['target']}"
+            + (f" ({args.xds_workers} xDS processes)" if args.xds_workers > 1 else "")
+            + f" / {args.mode}, mTLS {'on' if args.mtls else 'off'}, "
             + (
                 f"xDS over TLS with a token per client ({args.auth})"
                 if args.auth
@@ -1512,6 +1556,7 @@ def main(argv: list[str] | None = None) -> int:
         "endpoints": shape.endpoints,
         "changes": args.changes,
         "channels": args.channels,
+        **({"xds_workers": args.xds_workers} if args.xds_workers > 1 else {}),
         "source": args.source if args.target == "isthmus" else "file",
         "debounce_s": args.debounce,
         "poll_interval_s": args.poll_interval,
