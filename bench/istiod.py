@@ -330,6 +330,7 @@ class Istiod:
         networks.write_text("networks: {}\n")
         self.xds_address = f"{LOOPBACK}:{free_port()}"
         self.http = f"{LOOPBACK}:{free_port()}"
+        self.monitoring = f"{LOOPBACK}:{free_port()}"
         argv = [
             "env",
             *(f"{k}={v}" for k, v in ISTIOD_ENV.items()),
@@ -344,7 +345,7 @@ class Istiod:
             "--secureGRPCAddr=",
             "--httpsAddr=",
             f"--httpAddr={self.http}",
-            f"--monitoringAddr={LOOPBACK}:{free_port()}",
+            f"--monitoringAddr={self.monitoring}",
             f"--ctrlz_address={LOOPBACK}",
             f"--ctrlz_port={free_port()}",
             "--domain=cluster.local",
@@ -777,7 +778,7 @@ async def run_server(
             i = first_change + k
             change, c, s = workload.change(i)
             who = {cl.index for cl in clients if flat or cl.member == change.cluster}
-            p = Pending(change, who)
+            p = Pending(change, set(who))
             pending.append(p)
             started = time.monotonic()
             await apis[c].apply(endpoint_slice(workload, c, s))
@@ -833,8 +834,21 @@ async def run_server(
     row["errors"] = len(totals.errors)
     for e in totals.errors[:10]:
         print(f"error ({server.name}): {e}", file=sys.stderr)
+    if args.keep_logs is not None:
+        keep_logs(server, args)
     server.proc.stop(grace=15, sig=signal.SIGINT if server.name == "isthmus" else signal.SIGTERM)
     return row
+
+
+def keep_logs(server: Server, args: argparse.Namespace) -> None:
+    """--keep-logs DIR: the server's log and (istiod) its Prometheus metrics, named by mode and server."""
+    args.keep_logs.mkdir(parents=True, exist_ok=True)
+    stem = args.keep_logs / f"{args.mode}-{server.name}"
+    stem.with_suffix(".log").write_bytes(server.proc.log_path.read_bytes())
+    if isinstance(server, Istiod):
+        url = f"http://{server.monitoring}/metrics"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=10) as r:
+            stem.with_suffix(".metrics").write_bytes(r.read())
 
 
 # ---- the whole run --------------------------------------------------------------------------
@@ -1018,6 +1032,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "connecting proxy's configuration from scratch",
     )
     p.add_argument("--dump", type=Path, help="write one proxy's resources as text protos into this directory")
+    p.add_argument("--keep-logs", type=Path, help="copy each server's log (istiod: and metrics) here")
     p.add_argument("--csv", type=Path, help="append one row per server to this CSV file")
     args = p.parse_args(argv)
     if args.quick:
