@@ -370,23 +370,30 @@ class Istiod:
         t0 = time.monotonic()
         hold = asyncio.Event()
         served = [asyncio.Event() for _ in range(shape.clusters)]
+        snaps = [Snapshot() for _ in range(shape.clusters)]
         holders = [
-            asyncio.create_task(probe(self.xds_address, self.node(shape, c)[1], 120.0, hold, served[c]))
+            asyncio.create_task(
+                probe(self.xds_address, self.node(shape, c)[1], 180.0, hold, served[c], snaps[c])
+            )
             for c in range(shape.clusters)
         ]
         try:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in served)), 120.0)
-            for e in served:
-                e.clear()
+            before = [x.responses for x in snaps]
             url = f"http://{self.http}/debug/adsz?push=true"
             answer = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read())
             print(f"istiod warm: {answer.decode().strip()}")
-            await asyncio.sleep(1.0)  # the push reaches the holders; then they go quiet again
+            deadline = time.monotonic() + 120.0
+            # The push is there when each holder got CDS, EDS, LDS and RDS again; then quiet.
+            while any(x.responses < b + 4 for x, b in zip(snaps, before, strict=True)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"istiod warm: the push did not reach {[x.responses for x in snaps]}")
+                await asyncio.sleep(0.1)
+            for e in served:
+                e.clear()
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in served)), 120.0)
             hold.set()
-            snaps = await asyncio.gather(*holders)
-            if any(snap.responses < 8 for snap in snaps):  # 4 types at connect, 4 again pushed
-                raise RuntimeError(f"istiod warm: the push did not reach {[x.responses for x in snaps]}")
+            await asyncio.gather(*holders)
         finally:
             for task in holders:
                 task.cancel()
@@ -491,11 +498,13 @@ async def probe(
     limit: float = 30.0,
     hold: asyncio.Event | None = None,
     served: asyncio.Event | None = None,
+    snap: Snapshot | None = None,
 ) -> Snapshot:
     """One SotW ADS stream as Envoy opens it (CDS, LDS, then EDS and RDS for what they name), every
     response ACKed; returns once every requested type has been answered and nothing came for 0.5 s
-    (``served`` is set then) or, with ``hold``, once that is set (pushes are ACKed meanwhile)."""
-    snap = Snapshot()
+    (``served`` is set then) or, with ``hold``, once that is set (pushes are ACKed meanwhile).
+    ``snap``: the Snapshot to fill (the caller may watch it grow)."""
+    snap = Snapshot() if snap is None else snap
     channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     responses: asyncio.Queue[bytes] = asyncio.Queue()
     reader: asyncio.Task[None] | None = None
@@ -1083,6 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load tool: peak RSS {stamp['tool_peak_rss_mib']:.0f} MiB")
     if args.csv is not None:
         new = not args.csv.exists() or args.csv.stat().st_size == 0
+        if not new:
+            with args.csv.open(newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if header != list(rows[0]):
+                print(f"error: {args.csv} has other columns than this run; use another file", file=sys.stderr)
+                return 2
         with args.csv.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             if new:
