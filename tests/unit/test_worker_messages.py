@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from isthmus import metrics
 from isthmus.discovery.file import example_mesh_text, parse_mesh
 from isthmus.discovery.model import MemberCluster, MeshView
 from isthmus.workers.messages import Summary, ViewDelta, WorkerConfig, frame
@@ -87,10 +88,13 @@ def test_the_pool_counts_a_worker_behind_the_current_view_as_lagging() -> None:
     assert pool.lagging(types.ENDPOINT) == ["a", "b"]
     assert pool.lagging(types.CLUSTER) == []
     assert pool.streams() == 5
-    # Only running workers count as connected.
+    # Only running workers count as connected, in /metrics too (beside the main process's).
     assert pool.connected() == {}
+    key = ("east", "gateway", "delta")
+    before = metrics.CONNECTED_PROXIES.values().get(key, 0)
     one.process = two.process = object()  # type: ignore[assignment]
-    assert pool.connected() == {("east", "gateway", "delta"): 1, ("west", "gateway", "sotw"): 1}
+    assert pool.connected() == {key: 1, ("west", "gateway", "sotw"): 1}
+    assert metrics.CONNECTED_PROXIES.values().get(key, 0) == before + 1
 
 
 def test_a_worker_locates_an_injected_sidecar_by_its_node_as_the_main_process_does() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from isthmus import metrics
 from isthmus.discovery.model import MeshView
 from isthmus.workers.messages import (
     Answer,
@@ -74,6 +75,8 @@ class WorkerPool:
         self._pod_uid = pod_uid
         self.csds: CsdsAnswer | None = None  # set by the wiring once CSDS exists
         self._answers: set[asyncio.Task[None]] = set()
+        # isthmus_xds_connected_proxies counts the workers' streams too (summed with the main one's).
+        metrics.CONNECTED_PROXIES.track(self, WorkerPool._connected_sample)
         self._view: MeshView | None = None
         self._localities: Localities | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,6 +209,14 @@ class WorkerPool:
                 for key, n in worker.summary.connected.items():
                     out[key] = out.get(key, 0) + n
         return out
+
+    def _connected_sample(self) -> list[tuple[tuple[str, str, str], float]]:
+        known = self._view.clusters if self._view is not None else {}
+        out: dict[tuple[str, str, str], float] = {}
+        for (cluster, role, mode), n in self.connected().items():
+            key = (cluster if cluster in known else metrics.UNKNOWN_CLUSTER, role, mode)
+            out[key] = out.get(key, 0.0) + n
+        return list(out.items())
 
     def streams(self) -> int:
         return sum(w.summary.streams for w in self._workers if w.summary is not None)
