@@ -3,13 +3,16 @@ shard converted from scratch, after random sequences of events of every kind, re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import time
 from typing import Any
 
 import pytest
 
 from isthmus.discovery.aggregate import Aggregator, Shard
-from isthmus.discovery.kube.cluster import MCS_PLURAL, SOURCE, ClusterPolicy, ClusterWatcher
+from isthmus.discovery.kube.cluster import COALESCE, MCS_PLURAL, SOURCE, ClusterPolicy, ClusterWatcher
 from isthmus.discovery.kube.convert import REGION_LABEL, SERVICE_NAME_LABEL, ZONE_LABEL, ExportPolicy
 from isthmus.discovery.kube.kubeconfig import Credentials
 from isthmus.discovery.kube.reflector import Obj, Reflector, object_key
@@ -182,3 +185,30 @@ def test_nothing_of_a_cluster_is_published_before_every_kind_is_listed() -> None
     slices.synced.set()
     watcher._publish()
     assert [e.address for e in published(agg).endpoints[ServiceKey("shop", "web")]] == ["10.0.0.1"]
+
+
+async def test_a_lone_watch_event_is_published_at_once_and_a_burst_in_one_rebuild() -> None:
+    """The publisher coalesces watch events that keep coming (one loop turn after another) into
+    one shard rebuild, for at most COALESCE; a lone event waits one loop turn, not COALESCE."""
+    agg = Aggregator(lambda view: None)
+    watcher = ClusterWatcher(Credentials("a", {}, ""), agg)
+    rebuilds: list[float] = []
+    watcher._publish = lambda: rebuilds.append(time.monotonic())  # type: ignore[method-assign]
+    publisher = asyncio.create_task(watcher._publisher())
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        watcher._on_change("services", None)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(rebuilds) == 1, "a lone event is published within a loop turn or two"
+        assert rebuilds[0] - started < COALESCE / 2
+        for _ in range(20):  # a burst: one event per loop turn
+            watcher._on_change("services", None)
+            await asyncio.sleep(0)
+        await asyncio.sleep(2 * COALESCE)
+        assert 2 <= len(rebuilds) <= 3, f"the burst of 20 cost {len(rebuilds) - 1} rebuilds"
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher

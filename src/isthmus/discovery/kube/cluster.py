@@ -55,6 +55,8 @@ from isthmus.discovery.model import ClusterState, Gateway, MemberCluster, Servic
 
 log = logging.getLogger(__name__)
 
+COALESCE = 0.01  # seconds a burst of watch events may keep a shard rebuild waiting, at most
+
 SOURCE = "kube"
 MCS_GROUP, MCS_VERSION, MCS_PLURAL = "multicluster.x-k8s.io", "v1alpha1", "serviceexports"
 SMI_GROUP, SMI_VERSION, SMI_PLURAL = "split.smi-spec.io", "v1alpha2", "trafficsplits"
@@ -462,9 +464,17 @@ class ClusterWatcher:
                 reflector.wake()
 
     async def _publisher(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(0.01)  # let a burst of watch events land in one shard rebuild
+            # Let a burst of watch events land in one shard rebuild: yield to the event loop while
+            # more keep coming, for at most COALESCE seconds. A lone event waits one loop turn.
+            deadline = loop.time() + COALESCE
+            self._dirty.clear()
+            await asyncio.sleep(0)
+            while self._dirty.is_set() and loop.time() < deadline:
+                self._dirty.clear()
+                await asyncio.sleep(0)
             self._dirty.clear()
             self._publish()
             if self.state is ClusterState.SYNCED and not self.synced.is_set():
