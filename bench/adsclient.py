@@ -129,6 +129,7 @@ class Totals:
     nacks: int = 0
     resources: int = 0  # resources carried by the responses (Delta: added or changed, SotW: all sent)
     resources_by_type: dict[str, int] = field(default_factory=dict)
+    removed_by_type: dict[str, int] = field(default_factory=dict)  # Delta removed_resources
     errors: list[str] = field(default_factory=list)
     # Streams that ended and were opened again. Outside ``expect_breaks`` (the load tool sets it
     # while it restarts the server) an ended stream is also an error.
@@ -222,6 +223,7 @@ class SimEnvoy:
         self.connected_at: float | None = None
         self.last_ack_at: float | None = None
         self.stream_responses = 0
+        self.removed = 0  # names the server reported removed (Delta), all types
         self._stopping = False
 
     # ---- requests ----------------------------------------------------------------------
@@ -373,6 +375,9 @@ class SimEnvoy:
             type_url = r.type_url
             removed = set(r.removed_resources)
             count = len(r.resources)
+            if removed:
+                t.removed_by_type[r.type_url] = t.removed_by_type.get(r.type_url, 0) + len(removed)
+                self.removed += len(removed)
             if type_url == CDS:
                 for name in removed:
                     self.clusters.pop(name, None)

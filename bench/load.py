@@ -744,6 +744,44 @@ class EdsCheck:
         return bad, lines
 
 
+class StormWatch:
+    """What the restarted server sends, assignment by assignment, against the final mesh (which
+    is all it can know: the changes of the outage were written before it started): the final
+    endpoints (a change of the outage, or the same endpoints in other bytes), or not (a partial
+    view: endpoints missing, or none at all); and the names it reports removed, per client."""
+
+    def __init__(self, check: EdsCheck, clients: list[SimEnvoy]) -> None:
+        self.check = check
+        self.before = {cl.index: dict(cl.eds) for cl in clients}
+        self.final = self.same_hosts = self.partial = self.empty = 0
+        self.clients_partial: dict[int, list[int]] = {}  # client -> [partial, empty]
+        self.removed = {cl.index: cl.removed for cl in clients}
+        self._want: dict[tuple[int, int], tuple[str, ...]] = {}
+
+    def on_eds(self, client: SimEnvoy, raw: bytes, names: list[str], now: float) -> None:
+        c = int(client.member[1:])
+        for name in names:
+            body, s = client.eds.get(name), self.check.service(name)
+            if body is None or s < 0:
+                continue
+            want = self._want.get((c, s))
+            if want is None:
+                want = self._want[(c, s)] = self.check.expected(c, s)
+            got = self.check.hosts(body)
+            if got != want:
+                self.partial += 1
+                self.empty += not got
+                counts = self.clients_partial.setdefault(client.index, [0, 0])
+                counts[0] += 1
+                counts[1] += not got
+                continue
+            old = self.before[client.index].get(name)
+            if old is not None and self.check.hosts(old) == got:
+                self.same_hosts += 1
+            else:
+                self.final += 1
+
+
 # ---- the go-control-plane peer's controller, driven from here (its target is bench.peer) ------
 
 
@@ -842,6 +880,16 @@ def _type_counts(totals: Totals, responses: dict[str, int], resources: dict[str,
             r = totals.resources_by_type.get(type_url, 0) - resources.get(type_url, 0)
             name = type_url.rsplit(".", 1)[-1]
             parts.append(f"{short.get(name, name)} {n} ({r})")
+    return ", ".join(parts) or "none"
+
+
+def _removed_counts(totals: Totals, before: dict[str, int]) -> str:
+    """Names reported removed (Delta removed_resources) per type since ``before``."""
+    parts = [
+        f"{type_url.rsplit('.', 1)[-1]} {n - before.get(type_url, 0)}"
+        for type_url, n in sorted(totals.removed_by_type.items())
+        if n - before.get(type_url, 0)
+    ]
     return ", ".join(parts) or "none"
 
 
@@ -945,11 +993,11 @@ async def rolling_churn(
 async def reconnect_storm(
     args: argparse.Namespace,
     target: Target,
-    workload: Workload,
     totals: Totals,
     sampler: Sampler,
     eds_check: EdsCheck,
     clients: list[SimEnvoy],
+    watch: list[StormWatch],
 ) -> dict[str, Any]:
     """--reconnect-storm: SIGKILL the server, make --storm-changes endpoint changes while it is
     down, start it again with the same arguments; every client's stream breaks and is opened again
@@ -962,7 +1010,9 @@ async def reconnect_storm(
     before = {cl.index: (cl.streams, {t: set(n) for t, n in cl.held.items() if t != EDS}) for cl in clients}
     resp0, bytes0, res0, breaks0 = totals.responses, totals.bytes, totals.resources, totals.breaks
     by0, rby0, codes0 = dict(totals.by_type), dict(totals.resources_by_type), dict(totals.break_codes)
+    removed0 = dict(totals.removed_by_type)
     totals.expect_breaks = True
+    watch.append(StormWatch(eds_check, clients))
     killed = time.monotonic()
     if gcp:
         await gcp_kill(target)
@@ -1009,6 +1059,7 @@ async def reconnect_storm(
     cpu, peak = target.usage()
     sampler.stop()
     totals.expect_breaks = False
+    seen = watch.pop()
     if wrong < 0:
         wrong, lines = eds_check.check(clients)
     synced: list[float] = []
@@ -1032,6 +1083,17 @@ async def reconnect_storm(
             last = cl.last_ack_at if cl.last_ack_at is not None and cl.last_ack_at > killed else 0.0
             synced.append(max(cl.connected_at, last) - killed)
     totals.errors += [f"after the storm: {line}" for line in lines.values()]
+    # The restarted server can only know the final mesh: an assignment without its endpoints, or a
+    # name reported removed (the outage changes move addresses, nothing comes or goes), is a
+    # partial view served to a proxy, which a real Envoy would apply (and drop that traffic).
+    lost = {cl.index: cl.removed - seen.removed[cl.index] for cl in clients}
+    for cl in clients:
+        partial, empty = seen.clients_partial.get(cl.index, (0, 0))
+        if partial or lost[cl.index]:
+            totals.errors.append(
+                f"storm: {cl.node.id} was sent {partial} assignments of a partial view ({empty} empty) and "
+                f"told {lost[cl.index]} names were removed"
+            )
     codes = {c: n - codes0.get(c, 0) for c, n in totals.break_codes.items() if n - codes0.get(c, 0)}
     return {
         "storm_outage_changes": args.storm_changes,
@@ -1051,6 +1113,12 @@ async def reconnect_storm(
         "storm_server_cpu_s": cpu,
         "storm_server_peak_rss_mib": peak / 2**20,
         "storm_assignments_wrong": max(wrong, 0),
+        "storm_eds_final": seen.final,
+        "storm_eds_same_endpoints": seen.same_hosts,
+        "storm_eds_partial": seen.partial,
+        "storm_eds_empty": seen.empty,
+        "storm_clients_partial": len(seen.clients_partial.keys() | {i for i, n in lost.items() if n}),
+        "storm_removed": _removed_counts(totals, removed0),
     }
 
 
@@ -1090,12 +1158,15 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
             all_complete.set()
 
     churn: ChurnTracker | None = None
+    watch: list[StormWatch] = []  # set for the reconnect storm
 
     def on_eds(client: SimEnvoy, raw: bytes, names: list[str], now: float) -> None:
         if tracker.pending:
             tracker.on_eds(client, raw, names, now)
         if churn is not None:
             churn.on_eds(client, raw, names, now)
+        if watch:
+            watch[0].on_eds(client, raw, names, now)
 
     # What the clients hold is checked (their assignments' bytes kept) after a churn or a storm.
     check = args.churn > 0 or args.reconnect_storm
@@ -1223,7 +1294,7 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         row.update(await rolling_churn(args, target, workload, churn, totals, sampler, eds_check, clients))
         totals.errors += churn.errors
     if args.reconnect_storm:
-        row.update(await reconnect_storm(args, target, workload, totals, sampler, eds_check, clients))
+        row.update(await reconnect_storm(args, target, totals, sampler, eds_check, clients, watch))
 
     for cl in clients:
         cl.cancel()
@@ -1510,6 +1581,12 @@ def _storm_lines(args: argparse.Namespace, row: dict[str, Any], f: Callable[...,
             "reconnect storm: responses (resources) / MB re-sent",
             f"{row['storm_responses']} ({row['storm_resources']}): {row['storm_by_type']} / "
             f"{f('storm_mb', 1)}",
+        ),
+        (
+            "reconnect storm: assignments sent: final (outage change, same endpoints) / partial (empty)",
+            f"{row['storm_eds_final'] + row['storm_eds_same_endpoints']} ({row['storm_eds_final']}, "
+            f"{row['storm_eds_same_endpoints']}) / {row['storm_eds_partial']} ({row['storm_eds_empty']}), "
+            f"to {row['storm_clients_partial']} clients; names removed: {row['storm_removed']}",
         ),
         (
             "reconnect storm: clients synced (sent nothing) / streams ended",
