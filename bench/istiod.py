@@ -29,8 +29,13 @@ included), the server's CPU seconds per phase (/proc of its process), the load t
 API servers' (etcd and kube-apiserver of the three clusters) per phase, peak RSS, responses and
 MB, and what one proxy is sent (resources and bytes per type, from a SotW probe after the changes).
 
+istiod's cache: right after it starts, before any push, it generates every connecting proxy's
+configuration from scratch (Istiod.warm says why); ``--istiod-warm`` fills its cache first, as
+pushes do in a running mesh.
+
 Usage: python -m bench.istiod [--quick] [--clients N] [--services S] [--clusters C] [--endpoints E]
-       [--changes K] [--mode sotw|delta] [--server both|istiod|isthmus] [--dump DIR] [--csv FILE]
+       [--changes K] [--mode sotw|delta] [--server both|istiod|isthmus] [--istiod-warm]
+       [--dump DIR] [--keep-logs DIR] [--csv FILE]
 Everything listens on 127.0.0.1; every process and the work directory go at the end, also on
 Ctrl-C or failure (the children also have a parent-death signal).
 """
