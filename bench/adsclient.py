@@ -129,7 +129,8 @@ class Totals:
     nacks: int = 0
     resources: int = 0  # resources carried by the responses (Delta: added or changed, SotW: all sent)
     resources_by_type: dict[str, int] = field(default_factory=dict)
-    removed_by_type: dict[str, int] = field(default_factory=dict)  # Delta removed_resources
+    # Names the server removed: Delta removed_resources, or left out of a SotW CDS/LDS response.
+    removed_by_type: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     # Streams that ended and were opened again. Outside ``expect_breaks`` (the load tool sets it
     # while it restarts the server) an ended stream is also an error.
@@ -223,7 +224,7 @@ class SimEnvoy:
         self.connected_at: float | None = None
         self.last_ack_at: float | None = None
         self.stream_responses = 0
-        self.removed = 0  # names the server reported removed (Delta), all types
+        self.removed = 0  # names the server removed (as removed_by_type), all types
         self._stopping = False
 
     # ---- requests ----------------------------------------------------------------------
@@ -359,10 +360,10 @@ class SimEnvoy:
             count = len(values)
             if type_url == CDS:
                 self.clusters = dict(cluster_info(v) for v in values)
-                self.held[CDS] = set(self.clusters)
+                self._full_state(CDS, set(self.clusters))
             elif type_url == LDS:
                 self.listeners = dict(listener_info(v) for v in values)
-                self.held[LDS] = set(self.listeners)
+                self._full_state(LDS, set(self.listeners))
             else:
                 # EDS, RDS and SDS responses carry the requested resources; absent ones are kept.
                 names = [name_of(v) for v in values]
@@ -427,6 +428,15 @@ class SimEnvoy:
             self.complete_at = now
             if self.on_complete is not None:
                 self.on_complete(self)
+
+    def _full_state(self, type_url: str, names: set[str]) -> None:
+        """A SotW CDS or LDS response: what it leaves out is removed."""
+        gone = len(self.held[type_url] - names)
+        if gone:
+            t = self.totals
+            t.removed_by_type[type_url] = t.removed_by_type.get(type_url, 0) + gone
+            self.removed += gone
+        self.held[type_url] = names
 
     def _complete(self) -> bool:
         if not {CDS, LDS} <= self.acked_types:
