@@ -163,7 +163,12 @@ async def test_an_xds_worker_reviews_through_the_main_process_and_follows_its_po
     try:
         assert worker.ads.authenticator is not None
         pod = east.create(
-            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "shop"}, "spec": {}}
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "shop"},
+                "spec": {},
+            }
         )
         token = east.issue_token("shop", "web", pod=("web-1", pod["metadata"]["uid"]))
         headers = {"authorization": f"Bearer {token}", "isthmus-cluster": "east"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from isthmus.admin.debug import _Bucket, Decoded
+from isthmus.admin.debug import Decoded, _Bucket
 from isthmus.xds.resources import Resource
 from isthmus.xds.server.introspect import Held
 
