@@ -120,6 +120,8 @@ class ControlPlane:
         # passed): until then a view is partial, so it neither makes the replica ready nor writes
         # ServiceImports (which would delete those of the clusters not synced yet).
         self._complete = self.members is None
+        if not self._complete:
+            self.cache.hold()  # proxies get nothing of a partial view (_until_complete serves)
         self._ready_deadline: float | None = None
         self._gateways_down: set[str] = set()
         # --xds-workers: the other processes serving xDS (started with the xDS server)
@@ -274,7 +276,7 @@ class ControlPlane:
 
     def apply_view(self, view: MeshView) -> None:
         changed = self.cache.set_view(view)
-        if self.pool is not None:
+        if self.pool is not None and self._complete:  # workers serve complete views only
             self.pool.set_view(view)
         self.view_loaded = True
         if self.members is not None and self.members.service_imports and self._complete:
@@ -569,7 +571,7 @@ class ControlPlane:
         ]
         assert self.pool is not None
         self.pool.configure(configs)
-        if self.view_loaded:
+        if self.view_loaded and self._complete:
             self.pool.set_view(self.cache.view)
         if self.members is not None:
             self.pool.set_localities(self.members.node_localities())
@@ -686,6 +688,9 @@ class ControlPlane:
             await asyncio.sleep(0.05)
         self._complete = True
         self.aggregator.flush()  # the shards are all in: merge and publish them now
+        self.cache.serve()
+        if self.pool is not None:
+            self.pool.set_view(self.cache.view)
         if self.members.service_imports and self.view_loaded:  # also if that view was published before
             self.members.write_imports(self._imports(self.cache.view))
 

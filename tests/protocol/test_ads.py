@@ -294,3 +294,19 @@ async def test_reconnect_gets_full_state_again(mesh: Mesh, mode: str) -> None:
     assert set(eds.names) == {"a", "b"}
     status = await mesh.wait_status(node.id)
     assert status.mode == mode
+
+
+async def test_a_held_cache_answers_nothing_until_it_serves(mesh: Mesh, mode: str) -> None:
+    """A control plane whose member clusters have not all synced holds (ConfigCache.hold): proxies
+    that connect get nothing of the partial view, then everything once it serves."""
+    mesh.cache.hold()
+    client = await mesh.client(mode)
+    await client.subscribe(types.CLUSTER)
+    await client.quiet()  # nothing while held, however long
+    mesh.put(cluster("c"))
+    mesh.publish()
+    await client.quiet()
+    mesh.cache.serve()
+    reply = await client.recv()
+    assert reply.type_url == types.CLUSTER
+    assert set(reply.names) == {"a", "b", "c"}

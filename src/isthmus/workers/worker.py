@@ -76,6 +76,7 @@ class Worker:
         self.config = config
         self._send = send  # a message to the main process
         self.cache = ConfigCache()
+        self.cache.hold()  # until the main process sends the first view (a complete one)
         limits = Limits(send_timeout=config.send_timeout, send_budget=config.send_budget)
         self.ads = AdsServer(self.cache, f"{config.host}:{config.port}", limits)
         self.view: MeshView | None = None
@@ -145,6 +146,7 @@ class Worker:
         if isinstance(message, ViewDelta):
             self.view = message.apply(self.view)
             self.cache.set_view(self.view)
+            self.cache.serve()
         elif isinstance(message, Localities):
             self.localities = message.nodes
         elif isinstance(message, Answer):

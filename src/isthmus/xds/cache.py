@@ -160,6 +160,7 @@ class ConfigCache:
             weakref.WeakValueDictionary()
         )
         self._topics: dict[tuple[str, Proxy], _Topic] = {}
+        self.serving = True  # False (hold): streams answer nothing until serve()
         self._change: _Change | None = None  # since the last view; None: regenerate everything
         self.serializations = 0  # resources serialized, for tests and metrics
         # Generations that installed a view with a known discovery event, and those events'
@@ -283,6 +284,21 @@ class ConfigCache:
         if self.ca is not None and type_url == types.SECRET and proxy.role is Role.SIDECAR:
             return self.ca.identity(self.ca.certificate(proxy.namespace, proxy.service_account))
         return self._identity
+
+    def hold(self) -> None:
+        """Streams answer nothing until ``serve()``: the views so far are partial (a restarted
+        control plane whose member clusters have not all synced would send proxies a mesh without
+        them, and they would apply it)."""
+        self.serving = False
+
+    def serve(self) -> None:
+        """Streams answer from now on: every one is told its types changed."""
+        if self.serving:
+            return
+        self.serving = True
+        for (type_url, _), topic in self._topics.items():
+            for notify in list(topic.followers):
+                notify(type_url)
 
     def follow(self, type_url: str, proxy: Proxy, notify: Notify) -> None:
         """Call ``notify(type_url)`` whenever the resources of ``type_url`` for ``proxy`` change,

@@ -473,7 +473,7 @@ class Stream:
                         detail = f"malformed request: {self._reader_error}"
                         raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, detail)
                     return
-                if self.proxy is not None:
+                if self.proxy is not None and self.cache.serving:
                     await self.push()
         finally:
             for type_url, state in self.states.items():
