@@ -688,6 +688,9 @@ def run(args: argparse.Namespace, shape: Shape, work: Path) -> Row:
         poll_interval=args.poll_interval,
         mtls=args.mtls,
         debounce=args.debounce,
+        debounce_max=None,
+        reconnect_storm=False,
+        xds_workers=1,
         profile_server=None,
         auth=None,  # the floor measures Envoy, not authentication
     )
