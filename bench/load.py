@@ -1482,8 +1482,9 @@ def report(args: argparse.Namespace, shape: Shape, row: dict[str, Any]) -> None:
             if args.target == "gcp"
             else f"{args.poll_interval * 1e3:.0f} ms max, mean {args.poll_interval * 500:.0f}"
             if args.source == "file"
-            else f"10 ms watch coalescing; a lone change is pushed at once (the debounce's leading "
-            f"edge), one within {(args.debounce or 0.1) * 1e3:.0f} ms of a push waits that quiet period",
+            else "a lone watch event waits one event-loop turn, a lone change is pushed at once (the "
+            f"debounce's leading edge), one within {(args.debounce or 0.1) * 1e3:.0f} ms of a push "
+            "waits that quiet period",
         ),
         (
             "per change: server CPU / tool CPU",
