@@ -6,7 +6,7 @@ converters and writers read, and none of what they do not (``managedFields``, ot
 annotations, most of ``spec`` and ``status``). Of a real cluster's Pod (containers, volumes,
 status, managedFields: several KiB) a name, a uid, an annotation and a service account are left;
 of a Node, its locality labels and addresses. The W1 benchmark's objects are nearly bare already;
-there the trims take the member clusters' stores from 76 to 53 MiB (docs/benchmarks.md, W1).
+there the trims take the member clusters' stores from 76 to 53 MiB (docs/benchmarks.md, "W1 memory").
 
 This module owns the list of fields read per kind; a consumer that starts reading a field must
 add it here (tests/unit/test_kube_trim.py checks, per kind, that every consumer's result on the
