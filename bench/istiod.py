@@ -102,6 +102,7 @@ from bench.load import (
     region,
     service_account,
     service_name,
+    workload_arguments,
     zone,
 )
 
@@ -1026,12 +1027,7 @@ def interrupted_on_term() -> Iterator[None]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.istiod", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="20 clients, 3 x 20 x 3, 3 changes")
-    p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--clusters", type=int, default=3)
-    p.add_argument("--services", type=int, default=100)
-    p.add_argument("--endpoints", type=int, default=10)
-    p.add_argument("--changes", type=int, default=20)
-    p.add_argument("--mode", choices=("sotw", "delta"), default="sotw")
+    workload_arguments(p)
     p.add_argument("--server", choices=("both", "istiod", "isthmus"), default="both")
     p.add_argument("--channels", type=int, default=0, help="gRPC channels (default: one per 1,000 clients)")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes (s)")

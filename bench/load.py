@@ -1314,15 +1314,20 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
     return row
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="N=20, 3x20x3, 5 changes")
+def workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload's shape and the clients' mode (bench.load's, bench.istiod's)."""
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--clusters", type=int, default=3)
     p.add_argument("--services", type=int, default=100)
     p.add_argument("--endpoints", type=int, default=10)
     p.add_argument("--changes", type=int, default=20)
     p.add_argument("--mode", choices=("sotw", "delta"), default="sotw")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="N=20, 3x20x3, 5 changes")
+    workload_arguments(p)
     p.add_argument(
         "--channels",
         type=int,
