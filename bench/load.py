@@ -559,7 +559,11 @@ class Sampler:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # stopped while it was still attaching: no profile
+                self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
 
@@ -1030,9 +1034,9 @@ async def reconnect_storm(
             await target.apply_change(base + j)
     loop = asyncio.get_running_loop()
 
-    def spawned(pid: int) -> None:
+    def spawned(pid: int) -> None:  # py-spy attaches once the interpreter is up
         sampler.pid = pid
-        loop.call_later(0.3, sampler.start, "storm")
+        loop.call_later(1.0, sampler.start, "restart")
 
     spawn = time.monotonic()
     if gcp:
@@ -1041,6 +1045,8 @@ async def reconnect_storm(
         assert isinstance(target, IsthmusTarget)
         await target.restart(spawned)
     ready = time.monotonic()
+    sampler.stop()
+    sampler.start("storm")  # from ready to synced
     deadline = killed + args.storm_timeout
     last_response, quiet_since = totals.responses, ready
     wrong, lines = -1, dict[int, str]()
@@ -1242,7 +1248,8 @@ async def run(args: argparse.Namespace, shape: Shape, target: Target) -> dict[st
         for _ in range(args.scrape)
     ]
     cpu2, _ = target.usage()
-    sampler.start("churn")
+    if args.changes:
+        sampler.start("churn")
     own2 = time.process_time()
     for i in range(args.changes):
         # Registered before the write, so an EDS response cannot slip past between write and watch.
@@ -1413,7 +1420,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--py-spy",
         type=Path,
         metavar="PREFIX",
-        help="sample the server with py-spy during cold start and churn: PREFIX-cold.txt, PREFIX-churn.txt",
+        help="sample the server with py-spy during cold start and churn: PREFIX-cold.txt, PREFIX-churn.txt "
+        "(--churn: PREFIX-rolling.txt; --reconnect-storm: PREFIX-restart.txt from 1 s after the restart to "
+        "ready, PREFIX-storm.txt from ready to synced)",
     )
     p.add_argument("--csv", type=Path, help="append one row per run to this CSV file")
     p.add_argument(
