@@ -137,6 +137,7 @@ class Totals:
     breaks: int = 0
     break_codes: dict[str, int] = field(default_factory=dict)
     expect_breaks: bool = False
+    resume_bytes: int = 0  # the first requests of streams opened again: what the clients present
 
 
 # on_eds(client, raw_response_bytes, names, ack_time) is called after an EDS response was ACKed;
@@ -226,6 +227,7 @@ class SimEnvoy:
         self.stream_responses = 0
         self.removed = 0  # names the server removed (as removed_by_type), all types
         self._stopping = False
+        self._resuming = False
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -235,6 +237,8 @@ class SimEnvoy:
         if not self._node_sent:
             request.node.CopyFrom(self.node)
             self._node_sent = True
+        if self._resuming:
+            self.totals.resume_bytes += request.ByteSize()
         await self._call.write(request)
 
     async def _sotw(self, type_url: str, names: set[str] | None, version: str = "", nonce: str = "") -> None:
@@ -307,7 +311,11 @@ class SimEnvoy:
                 if self.mtls:
                     await self._subscribe(SDS, set(SECRETS))
             else:
-                await self._resume()
+                self._resuming = True
+                try:
+                    await self._resume()
+                finally:
+                    self._resuming = False
             self.connected_at = time.monotonic()
             while True:
                 raw = await self._call.read()

@@ -1012,6 +1012,7 @@ async def reconnect_storm(
     await asyncio.sleep(0.5)  # whatever is in flight lands before the kill
     before = {cl.index: (cl.streams, {t: set(n) for t, n in cl.held.items() if t != EDS}) for cl in clients}
     resp0, bytes0, res0, breaks0 = totals.responses, totals.bytes, totals.resources, totals.breaks
+    resume0, own0 = totals.resume_bytes, time.process_time()
     by0, rby0, codes0 = dict(totals.by_type), dict(totals.resources_by_type), dict(totals.break_codes)
     removed0 = dict(totals.removed_by_type)
     base = args.changes + (round(args.churn * args.churn_seconds) if args.churn > 0 else 0)
@@ -1066,6 +1067,7 @@ async def reconnect_storm(
         if now > deadline:
             break
     cpu, peak = target.usage()
+    own = time.process_time() - own0
     sampler.stop()
     totals.expect_breaks = False
     seen = watch.pop()
@@ -1124,6 +1126,8 @@ async def reconnect_storm(
         "storm_resources": totals.resources - res0,
         "storm_mb": (totals.bytes - bytes0) / 1e6,
         "storm_server_cpu_s": cpu,
+        "storm_tool_cpu_s": own,
+        "storm_resume_mb": (totals.resume_bytes - resume0) / 1e6,
         "storm_server_peak_rss_mib": peak / 2**20,
         "storm_assignments_wrong": max(wrong, 0),
         "storm_eds_final": seen.final,
@@ -1598,6 +1602,10 @@ def _storm_lines(args: argparse.Namespace, row: dict[str, Any], f: Callable[...,
             "reconnect storm: server startup (spawn -> ready) / CPU since spawn / peak RSS",
             f"{f('storm_server_startup_s', 2)} s / {f('storm_server_cpu_s', 2)} s / "
             f"{f('storm_server_peak_rss_mib', 0)} MiB",
+        ),
+        (
+            "reconnect storm: the clients' first requests on their new streams / tool CPU",
+            f"{f('storm_resume_mb', 1)} MB / {f('storm_tool_cpu_s', 2)} s",
         ),
         (
             "reconnect storm: responses (resources) / MB re-sent",
