@@ -25,9 +25,19 @@ The file source polls its file every second (ServeSettings.mesh_poll_interval, n
 a uniform 0-1 s floor under convergence, and re-reads the whole file. ``--poll-interval`` (default
 1.0 = `isthmus serve` as shipped) runs the server through a shim that only changes that setting.
 
+Two scenarios follow the one-at-a-time changes (docs/benchmarks.md, "Rolling churn and reconnect
+storm"). ``--churn RATE --churn-seconds S``: endpoint changes at a steady rate (random, seeded),
+written on schedule without waiting; each change's convergence is attributed exactly
+(ChurnTracker), and at the end every client's assignments are checked against the final mesh
+(EdsCheck). ``--reconnect-storm``: the server is SIGKILLed, ``--storm-changes`` changes are made while
+it is down, it is started again with the same arguments, and every client reconnects presenting what
+it holds (bench.adsclient); measured until every client holds the current state again, with what
+the restarted server sent (StormWatch: a partial view is reported per client).
+
 Usage: python -m bench.load [--quick] [--source kube|file] [--clients N] [--clusters C] [--services S]
        [--endpoints E] [--changes M] [--mode sotw|delta] [--channels K] [--poll-interval SEC] [--no-mtls]
-       [--auth [static|kube]] [--profile-server FILE.prof] [--csv FILE]
+       [--auth [static|kube]] [--churn RATE [--churn-seconds S]] [--reconnect-storm [--storm-changes N]]
+       [--profile-server FILE.prof] [--py-spy PREFIX] [--csv FILE]
 """
 
 from __future__ import annotations
