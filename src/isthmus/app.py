@@ -44,7 +44,7 @@ from isthmus.discovery.kube.mcs import Desired
 from isthmus.discovery.kube.members import Members
 from isthmus.discovery.kube.reviews import Reviewer
 from isthmus.discovery.kube.secrets import SecretMembers
-from isthmus.discovery.model import FULL_WEIGHT, ClusterState, Gateway, Locality, MeshView
+from isthmus.discovery.model import FULL_WEIGHT, ClusterState, Gateway, MeshView
 from isthmus.drain import Drains
 from isthmus.identity.admin_kube import KubeAdmin
 from isthmus.identity.admin_tokens import AdminTokens, FirstKnown
@@ -71,7 +71,7 @@ from isthmus.workers.messages import WorkerConfig
 from isthmus.workers.pool import WorkerPool
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
-from isthmus.xds.proxy import Proxy, Role
+from isthmus.xds.proxy import Proxy, Role, located
 from isthmus.xds.server import AdsServer, Limits
 from isthmus.xds.server.auth import StreamAuthenticator
 from isthmus.xds.server.csds import Csds, CsdsCheck, Refused
@@ -365,11 +365,10 @@ class ControlPlane:
         }
 
     def _locate(self, proxy: Proxy) -> Proxy:
-        """An injected sidecar's bootstrap cannot know its locality (the pod is not scheduled when it
-        is injected): it names its node, and the member cluster's Node labels say where it is."""
-        if not proxy.node_name or proxy.locality.region or proxy.locality.zone or self.members is None:
+        """Locate an injected sidecar by its node (xds.proxy.located), from the member clusters' Nodes."""
+        if self.members is None:
             return proxy
-        found = self.members.node_locality(proxy.cluster, proxy.node_name)
+        found = located(proxy, self.members.node_locality)
         if found is None:
             log.warning(
                 "proxy %s: node %s of cluster %s is unknown; no locality",
@@ -378,7 +377,7 @@ class ControlPlane:
                 proxy.cluster,
             )
             return proxy
-        return replace(proxy, locality=Locality(found[0], found[1], proxy.cluster))
+        return found
 
     def _authenticator(self) -> StreamAuthenticator | None:
         found = self._token_authenticator()

@@ -112,3 +112,12 @@ def test_a_worker_locates_an_injected_sidecar_by_its_node_as_the_main_process_do
     assert worker._locate(other) is other, "a node of another cluster is not this one"
     placed = replace(injected, locality=Locality("r", "z", "east"))
     assert worker._locate(placed) is placed, "a bootstrap's own locality wins"
+
+
+def test_a_delta_is_framed_once_for_every_worker_that_holds_the_same_view() -> None:
+    views = variants(7, 2)
+    pool = WorkerPool()
+    first = pool._delta(views[0], views[1])
+    assert pool._delta(views[0], views[1]) is first, "the second worker gets the same bytes"
+    assert pool._delta(None, views[1]) is not first, "a restarted worker gets the whole view"
+    assert pool._delta(views[1], views[2]) is not first

@@ -78,6 +78,8 @@ class WorkerPool:
         # isthmus_xds_connected_proxies counts the workers' streams too (summed with the main one's).
         metrics.CONNECTED_PROXIES.track(self, WorkerPool._connected_sample)
         self._view: MeshView | None = None
+        # The framed deltas to the current view, by the version of the view they start from.
+        self._frames: tuple[MeshView | None, dict[str | None, bytes]] = (None, {})
         self._localities: Localities | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -311,9 +313,20 @@ class WorkerPool:
                 worker.localities_sent = localities
             view = self._view
             if view is not None and view is not worker.sent:
-                stdin.write(frame(ViewDelta.between(worker.sent, view)))
+                stdin.write(self._delta(worker.sent, view))
                 worker.sent = view
             await stdin.drain()  # a busy worker makes the next view wait here (and skip those between)
+
+    def _delta(self, before: MeshView | None, view: MeshView) -> bytes:
+        """The framed delta from ``before`` to ``view``, made once for every worker that holds
+        ``before`` (they all do, unless one was busy or restarted)."""
+        if self._frames[0] is not view:
+            self._frames = (view, {})
+        made = self._frames[1]
+        key = before.version if before is not None else None  # a delta holds for any view of that content
+        if key not in made:
+            made[key] = frame(ViewDelta.between(before, view))
+        return made[key]
 
     async def _reports(self, worker: _Worker, stdout: asyncio.StreamReader) -> None:
         while (message := await read(stdout)) is not None:

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 
 import grpc
 from cryptography import x509
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.status.v3 import csds_pb2
 
 from isthmus.admin.debug import Decoded, dump_snapshot, dump_streams, syncz
-from isthmus.discovery.model import Locality, MeshView
+from isthmus.discovery.model import MeshView
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
 from isthmus.identity.kube_tokens import FirstOf, KubeTokens
 from isthmus.identity.pod_bindings import PodBindings
@@ -49,13 +48,15 @@ from isthmus.workers.messages import (
 from isthmus.xds import types
 from isthmus.xds.ca import MeshCA
 from isthmus.xds.cache import ConfigCache
-from isthmus.xds.proxy import Proxy
+from isthmus.xds.proxy import Proxy, located
 from isthmus.xds.server import AdsServer, Limits
 from isthmus.xds.server.csds import Csds, client_status
 
 log = logging.getLogger(__name__)
 
 SUMMARY_EVERY = 0.25  # seconds
+# The types whose laggards a Summary lists: what drains wait for (asking is a look per stream).
+LAGGING_TYPES = (types.ENDPOINT,)
 ANSWER_TIMEOUT = 10.0  # seconds the main process may take to answer (a review: else unavailable)
 
 
@@ -114,13 +115,8 @@ class Worker:
         return self._pods[key]
 
     def _locate(self, proxy: Proxy) -> Proxy:
-        """As the main process does (app.ControlPlane._locate), from the localities it sent."""
-        if not proxy.node_name or proxy.locality.region or proxy.locality.zone:
-            return proxy
-        found = self.localities.get((proxy.cluster, proxy.node_name))
-        if found is None:
-            return proxy
-        return replace(proxy, locality=Locality(found[0], found[1], proxy.cluster))
+        """As the main process does (xds.proxy.located), from the localities it sent."""
+        return located(proxy, lambda cluster, node: self.localities.get((cluster, node))) or proxy
 
     async def start(self) -> int:
         ca = load_ca(self.config)
@@ -197,7 +193,7 @@ class Worker:
             if stream.proxy is not None:
                 key = (stream.proxy.cluster, stream.proxy.role.value, stream.mode)
                 connected[key] = connected.get(key, 0) + 1
-        lagging = {t: tuple(found) for t in types.PUSH_ORDER if (found := self.ads.lagging(t))}
+        lagging = {t: tuple(found) for t in LAGGING_TYPES if (found := self.ads.lagging(t))}
         return Summary(
             pid=os.getpid(),
             view_version=self.view.version if self.view is not None else "",

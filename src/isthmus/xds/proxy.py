@@ -9,6 +9,7 @@ generator reads, so proxies that would get identical resources of a type share o
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,6 +96,18 @@ class Proxy:
             reduced = replace(blank, **values)
         self._groups[type_url] = reduced
         return reduced
+
+
+def located(proxy: Proxy, node_locality: Callable[[str, str], tuple[str, str] | None]) -> Proxy | None:
+    """An injected sidecar's bootstrap cannot know its locality (the pod is not scheduled when it
+    is injected): it names its node, and ``node_locality(cluster, node)`` (its Node's labels) says
+    where it is. The proxy as it came when it needs none; None when its node is unknown."""
+    if not proxy.node_name or proxy.locality.region or proxy.locality.zone:
+        return proxy
+    found = node_locality(proxy.cluster, proxy.node_name)
+    if found is None:
+        return None
+    return replace(proxy, locality=Locality(found[0], found[1], proxy.cluster))
 
 
 def _int(meta: dict[str, Any], key: str, default: int) -> int:
