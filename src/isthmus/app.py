@@ -93,7 +93,8 @@ class ControlPlane:
         self.ads = AdsServer(self.cache, settings.xds_address, limits)
         self.xds_tls: ServingCredentials | None = None
         self.webhook: Webhook | None = None
-        self.pod_bindings: PodBindings | None = None  # streams of pod-bound tokens (kube authentication)
+        # Streams of pod-bound tokens (kube authentication), of every process: the pods seen gone.
+        self.pod_bindings: PodBindings | None = None
         self.view_loaded = False
         self.started = asyncio.Event()
         self.aggregator = Aggregator(
@@ -115,6 +116,9 @@ class ControlPlane:
                 secrets=secrets,
                 service_imports=settings.service_imports,
             )
+            if settings.kube_authentication:
+                self.pod_bindings = PodBindings(self.members.pod_uid)
+                self.members.on_pods = self._pods_changed
         self._imports = Desired()
         # Every member cluster synced once and a view of all of them applied (or the ready deadline
         # passed): until then a view is partial, so it neither makes the replica ready nor writes
@@ -131,6 +135,7 @@ class ControlPlane:
             self.pool = WorkerPool(
                 review=kube.review if kube is not None else None,
                 pod_uid=kube.pod_uid if kube is not None else None,
+                bindings=self.pod_bindings,
             )
         self.drains = Drains(self.aggregator, self._lagging, settings.drain_step, settings.drain_ack_timeout)
         # The configuration API (MemberCluster objects in the home cluster): drains every replica follows.
@@ -396,8 +401,6 @@ class ControlPlane:
     def _token_authenticator(self) -> StreamAuthenticator | None:
         static = StaticTokens(self.settings.xds_token_file) if self.settings.xds_token_file else None
         if self.settings.kube_authentication and self.members is not None:
-            self.pod_bindings = PodBindings(self.members.pod_uid)
-            self.members.on_pods = self._pods_changed
             kube = KubeTokens(
                 self.members.review, (self.settings.token_audience,), bindings=self.pod_bindings
             )

@@ -191,8 +191,12 @@ async def test_workers_serve_the_mesh_its_changes_and_one_root(procs: Processes,
         clients += again
         for client in again:
             await latest(client, types.ENDPOINT, lambda r: "127.0.0.13" in web_addresses(r))
-        processes = (await info(cp.admin_port))["xds"]["workers"]["processes"]
-        assert processes[1]["streams"] > 0, processes
+
+        async def served_by_the_new_worker() -> None:  # as its next Summary says
+            found = (await info(cp.admin_port))["xds"]["workers"]["processes"]
+            assert found[1]["streams"] > 0, found
+
+        await _eventually(served_by_the_new_worker, what="the new worker counts its streams", within=5)
     finally:
         for client in clients:
             await client.close()

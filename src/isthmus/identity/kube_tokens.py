@@ -66,6 +66,29 @@ def token_expiry(token: str) -> float | None:
         return None
 
 
+def peer_of(cluster: str, answer: ReviewAnswer) -> Peer | AuthFailure:
+    """What a TokenReview's answer in member cluster ``cluster`` admits: a service account's peer
+    (and the pod its token is bound to), or why not."""
+    if answer.unavailable:
+        return AuthFailure(
+            grpc.StatusCode.UNAVAILABLE,
+            "review-unavailable",
+            f"member cluster {cluster!r} cannot verify tokens now ({answer.error}); retry",
+        )
+    if not answer.authenticated:
+        why = answer.error or "not authenticated"
+        return AuthFailure(grpc.StatusCode.UNAUTHENTICATED, "bad-token", f"the token is not valid: {why}")
+    if not answer.username.startswith(SA_PREFIX) or answer.username.count(":") != 3:
+        return AuthFailure(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "not-a-service-account",
+            "the token is not a service account's",
+        )
+    namespace, account = answer.username[len(SA_PREFIX) :].split(":")
+    pod, uid = (next(iter(answer.extra.get(key, ())), "") for key in (POD_NAME_KEY, POD_UID_KEY))
+    return Peer(namespace, account, cluster, via=f"TokenReview in {cluster}", pod=pod, pod_uid=uid)
+
+
 class KubeTokens:
     """A ``StreamAuthenticator`` verifying service-account tokens with TokenReviews."""
 
@@ -93,24 +116,7 @@ class KubeTokens:
     async def _verify(self, cluster: str, token: str) -> Peer | AuthFailure:
         self.reviews += 1
         answer = await self._review(cluster, token, self.audiences)
-        if answer.unavailable:
-            return AuthFailure(
-                grpc.StatusCode.UNAVAILABLE,
-                "review-unavailable",
-                f"member cluster {cluster!r} cannot verify tokens now ({answer.error}); retry",
-            )
-        if not answer.authenticated:
-            why = answer.error or "not authenticated"
-            return AuthFailure(grpc.StatusCode.UNAUTHENTICATED, "bad-token", f"the token is not valid: {why}")
-        if not answer.username.startswith(SA_PREFIX) or answer.username.count(":") != 3:
-            return AuthFailure(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "not-a-service-account",
-                "the token is not a service account's",
-            )
-        namespace, account = answer.username[len(SA_PREFIX) :].split(":")
-        pod, uid = (next(iter(answer.extra.get(key, ())), "") for key in (POD_NAME_KEY, POD_UID_KEY))
-        return Peer(namespace, account, cluster, via=f"TokenReview in {cluster}", pod=pod, pod_uid=uid)
+        return peer_of(cluster, answer)
 
     def _remember(self, key: str, token: str, result: Peer | AuthFailure) -> None:
         now = self._clock()

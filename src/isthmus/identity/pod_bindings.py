@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # (member cluster, namespace, pod name) -> the uid of the pod the cluster's watch holds; None: no
 # such pod; "" : not known (the cluster's pods are not listed yet).
 PodUid = Callable[[str, str, str], str | None]
+# (member cluster, namespace, pod name, uid): a stream of that pod's token was admitted.
+OnBind = Callable[[str, str, str, str], None]
 
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
@@ -41,24 +43,35 @@ _Key = tuple[str, str, str]  # cluster, namespace, pod name
 class PodBindings:
     """The open streams of pod-bound tokens, by pod; revoked when their pod is deleted."""
 
-    def __init__(self, pod_uid: PodUid, remember: int = 10_000) -> None:
+    def __init__(self, pod_uid: PodUid, remember: int = 10_000, on_bind: OnBind | None = None) -> None:
         self._pod_uid = pod_uid
+        self._on_bind = on_bind
         self._bound: dict[_Key, dict[str, weakref.WeakSet[Revocation]]] = {}
         # Pods (key, uid) seen gone while a stream of their token had been admitted, newest last.
         self._gone: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._remember = remember
         self.revoked = 0  # streams ended because their pod was deleted
+        # Bindings for streams another process holds (bind(elsewhere=True)): the pod is followed
+        # and remembered gone for them, but they are not this process's streams.
+        self._elsewhere: weakref.WeakSet[Revocation] = weakref.WeakSet()
 
     def __len__(self) -> int:
-        return sum(len(revs) for by_uid in self._bound.values() for revs in by_uid.values())
+        """This process's open streams of pod-bound tokens."""
+        every = sum(len(revs) for by_uid in self._bound.values() for revs in by_uid.values())
+        return every - len(self._elsewhere)
 
-    def bind(self, cluster: str, namespace: str, pod: str, uid: str) -> Revocation:
+    def bind(self, cluster: str, namespace: str, pod: str, uid: str, elsewhere: bool = False) -> Revocation:
         """A Revocation for a stream of ``pod``'s token; revoked at once if the watch already holds
         another pod of that name (a pod it does not list yet is not taken for deleted: the review
-        just said it exists)."""
+        just said it exists). ``elsewhere``: the stream is another process's, which holds the
+        Revocation until its stream or the pod goes."""
         revocation = Revocation()
+        if elsewhere:
+            self._elsewhere.add(revocation)
         key = (cluster, namespace, pod)
         self._bound.setdefault(key, {}).setdefault(uid, weakref.WeakSet()).add(revocation)
+        if self._on_bind is not None:
+            self._on_bind(cluster, namespace, pod, uid)
         current = self._pod_uid(*key)
         if current and current != uid:
             self._check(key)
@@ -83,6 +96,14 @@ class PodBindings:
         current = self._pod_uid(cluster, namespace, pod)
         return current is None or current in ("", uid)
 
+    def gone(self, cluster: str, namespace: str, pod: str, uid: str) -> None:
+        """That pod was seen deleted (here, or by the process whose watch says so): its token admits
+        nothing more, whatever a review says."""
+        self._gone[(cluster, namespace, pod, uid)] = None
+        self._gone.move_to_end((cluster, namespace, pod, uid))
+        while len(self._gone) > self._remember:
+            self._gone.popitem(last=False)
+
     def pods_changed(self, cluster: str, keys: Collection[str] | None) -> None:
         """Cluster ``cluster``'s watch changed the pods ``keys`` ("namespace/name"; None: relisted)."""
         if keys is None:
@@ -104,14 +125,13 @@ class PodBindings:
                 if revocations:
                     by_uid[uid] = weakref.WeakSet(revocations)
                 continue  # still there (or not listed yet); a uid whose streams all ended is dropped
-            self._gone[(*key, uid)] = None
-            while len(self._gone) > self._remember:
-                self._gone.popitem(last=False)
-            if revocations:
-                failure = self.deleted(*key, uid)
-                log.info("%s: closing %d stream(s)", failure.details, len(revocations))
-                for revocation in revocations:
-                    revocation.revoke(failure)
-                self.revoked += len(revocations)
+            self.gone(*key, uid)
+            failure = self.deleted(*key, uid)
+            here = [r for r in revocations if r not in self._elsewhere]
+            if here:
+                log.info("%s: closing %d stream(s)", failure.details, len(here))
+                self.revoked += len(here)
+            for revocation in revocations:
+                revocation.revoke(failure)
         if not by_uid:
             del self._bound[key]

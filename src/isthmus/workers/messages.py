@@ -109,15 +109,20 @@ class ReviewResult:
     error: str = ""
     unavailable: bool = False
     extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The token is bound to a pod the main process has seen deleted (a stream of it was open in
+    # some process): the API server's token cache may still accept it, isthmus does not.
+    pod_gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class WatchPod:
-    """Worker -> main: a stream of this pod's token is open: say when the pod changes."""
+    """Worker -> main: a stream of this pod's token (the pod of that uid) is open: say when the pod
+    changes, and remember it gone for the streams of every process."""
 
     cluster: str
     namespace: str
     name: str
+    uid: str
 
 
 @dataclass(frozen=True, slots=True)

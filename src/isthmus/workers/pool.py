@@ -21,6 +21,9 @@ from typing import Any
 
 from isthmus import metrics
 from isthmus.discovery.model import MeshView
+from isthmus.identity.kube_tokens import peer_of
+from isthmus.identity.pod_bindings import PodBindings
+from isthmus.identity.tokens import Peer
 from isthmus.workers.messages import (
     Answer,
     Ask,
@@ -36,6 +39,7 @@ from isthmus.workers.messages import (
     frame,
     read,
 )
+from isthmus.xds.server.auth import Revocation
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,9 @@ class _Worker:
     localities_sent: Localities | None = None
     stdin: asyncio.StreamWriter | None = None
     asking: Asking | None = None  # questions to the running process
-    watched: set[tuple[str, str, str]] = field(default_factory=set)  # pods of its streams' tokens
+    # The pods of its streams' tokens, bound in the main process's PodBindings by uid (so that a
+    # pod seen gone refuses its token in every process).
+    watched: dict[tuple[str, str, str], dict[str, Revocation]] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -69,10 +75,13 @@ class _Worker:
 class WorkerPool:
     """N xDS worker processes beside the main process's own ADS server."""
 
-    def __init__(self, review: Review | None = None, pod_uid: PodUid | None = None) -> None:
+    def __init__(
+        self, review: Review | None = None, pod_uid: PodUid | None = None, bindings: PodBindings | None = None
+    ) -> None:
         self._workers: list[_Worker] = []
         self._review = review
         self._pod_uid = pod_uid
+        self._bindings = bindings  # the main process's: pods seen gone, for the streams of all
         self.csds: CsdsAnswer | None = None  # set by the wiring once CSDS exists
         self._answers: set[asyncio.Task[None]] = set()
         # isthmus_xds_connected_proxies counts the workers' streams too (summed with the main one's).
@@ -161,8 +170,11 @@ class WorkerPool:
         assert self._pod_uid is not None
         uids = {(ns, name): self._pod_uid(cluster, ns, name) for ns, name in pods}
         for (ns, name), uid in uids.items():
-            if uid is None:
-                worker.watched.discard((cluster, ns, name))
+            bound = worker.watched.get((cluster, ns, name), {})
+            for gone in [u for u in bound if uid not in ("", u)]:
+                del bound[gone]  # the main process's bindings saw it go too
+            if not bound:
+                worker.watched.pop((cluster, ns, name), None)
         if worker.stdin is not None:
             worker.stdin.write(frame(PodUids(cluster, uids)))
 
@@ -339,7 +351,13 @@ class WorkerPool:
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)
             elif isinstance(message, WatchPod) and self._pod_uid is not None:
-                worker.watched.add((message.cluster, message.namespace, message.name))
+                key = (message.cluster, message.namespace, message.name)
+                bound = worker.watched.setdefault(key, {})
+                if message.uid not in bound:
+                    known = self._bindings
+                    bound[message.uid] = (
+                        known.bind(*key, message.uid, elsewhere=True) if known is not None else Revocation()
+                    )
                 self._tell_pods(worker, message.cluster, [(message.namespace, message.name)])
 
     async def _answer(self, worker: _Worker, question: Ask) -> None:
@@ -349,12 +367,17 @@ class WorkerPool:
             if question.what == "review" and self._review is not None:
                 cluster, token, audiences = question.args
                 review = await self._review(cluster, token, audiences)
+                peer = peer_of(cluster, review)
                 value: object = ReviewResult(
                     review.authenticated,
                     review.username,
                     review.error,
                     review.unavailable,
                     dict(review.extra),
+                    pod_gone=isinstance(peer, Peer)
+                    and bool(peer.pod_uid)
+                    and self._bindings is not None
+                    and not self._bindings.may_exist(*peer.bound_pod()),
                 )
             elif question.what == "csds" and self.csds is not None:
                 value = await self.csds(*question.args)

@@ -26,9 +26,9 @@ from envoy.service.status.v3 import csds_pb2
 from isthmus.admin.debug import Decoded, dump_snapshot, dump_streams, syncz
 from isthmus.discovery.model import MeshView
 from isthmus.identity.gateways import GatewayChecked, GatewayIdentities
-from isthmus.identity.kube_tokens import FirstOf, KubeTokens
+from isthmus.identity.kube_tokens import FirstOf, KubeTokens, peer_of
 from isthmus.identity.pod_bindings import PodBindings
-from isthmus.identity.tokens import StaticTokens
+from isthmus.identity.tokens import Peer, StaticTokens
 from isthmus.identity.xds_tls import ServingCredentials
 from isthmus.workers.messages import (
     Answer,
@@ -87,12 +87,17 @@ class Worker:
         self._decoded = Decoded()  # config dumps decode each resource version once
         # Pods with streams of their token here, as the main process's watch holds them.
         self._pods: dict[tuple[str, str, str], str | None] = {}
-        self.bindings = PodBindings(self._pod_uid) if config.token_audience is not None else None
+        self.bindings = (
+            PodBindings(self._pod_uid, on_bind=self._watch_pod) if config.token_audience is not None else None
+        )
 
     async def review(self, cluster: str, token: str, audiences: tuple[str, ...]) -> ReviewResult:
         """A TokenReview, asked of the main process (identity.kube_tokens.ReviewFn)."""
         answer = await self.asking.ask("review", cluster, token, audiences)
         if isinstance(answer.value, ReviewResult):
+            peer = peer_of(cluster, answer.value)
+            if answer.value.pod_gone and self.bindings is not None and isinstance(peer, Peer):
+                self.bindings.gone(*peer.bound_pod())  # KubeTokens then refuses it as deleted
             return answer.value
         return ReviewResult(False, error=answer.error or "no review", unavailable=True)
 
@@ -107,12 +112,13 @@ class Worker:
 
     def _pod_uid(self, cluster: str, namespace: str, name: str) -> str | None:
         """The pod's uid as the main process last said; "" (not known) until it says, which it
-        does once asked to watch the pod."""
-        key = (cluster, namespace, name)
-        if key not in self._pods:
-            self._pods[key] = ""
-            self._send(WatchPod(cluster, namespace, name))
-        return self._pods[key]
+        does once told a stream of the pod's token is open here (``_watch_pod``)."""
+        return self._pods.get((cluster, namespace, name), "")
+
+    def _watch_pod(self, cluster: str, namespace: str, name: str, uid: str) -> None:
+        """A stream of that pod's token was admitted here: the main process follows the pod for
+        this worker, and remembers it gone for every process."""
+        self._send(WatchPod(cluster, namespace, name, uid))
 
     def _locate(self, proxy: Proxy) -> Proxy:
         """As the main process does (xds.proxy.located), from the localities it sent."""
