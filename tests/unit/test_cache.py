@@ -304,3 +304,26 @@ def test_a_proxy_is_hashed_by_every_field_it_is_compared_by() -> None:
         changed = dc_replace(base, **{f.name: other})
         assert changed != base, f.name
         assert hash(changed) != hash(base), f.name
+
+
+def test_a_held_cache_generates_nothing_for_the_partial_views_it_is_given() -> None:
+    """While held (member clusters still syncing, ConfigCache.hold), views come and go and streams
+    follow their topics, but nothing is generated for them; serve() tells every follower, and the
+    views after it are published as usual."""
+    cache = ConfigCache()
+    cache.hold()
+    told: list[str] = []
+    for type_url in (types.CLUSTER, types.ENDPOINT):
+        cache.follow(type_url, proxy("a"), told.append)
+    for address in ("127.10.0.97", "127.10.0.98", "127.10.0.99"):
+        assert cache.set_view(parse_mesh(example_mesh_text().replace("127.10.0.11", address)))
+    assert cache.serializations == 0, "generated for a view no proxy will be sent"
+    assert told == []
+    cache.serve()
+    assert sorted(told) == [types.CLUSTER, types.ENDPOINT]
+    # The woken streams plan: each generates its set then.
+    assert any(b"127.10.0.99" in r.body for r in cache.resources(types.ENDPOINT, proxy("a")).values())
+    cache.resources(types.CLUSTER, proxy("a"))
+    told.clear()
+    cache.set_view(parse_mesh(example_mesh_text()))
+    assert told == [types.ENDPOINT], "an endpoint moved back: EDS changed, clusters did not"

@@ -110,7 +110,7 @@ Notify = Callable[[str], None]  # called with the type URL of a followed topic w
 class _Topic:
     """One (type URL, proxy group) that streams follow: its set as last published, and who follows."""
 
-    current: ResourceSet
+    current: ResourceSet | None  # None: not generated yet (the cache is held)
     followers: set[Notify] = field(default_factory=set)
 
 
@@ -244,14 +244,25 @@ class ConfigCache:
         )
 
     def _publish(self, only: str | None) -> None:
+        if not self.serving:
+            return  # the views are partial: nothing is generated for them (serve() publishes)
         for (type_url, group), topic in self._topics.items():
             if only is not None and type_url != only:
                 continue
             current = self.resources(type_url, group)
-            if current is not topic.current:
-                topic.current = current
+            before = topic.current if topic.current is not None else self._before(type_url, group)
+            topic.current = current
+            if current is not before:
                 for notify in topic.followers:
                     notify(type_url)
+
+    def _before(self, type_url: str, group: Proxy) -> ResourceSet | None:
+        """The set of ``type_url`` for ``group`` of the generation before this one, if its streams
+        asked for one (a topic not published since serve() was handed that, or nothing yet)."""
+        if self._generators[type_url] is GENERATORS.get(type_url) and PARTS.get(type_url):
+            known = self._merged_before.get((type_url, group))
+            return known[1] if known is not None else None
+        return self._previous.get((type_url, group))
 
     def use_ca(self, ca: MeshCA) -> None:
         """Turn mTLS on with this CA (at startup): every type is regenerated."""
@@ -296,6 +307,8 @@ class ConfigCache:
         if self.serving:
             return
         self.serving = True
+        # Each stream generates what it needs when it plans (not all at once here, on the event
+        # loop); a topic is published from the next view on.
         for (type_url, _), topic in self._topics.items():
             for notify in list(topic.followers):
                 notify(type_url)
@@ -306,7 +319,8 @@ class ConfigCache:
         key = (type_url, proxy.for_type(type_url))
         topic = self._topics.get(key)
         if topic is None:
-            topic = self._topics[key] = _Topic(self.resources(type_url, key[1]))
+            current = self.resources(type_url, key[1]) if self.serving else None
+            topic = self._topics[key] = _Topic(current)
         topic.followers.add(notify)
 
     def unfollow(self, type_url: str, proxy: Proxy, notify: Notify) -> None:
