@@ -50,6 +50,8 @@ from isthmus.xds.resources import Resource, state_version
 
 log = logging.getLogger(__name__)
 
+HISTORY = 8  # sets a ResourceSet's diff reaches back
+SMALL_STEP = 0.25  # of a set's names, the most a diff across sets holds
 EVENTS_KEPT = 1024  # discovery events remembered for convergence (a stream further behind undercounts)
 
 
@@ -60,6 +62,9 @@ class ResourceSet(Mapping[str, Resource]):
     A set generated after another one for the same proxies says what differs from it: ``base`` is
     that set's version, ``changed`` the names added or changed, ``removed`` the names gone. A stream
     that planned against ``base`` looks at these names only, not at every name it subscribes to.
+    ``history`` goes further back, so that a stream some sets behind (still waiting for an ACK
+    when the views came) does the same: the versions of up to HISTORY sets before, newest first,
+    each with the names changed or removed since, as long as those are few (SMALL_STEP of the set).
     """
 
     type_url: str
@@ -68,6 +73,7 @@ class ResourceSet(Mapping[str, Resource]):
     base: str = ""
     changed: frozenset[str] = frozenset()
     removed: frozenset[str] = frozenset()
+    history: tuple[tuple[str, frozenset[str]], ...] = ()
 
     @classmethod
     def after(cls, type_url: str, by_name: dict[str, Resource], previous: ResourceSet | None) -> ResourceSet:
@@ -81,7 +87,24 @@ class ResourceSet(Mapping[str, Resource]):
         # Identical bytes are one interned Resource, so identity tells what changed.
         changed = frozenset(n for n, r in by_name.items() if old.get(n) is not r)
         removed = frozenset(n for n in old if n not in by_name)
-        return cls(type_url, MappingProxyType(by_name), version, previous.version, changed, removed)
+        step = changed | removed
+        history: list[tuple[str, frozenset[str]]] = [(previous.version, step)]
+        small = max(len(by_name), len(old)) * SMALL_STEP
+        for older, names in previous.history[: HISTORY - 1]:
+            names = names | step
+            if len(names) > small:
+                break  # planning every name costs about as much
+            history.append((older, names))
+        return cls(
+            type_url, MappingProxyType(by_name), version, previous.version, changed, removed, tuple(history)
+        )
+
+    def touched_since(self, version: str) -> frozenset[str] | None:
+        """The names changed or removed since the set of ``version``; None if it is not known."""
+        for older, names in self.history:
+            if older == version:
+                return names
+        return None
 
     def __getitem__(self, name: str) -> Resource:
         return self.by_name[name]

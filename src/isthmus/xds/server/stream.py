@@ -399,13 +399,13 @@ class Stream:
 
     def candidates(self, state: TypeState, current: ResourceSet) -> set[str] | None:
         """The names whose desired resource may differ from what ``known`` says, or None for all
-        (the first plan, a new subscription, or a set that is not the successor of the last one)."""
+        (the first plan, a new subscription, or a set too many sets after the one planned against)."""
         if not state.delivery.basis:
             return None
         if state.delivery.basis == current.version:
             names = set(state.delivery.touched)
-        elif state.delivery.basis == current.base:
-            names = set(current.changed | current.removed) | state.delivery.touched
+        elif (since := current.touched_since(state.delivery.basis)) is not None:
+            names = state.delivery.touched | since
         else:
             return None
         return names if state.subscription.wildcard else names & state.subscription.names
