@@ -203,8 +203,152 @@ class TrafficSplit:
     backends: tuple[tuple[str, int], ...]
 
 
+# ---- routing: the one model behind GAMMA routes (HTTPRoute, GRPCRoute) and SMI TrafficSplits ----
+
+
+class PathType(enum.StrEnum):
+    """How a route match reads the request path (Gateway API ``HTTPPathMatch.type``)."""
+
+    EXACT = "Exact"
+    PREFIX = "PathPrefix"  # element-wise: /foo matches /foo and /foo/bar, not /foobar
+    REGEX = "RegularExpression"  # RE2, as Envoy reads it
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ValueMatch:
+    """A header or query parameter match: exact value, or an RE2 regular expression."""
+
+    name: str
+    value: str
+    regex: bool = False
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RouteMatch:
+    """One way a request matches a rule: every condition given must hold. GRPCRoute method
+    matches arrive here as paths (/service/method)."""
+
+    path: str = "/"
+    path_type: PathType = PathType.PREFIX
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+    method: str = ""  # "" any
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    """A backendRef: a service of the mesh (in any member cluster, balanced as that service is), its
+    port (0: the port of the parent's number, else its first HTTP port), and its weight."""
+
+    service: ServiceKey
+    port: int = 0
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """RequestHeaderModifier / ResponseHeaderModifier: headers set (replacing), added, removed."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """RequestRedirect: what of the URL is replaced ("" or 0: kept), and the status code. ``path``
+    replaces the whole path, or (``prefix``) the matched prefix."""
+
+    scheme: str = ""
+    hostname: str = ""
+    port: int = 0
+    path: str | None = None
+    prefix: bool = False
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """URLRewrite: the Host, and the whole path or (``prefix``) the matched prefix, before forwarding."""
+
+    hostname: str = ""
+    path: str | None = None
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """GEP-1731: attempts after the first, on these status codes (and connection failures), with
+    a backoff between them (0: Envoy's default)."""
+
+    attempts: int
+    codes: tuple[int, ...] = ()
+    backoff_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """A rule: requests matching any of ``matches`` get its filters and go to ``backends`` (by
+    weight) unless it redirects. ``broken`` says why its backends cannot be used (an unknown
+    service, a port it does not have): such requests get 500, as the Gateway API specifies."""
+
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    backends: tuple[Backend, ...] = ()
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+    mirrors: tuple[tuple[Backend, float], ...] = ()  # (backend, percent of requests)
+    timeout_ms: int | None = None  # the whole request (GEP-1742 ``request``); 0: none
+    backend_timeout_ms: int | None = None  # each try (``backendRequest``)
+    retry: Retry | None = None
+    broken: str = ""
+    lenient: bool = False  # backends unknown to the mesh (yet) are left out, not 500 (SMI)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceRoute:
+    """A route attached to a service (GAMMA: an HTTPRoute or GRPCRoute whose parentRef is the
+    Service; or an SMI TrafficSplit, translated). A route in the service's own namespace is a
+    *producer* route: it applies to every caller. One in another namespace is a *consumer* route:
+    it applies to callers in its own namespace only, and for them replaces the producer routes.
+    ``port`` is the parentRef's port (0: every HTTP port). ``created`` (RFC 3339) and the name
+    order rules of equal precedence."""
+
+    kind: str
+    namespace: str
+    name: str
+    service: ServiceKey
+    port: int = 0
+    rules: tuple[RouteRule, ...] = field(default=(), compare=False)
+    created: str = ""
+    cluster: str = ""  # the member cluster it was read from ("" from a file)
+
+    @property
+    def consumer(self) -> bool:
+        return self.namespace != self.service.namespace
+
+    @property
+    def precedence(self) -> tuple[str, str, str]:
+        """Routes of equal match precedence: the oldest first, then by namespace/name."""
+        return (self.created, self.namespace, self.name)
+
+
+def split_route(split: TrafficSplit, created: str = "") -> ServiceRoute:
+    """An SMI TrafficSplit in the routing model: one rule for every path, to its weighted
+    backends (services of the root's namespace, each on its own port of the root's number)."""
+    backends = tuple(Backend(ServiceKey(split.service.namespace, name), 0, w) for name, w in split.backends)
+    rule = RouteRule(backends=tuple(b for b in backends if b.weight > 0), lenient=True)
+    return ServiceRoute(
+        "TrafficSplit", split.service.namespace, split.service.name, split.service, 0, (rule,), created
+    )
+
+
 def _version(
-    services: Iterable[Service], clusters: Iterable[MemberCluster], splits: Iterable[TrafficSplit] = ()
+    services: Iterable[Service],
+    clusters: Iterable[MemberCluster],
+    splits: Iterable[TrafficSplit] = (),
+    routes: Iterable[ServiceRoute] = (),
 ) -> str:
     """Content hash of services (in key order) and clusters (in name order).
 
@@ -218,6 +362,7 @@ def _version(
     h = hashlib.sha256(b"".join(s.digest for s in services))
     h.update(repr(effective).encode())
     h.update(repr(sorted(splits)).encode())
+    h.update(repr([(r, r.rules) for r in routes]).encode())
     return h.hexdigest()[:16]
 
 
@@ -234,6 +379,11 @@ class MeshView:
     clusters: Mapping[str, MemberCluster] = field(default_factory=lambda: MappingProxyType({}))
     version: str = ""
     splits: Mapping[ServiceKey, TrafficSplit] = field(default_factory=lambda: MappingProxyType({}))
+    # Routes by the service they are attached to, GAMMA routes and TrafficSplits alike, each
+    # service's in name order. What RDS reads (``splits`` is kept as read, for status).
+    routes: Mapping[ServiceKey, tuple[ServiceRoute, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @classmethod
     def build(
@@ -241,6 +391,7 @@ class MeshView:
         services: Iterable[Service],
         clusters: Iterable[MemberCluster],
         splits: Iterable[TrafficSplit] = (),
+        routes: Iterable[ServiceRoute] = (),
     ) -> MeshView:
         """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
@@ -250,7 +401,7 @@ class MeshView:
             )
             for s in svc
         }
-        return cls.of(normalized, clusters, splits)
+        return cls.of(normalized, clusters, splits, routes)
 
     @classmethod
     def of(
@@ -258,15 +409,23 @@ class MeshView:
         services: Mapping[ServiceKey, Service],
         clusters: Iterable[MemberCluster],
         splits: Iterable[TrafficSplit] = (),
+        routes: Iterable[ServiceRoute] = (),
     ) -> MeshView:
-        """A view of services already in key order with sorted endpoints (not checked); copies the mapping."""
+        """A view of services already in key order with sorted endpoints (not checked); copies the
+        mapping. ``routes`` are GAMMA routes, one per (kind, namespace, name); each TrafficSplit
+        joins them as a route of its own."""
         mcs = sorted(clusters, key=lambda c: c.name)
         by_root = {s.service: s for s in sorted(splits)}
+        every = sorted([*routes, *(split_route(s) for s in by_root.values())])
+        by_service: dict[ServiceKey, list[ServiceRoute]] = {}
+        for route in every:
+            by_service.setdefault(route.service, []).append(route)
         return cls(
             services=MappingProxyType(dict(services)),
             clusters=_frozen_map((c.name, c) for c in mcs),
-            version=_version(services.values(), mcs, by_root.values()),
+            version=_version(services.values(), mcs, by_root.values(), every),
             splits=MappingProxyType(by_root),
+            routes=MappingProxyType({k: tuple(v) for k, v in sorted(by_service.items())}),
         )
 
     def service(self, namespace: str, name: str) -> Service | None:

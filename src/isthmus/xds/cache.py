@@ -151,7 +151,7 @@ def _change(before: MeshView, after: MeshView) -> _Change:
     unaffected = frozenset(
         group
         for group, inputs in INPUTS.items()
-        if not (inputs.splits and before.splits != after.splits)
+        if not (inputs.routes and before.routes != after.routes)
         and all(inputs.service(old.get(k)) == inputs.service(new.get(k)) for k in keys)
     )
     return _Change(before, frozenset(keys), unaffected)

@@ -25,6 +25,11 @@ def service_fqdn(service: Service, domain: str = CLUSTER_DOMAIN) -> str:
     return f"{service.name}.{service.namespace}.svc.{domain}"
 
 
+# A cluster no proxy is sent: a route (or a weighted share of one) to a backend that cannot be used
+# goes there and gets the route's cluster_not_found_response_code, 500 (Gateway API).
+NO_CLUSTER = "isthmus|no-backend"
+
+
 def outbound_cluster(service: Service, port: ServicePort) -> str:
     return f"outbound|{port.port}||{service_fqdn(service)}"
 
