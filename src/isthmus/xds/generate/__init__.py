@@ -51,7 +51,8 @@ class Inputs:
     ``routes``: it reads the routes attached to services (MeshView.routes). When a new view
     differs from the last one only in services whose projections are equal (and not in what else
     the type reads), the cache keeps the type's resources as they are: an endpoint's new address
-    regenerates EDS, not CDS, LDS or RDS. Nothing listed here reads the member clusters. Tested against generation from scratch.
+    regenerates EDS, not CDS, LDS or RDS. Nothing listed here reads the member clusters. Tested
+    against generation from scratch.
     """
 
     service: Callable[[Service | None], Hashable]
