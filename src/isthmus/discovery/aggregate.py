@@ -45,6 +45,7 @@ from isthmus.discovery.model import (
     Service,
     ServiceKey,
     ServicePort,
+    ServiceRoute,
     TrafficSplit,
 )
 
@@ -74,6 +75,8 @@ class Shard:
     services: Mapping[ServiceKey, tuple[ServicePort, ...]] = field(default_factory=dict)
     endpoints: Mapping[ServiceKey, tuple[Endpoint, ...]] = field(default_factory=dict)
     splits: tuple[TrafficSplit, ...] = ()
+    # GAMMA routes (HTTPRoute, GRPCRoute) read in this cluster, attached to services of the mesh.
+    routes: tuple[ServiceRoute, ...] = ()
     # The ClusterIPs of the services this cluster's API server defines (a headless one: none).
     addresses: Mapping[ServiceKey, tuple[str, ...]] = field(default_factory=dict)
     # When each service was exported here (RFC 3339; its ServiceExport's creation, else its Service's).
@@ -90,6 +93,22 @@ def merge_splits(shards: Iterable[Shard]) -> list[TrafficSplit]:
         for split in shard.splits:
             out.setdefault(split.service, split)
     return list(out.values())
+
+
+def merge_routes(shards: Iterable[Shard]) -> list[ServiceRoute]:
+    """The routes of every shard; a route (kind, namespace, name) read in several clusters is one
+    route: the oldest wins (creationTimestamp), then the first cluster by name (the Gateway API's
+    conflict rule, with the clusters as one)."""
+    chosen: dict[tuple[str, str, str], tuple[tuple[str, str], list[ServiceRoute]]] = {}
+    for shard in shards:
+        by_object: dict[tuple[str, str, str], list[ServiceRoute]] = {}
+        for route in shard.routes:
+            by_object.setdefault((route.kind, route.namespace, route.name), []).append(route)
+        for key, routes in by_object.items():
+            rank = (routes[0].created or NEVER, shard.cluster.name)
+            if key not in chosen or rank < chosen[key][0]:
+                chosen[key] = (rank, routes)
+    return [route for _, routes in chosen.values() for route in routes]
 
 
 def merge(
@@ -109,6 +128,7 @@ def merge(
         [s for s in services if s is not None],
         [c for c in clusters.values() if c.name],
         merge_splits(all_shards),
+        merge_routes(all_shards),
     )
 
 
@@ -169,6 +189,11 @@ def shard_changes(old: Shard | None, new: Shard | None) -> set[ServiceKey]:
     }
 
 
+def gamma_routes(view: MeshView) -> tuple[ServiceRoute, ...]:
+    """The view's routes that came as routes (not its TrafficSplits, which it holds as read)."""
+    return tuple(r for routes in view.routes.values() for r in routes if r.kind != "TrafficSplit")
+
+
 def shards_of_view(view: MeshView) -> list[Shard]:
     """Split a whole MeshView (the file source's) into one shard per member cluster.
 
@@ -183,10 +208,12 @@ def shards_of_view(view: MeshView) -> list[Shard]:
             key: tuple(e for e in s.endpoints if e.locality.cluster == member.name or len(members) == 1)
             for key, s in view.services.items()
         }
-        splits = tuple(view.splits.values()) if member is members[0] else ()
+        first = member is members[0]
+        splits = tuple(view.splits.values()) if first else ()
+        routes = gamma_routes(view) if first else ()
         here = member.name
         ips = {key: s.addresses_in(here) for key, s in view.services.items() if s.defined_in(here)}
-        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits, ips))
+        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits, routes, ips))
     return out
 
 
@@ -352,7 +379,8 @@ class Aggregator:
         self._dirty.clear()
         self._remerge()
         clusters = self._clusters()
-        view = MeshView.of(self._services, clusters, merge_splits(self._shards.values()))
+        shards = self._shards.values()
+        view = MeshView.of(self._services, clusters, merge_splits(shards), merge_routes(shards))
         self.flushes += 1
         self._set_gauges(clusters)
         self._last_flush = self._clock()

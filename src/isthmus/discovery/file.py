@@ -1,6 +1,8 @@
 """File source: a YAML description of clusters, services and endpoints, turned into a MeshView.
 
-Used for workloads outside Kubernetes, for the built-in example mesh and for tests.
+Used for workloads outside Kubernetes, for the built-in example mesh and for tests. Besides
+clusters, services and endpoints it may list SMI-like ``traffic_splits`` and Gateway API
+``routes`` (HTTPRoute, GRPCRoute objects attached to services; discovery.gamma).
 The file is re-read when its modification time or size changes (polling, so it
 works on every filesystem and inside ConfigMap mounts); a file that fails to
 parse is reported and the last good view is kept.
@@ -19,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from isthmus.discovery import gamma
 from isthmus.discovery.model import (
     ClusterAddresses,
     Endpoint,
@@ -31,6 +34,7 @@ from isthmus.discovery.model import (
     Service,
     ServiceKey,
     ServicePort,
+    ServiceRoute,
     TrafficSplit,
 )
 
@@ -161,7 +165,32 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
             addresses=_cluster_ips(s.get("cluster_ips"), clusters, f"{where}.cluster_ips"),
         )
     splits = _traffic_splits(doc, services, source)
-    return MeshView.build(services.values(), clusters.values(), splits)
+    return MeshView.build(services.values(), clusters.values(), splits, _routes(doc, services, source))
+
+
+def _routes(doc: dict[str, Any], services: dict[ServiceKey, Service], source: str) -> list[ServiceRoute]:
+    """``routes``: Gateway API HTTPRoutes and GRPCRoutes as Kubernetes holds them (``kind``,
+    ``metadata``, ``spec``), attached to services by parentRefs (discovery.gamma). Strict, as the
+    rest of the file: a route that would not be Accepted, or that names a service not declared
+    here, is an error."""
+    out: list[ServiceRoute] = []
+    for i, raw in enumerate(_as_list(doc.get("routes"), f"{source}: routes")):
+        where = f"{source}: routes[{i}]"
+        read = gamma.read(_as_dict(raw, where))
+        if read.reason:
+            raise MeshFileError(f"{where}: not accepted ({read.reason}): {read.message}")
+        if not read.parents:
+            raise MeshFileError(f"{where}: no parentRef is a Service (kind: Service)")
+        for route in read.routes:
+            named = [route.service, *(b.service for rule in route.rules for b in rule.backends)]
+            named += [b.service for rule in route.rules for b, _ in rule.mirrors]
+            for key in named:
+                if key not in services:
+                    raise MeshFileError(f"{where}: service {key} is not declared under services")
+            if any(rule.broken for rule in route.rules):
+                raise MeshFileError(f"{where}: {'; '.join(r.broken for r in route.rules if r.broken)}")
+        out.extend(read.routes)
+    return out
 
 
 def _cluster_ips(raw: Any, clusters: dict[str, MemberCluster], where: str) -> ClusterAddresses:
