@@ -57,7 +57,8 @@ Semantics, as kube-apiserver with its watch cache behaves:
   installed), 429 TooManyRequests with Retry-After for a kind passed to
   ``throttle`` (a real server's "storage is (re)initializing"), 404 NotFound ``services "x" not
   found`` for a missing object.
-* A CRD (serviceexports) can be not installed: its paths 404, its group is absent from ``/apis``.
+* A CRD (serviceexports; trafficsplits, httproutes and grpcroutes are not installed until
+  ``set_installed``) can be not installed: its paths 404, its group is absent from ``/apis``.
   Uninstalling at runtime deletes its objects (DELETED events), then ends its open watches cleanly.
 
 Not faithful (on purpose or not needed): no TLS, no protobuf, no aggregated discovery (v2), no
@@ -158,6 +159,8 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType(
         "split.smi-spec.io", "v1alpha2", "trafficsplits", "trafficsplit", "TrafficSplit", True, crd=True
     ),
+    ResourceType("gateway.networking.k8s.io", "v1", "httproutes", "httproute", "HTTPRoute", True, crd=True),
+    ResourceType("gateway.networking.k8s.io", "v1", "grpcroutes", "grpcroute", "GRPCRoute", True, crd=True),
 )
 
 
@@ -462,7 +465,8 @@ class FakeKubeApi:
         self.keep_history_on_restart = keep_history_on_restart
         self.git_version = git_version
         self._types = {r.plural: r for r in resources}
-        # CRDs: ServiceExport as asked; TrafficSplit absent until set_installed (as on most clusters).
+        # CRDs: ServiceExport as asked; TrafficSplit, HTTPRoute and GRPCRoute absent until
+        # set_installed (as on most clusters).
         self._installed = {
             r.plural: (serviceexports_installed if r.plural == "serviceexports" else False) if r.crd else True
             for r in resources

@@ -42,6 +42,7 @@ from isthmus.discovery.kube.convert import (
     SliceIndex,
     mesh_label,
     node_locality,
+    route_reads,
     shard_of,
     traffic_splits,
 )
@@ -571,6 +572,189 @@ SPLITS = {
 }
 
 
+def route(kind: str, name: str, spec: Obj, namespace: str = "shop", generation: int = 3) -> Obj:
+    """An HTTPRoute or GRPCRoute as a real server serves it: with status written by controllers."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": meta(name, namespace, generation=generation),
+        "spec": spec,
+        "status": {
+            "parents": [
+                {
+                    "parentRef": {"group": "", "kind": "Service", "name": "web"},
+                    "controllerName": "example.com/another-mesh",
+                    "conditions": [
+                        {
+                            "type": "Accepted",
+                            "status": "True",
+                            "reason": "Accepted",
+                            "observedGeneration": generation,
+                            "lastTransitionTime": "2025-11-02T09:14:03Z",
+                            "message": "x" * 200,
+                        }
+                    ],
+                }
+            ]
+        },
+    }
+
+
+WEB_PARENT = {"group": "", "kind": "Service", "name": "web", "port": 80}
+HTTP_ROUTES = {
+    # Every feature the reader knows: decides the rules read by every field.
+    "shop/web-canary": route(
+        "HTTPRoute",
+        "web-canary",
+        {
+            "parentRefs": [
+                WEB_PARENT,
+                {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"},
+                {"kind": "Service", "name": "api", "namespace": "other"},  # a consumer route's parent
+            ],
+            "hostnames": ["web.shop.svc.cluster.local"],
+            "rules": [
+                {
+                    "name": "canary",
+                    "matches": [
+                        {
+                            "path": {"type": "PathPrefix", "value": "/api"},
+                            "headers": [
+                                {"name": "X-Canary", "value": "yes"},
+                                {"type": "RegularExpression", "name": "x-user", "value": "^[a-z]+$"},
+                            ],
+                            "queryParams": [{"name": "debug", "value": "1"}],
+                            "method": "get",
+                        }
+                    ],
+                    "backendRefs": [
+                        {"name": "web-v2", "port": 80, "weight": 20},
+                        {"name": "web-v1", "port": 80, "weight": 80, "kind": "Service", "group": ""},
+                        {"name": "web-x", "port": 80, "namespace": "elsewhere"},  # RefNotPermitted
+                    ],
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {
+                                "set": [{"name": "x-route", "value": "canary"}],
+                                "add": [{"name": "x-more", "value": "1"}],
+                                "remove": ["x-drop"],
+                            },
+                        },
+                        {
+                            "type": "ResponseHeaderModifier",
+                            "responseHeaderModifier": {"set": [{"name": "x-served", "value": "v2"}]},
+                        },
+                        {
+                            "type": "RequestMirror",
+                            "requestMirror": {
+                                "backendRef": {"name": "web-shadow", "port": 80},
+                                "fraction": {"numerator": 1, "denominator": 4},
+                            },
+                        },
+                        {
+                            "type": "URLRewrite",
+                            "urlRewrite": {
+                                "hostname": "web.internal",
+                                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"},
+                            },
+                        },
+                    ],
+                    "timeouts": {"request": "10s", "backendRequest": "2s500ms"},
+                    "retry": {"attempts": 3, "codes": [503], "backoff": "100ms"},
+                    "sessionPersistence": {"sessionName": "s", "type": "Cookie"},
+                },
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                    "filters": [
+                        {
+                            "type": "RequestRedirect",
+                            "requestRedirect": {
+                                "scheme": "https",
+                                "hostname": "new.example",
+                                "port": 8443,
+                                "statusCode": 301,
+                                "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"},
+                            },
+                        }
+                    ],
+                },
+                {"backendRefs": [{"name": "web-v1", "port": 80}]},
+            ],
+        },
+    ),
+    # An RE2-rejected regular expression: refused (not Accepted), with the reason.
+    "shop/bad-regex": route(
+        "HTTPRoute",
+        "bad-regex",
+        {
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/(?=lookahead)"}}]}],
+        },
+        generation=7,
+    ),
+    # A Gateway's route (north-south): not the mesh's.
+    "shop/ingress": route(
+        "HTTPRoute",
+        "ingress",
+        {
+            "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+        },
+    ),
+    # In a namespace out of the mesh (labelled disabled), and one not labelled.
+    "legacy/old": route(
+        "HTTPRoute", "old", {"parentRefs": [{"kind": "Service", "name": "old"}]}, namespace="legacy"
+    ),
+    "other/api": route(
+        "HTTPRoute",
+        "api",
+        {"parentRefs": [{"kind": "Service", "name": "api", "port": 9090}], "rules": [{}]},
+        namespace="other",
+    ),
+}
+GRPC_ROUTES = {
+    "shop/web-grpc": route(
+        "GRPCRoute",
+        "web-grpc",
+        {
+            "parentRefs": [{"kind": "Service", "name": "web", "port": 9090, "sectionName": ""}],
+            "hostnames": ["web"],
+            "rules": [
+                {
+                    "matches": [
+                        {
+                            "method": {"type": "Exact", "service": "shop.Web", "method": "Get"},
+                            "headers": [{"name": "x-tenant", "value": "a"}],
+                        },
+                        {"method": {"type": "RegularExpression", "service": "shop\\..*"}},
+                        {"method": {"method": "List"}},
+                    ],
+                    "backendRefs": [{"name": "web-v2", "port": 9090}],
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {"set": [{"name": "x-grpc", "value": "1"}]},
+                        }
+                    ],
+                }
+            ],
+        },
+    ),
+    # A filter GRPCRoute does not have: refused.
+    "shop/grpc-redirect": route(
+        "GRPCRoute",
+        "grpc-redirect",
+        {
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 301}}]}],
+        },
+    ),
+}
+ROUTES = {"HTTPRoute": HTTP_ROUTES, "GRPCRoute": GRPC_ROUTES}
+ROUTE_TRIMS: dict[str, trim.Trim] = {"HTTPRoute": trim.http_route, "GRPCRoute": trim.grpc_route}
+
+
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -678,13 +862,15 @@ WHOLE = "*"  # the path's dict was iterated: all its keys are read
 class Read(Mapping[str, Any]):
     """A read-only view of a JSON object that notes the path of every field looked at."""
 
-    def __init__(self, data: Mapping[str, Any], path: Path, seen: set[Path]) -> None:
-        self._data, self._path, self._seen = data, path, seen
+    def __init__(
+        self, data: Mapping[str, Any], path: Path, seen: set[Path], lists: type | None = None
+    ) -> None:
+        self._data, self._path, self._seen, self._lists = data, path, seen, lists
 
     def __getitem__(self, key: str) -> Any:
         value = self._data[key]  # a KeyError (a field absent) notes nothing: there is nothing to keep
         self._seen.add((*self._path, key))
-        return _view(value, (*self._path, key), self._seen)
+        return _view(value, (*self._path, key), self._seen, self._lists)
 
     def __iter__(self) -> Iterator[str]:
         self._seen.add((*self._path, WHOLE))
@@ -715,17 +901,42 @@ class ReadList(Sequence[Any]):
         return len(self._data)
 
 
-def _view(value: Any, path: Path, seen: set[Path]) -> Any:
+class ReadAsList(list[Any]):
+    """A recording list that is a ``list`` (discovery.gamma checks ``isinstance(value, list)``, as a
+    reader of JSON may): its items are there for ``len`` and truth, and read through ``[]`` and
+    iteration only, which note their paths; its dicts and lists are recording views in turn."""
+
+    def __init__(self, data: list[Any], path: Path, seen: set[Path]) -> None:
+        super().__init__(data)
+        self._path, self._seen = path, seen
+        seen.add(path)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        value = super().__getitem__(index)
+        index = index % len(self)
+        self._seen.add((*self._path, index))
+        return _view(value, (*self._path, index), self._seen, ReadAsList)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+
+def _view(value: Any, path: Path, seen: set[Path], lists: type | None = None) -> Any:
     if isinstance(value, dict):
-        return Read(value, path, seen)
+        return Read(value, path, seen, lists)
     if isinstance(value, list):
-        return ReadList(value, path, seen)
+        return (lists or ReadList)(value, path, seen)
     return value
 
 
-def read_objects(objs: Mapping[str, Obj], seen: dict[str, set[Path]]) -> dict[str, Any]:
-    """The objects as recording views; ``seen[key]`` collects the paths read of each."""
-    return {key: _view(obj, (), seen.setdefault(key, set())) for key, obj in objs.items()}
+def read_objects(
+    objs: Mapping[str, Obj], seen: dict[str, set[Path]], lists: type | None = None
+) -> dict[str, Any]:
+    """The objects as recording views; ``seen[key]`` collects the paths read of each (``lists``:
+    ReadAsList for readers that want JSON lists to be lists)."""
+    return {key: _view(obj, (), seen.setdefault(key, set()), lists) for key, obj in objs.items()}
 
 
 def _at(obj: Any, path: Path) -> Any:
@@ -982,6 +1193,8 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
             "namespaces": NAMESPACES,
             "serviceexports": EXPORTS,
             "trafficsplits": SPLITS,
+            "httproutes": HTTP_ROUTES,
+            "grpcroutes": GRPC_ROUTES,
         }
         fns = {
             "services": trim.service,
@@ -991,6 +1204,8 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
             "namespaces": trim.namespace,
             "serviceexports": trim.service_export,
             "trafficsplits": trim.traffic_split,
+            "httproutes": trim.http_route,
+            "grpcroutes": trim.grpc_route,
         }
         for kind, objs in stores.items():
             r = w._reflector(kind, never, fns[kind] if trims else None)
@@ -1005,6 +1220,15 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
     (whole, whole_agg), (small, small_agg) = watcher(False), watcher(True)
     assert small_agg.shards == whole_agg.shards
     (shard,) = whole_agg.shards.values()
+    (small_shard,) = small_agg.shards.values()
+    assert [r.rules for r in small_shard.routes] == [r.rules for r in shard.routes]
+    assert {(r.kind, r.name) for r in shard.routes} == {
+        ("HTTPRoute", "web-canary"),
+        ("HTTPRoute", "api"),
+        ("GRPCRoute", "web-grpc"),
+    }  # the accepted ones in mesh namespaces ("other" has no label: in the mesh by default)
+    assert small.routes_read == whole.routes_read
+    assert {r.name for r in whole.routes_read if r.reason} == {"bad-regex", "grpc-redirect"}
     assert shard.cluster.gateway is not None
     assert shard.cluster.gateway_ready is True
     assert shard.splits
@@ -1097,6 +1321,114 @@ def test_traffic_splits_of_trimmed_objects_are_those_of_whole_ones(require_label
     assert not unkept(SPLITS, seen, trim.traffic_split)
     assert not unkept(NAMESPACES, seen_namespaces, trim.namespace)
     assert not too_big(SPLITS, trim.traffic_split, 0.2)
+
+
+# ---- GAMMA routes: HTTPRoutes and GRPCRoutes ------------------------------------------------------
+
+
+def routes_read(
+    routes: Mapping[str, Mapping[str, Any]], namespaces: Mapping[str, Any], rule: bool
+) -> list[Any]:
+    """route_reads with everything compared (a ServiceRoute's rules do not take part in its ==)."""
+    reads = route_reads(routes, namespaces, rule, "east")
+    return [(read, [(r, r.rules) for r in read.routes]) for read in reads]
+
+
+def trimmed_routes() -> dict[str, dict[str, Obj]]:
+    return {kind: trimmed(objs, ROUTE_TRIMS[kind]) for kind, objs in ROUTES.items()}
+
+
+@pytest.mark.parametrize("require_label", [False, True])
+def test_routes_of_trimmed_objects_are_those_of_whole_ones(require_label: bool) -> None:
+    small_namespaces = trimmed(NAMESPACES, trim.namespace)
+    whole = routes_read(ROUTES, NAMESPACES, require_label)
+    assert routes_read(trimmed_routes(), small_namespaces, require_label) == whole
+    seen: dict[str, dict[str, set[Path]]] = {kind: {} for kind in ROUTES}
+    seen_namespaces: dict[str, set[Path]] = {}
+    views = {kind: read_objects(objs, seen[kind], ReadAsList) for kind, objs in ROUTES.items()}
+    route_reads(views, read_objects(NAMESPACES, seen_namespaces), require_label, "east")
+    for kind, objs in ROUTES.items():
+        assert not unkept(objs, seen[kind], ROUTE_TRIMS[kind]), kind
+        assert not too_big(objs, ROUTE_TRIMS[kind], 0.5), kind
+        assert not changes_argument(objs, ROUTE_TRIMS[kind]), kind
+    assert not unkept(NAMESPACES, seen_namespaces, trim.namespace)
+
+
+def test_the_route_fixtures_decide_the_reading_by_every_field_read() -> None:
+    """The equality above means something: the whole objects use every rule of the reader."""
+    reads = {(r.kind, r.namespace, r.name): r for r in route_reads(ROUTES, NAMESPACES, False, "east")}
+    assert set(reads) == {
+        ("HTTPRoute", "shop", "web-canary"),
+        ("HTTPRoute", "shop", "bad-regex"),
+        ("HTTPRoute", "other", "api"),
+        ("GRPCRoute", "shop", "web-grpc"),
+        ("GRPCRoute", "shop", "grpc-redirect"),
+    }  # not the Gateway's route, nor the one in a namespace out of the mesh
+    canary = reads["HTTPRoute", "shop", "web-canary"]
+    assert (canary.reason, canary.generation) == ("", 3)
+    assert [(str(r.service), r.port, r.cluster, r.created) for r in canary.routes] == [
+        ("shop/web", 80, "east", "2025-11-02T09:14:03Z"),
+        ("other/api", 0, "east", "2025-11-02T09:14:03Z"),
+    ]
+    first, redirect, plain = canary.routes[0].rules
+    (match,) = first.matches
+    assert (match.path, match.path_type.value, match.method) == ("/api", "PathPrefix", "GET")
+    assert [(h.name, h.regex) for h in match.headers] == [("x-canary", False), ("x-user", True)]
+    assert [(q.name, q.value) for q in match.query] == [("debug", "1")]
+    assert [(str(b.service), b.weight) for b in first.backends] == [
+        ("shop/web-v2", 20),
+        ("shop/web-v1", 80),
+        ("elsewhere/web-x", 1),
+    ]
+    assert first.broken.startswith("RefNotPermitted")
+    assert first.request_headers is not None
+    assert first.request_headers.remove == ("x-drop",)
+    assert first.response_headers is not None
+    assert [(str(b.service), pct) for b, pct in first.mirrors] == [("shop/web-shadow", 25.0)]
+    assert first.rewrite is not None
+    assert (first.rewrite.hostname, first.rewrite.path, first.rewrite.prefix) == ("web.internal", "/v2", True)
+    assert (first.timeout_ms, first.backend_timeout_ms) == (10000, 2500)
+    assert first.retry is not None
+    assert (first.retry.attempts, first.retry.codes, first.retry.backoff_ms) == (3, (503,), 100)
+    assert redirect.redirect is not None
+    assert (redirect.redirect.scheme, redirect.redirect.port, redirect.redirect.status) == (
+        "https",
+        8443,
+        301,
+    )
+    assert [str(b.service) for b in plain.backends] == ["shop/web-v1"]
+    bad = reads["HTTPRoute", "shop", "bad-regex"]
+    assert (bad.reason, bad.generation, bad.routes) == ("UnsupportedValue", 7, ())
+    assert "RE2" in bad.message
+    assert [str(p.service) for p in bad.parents] == ["shop/web"]
+    grpc = reads["GRPCRoute", "shop", "web-grpc"]
+    assert [(m.path, m.path_type.value) for m in grpc.routes[0].rules[0].matches] == [
+        ("/shop.Web/Get", "Exact"),
+        ("/shop\\..*/[^/]+", "RegularExpression"),
+        ("/[^/]+/List", "RegularExpression"),
+    ]
+    assert reads["GRPCRoute", "shop", "grpc-redirect"].reason == "UnsupportedValue"
+    labelled = route_reads(ROUTES, NAMESPACES, True, "east")
+    assert {r.namespace for r in labelled} == {"shop"}  # "other" is not labelled enabled
+
+
+def test_a_route_without_kind_is_read_as_its_watch_kind_and_a_malformed_one_is_refused() -> None:
+    grpc = copy.deepcopy(GRPC_ROUTES["shop/web-grpc"])
+    del grpc["kind"]  # as the items of a list may come
+    odd = route("HTTPRoute", "odd", {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": 5})
+    memo: dict[Any, Any] = {}
+    routes = {"GRPCRoute": {"shop/web-grpc": grpc}, "HTTPRoute": {"shop/odd": odd}}
+    reads = route_reads(routes, NAMESPACES, False, "east", memo)
+    assert [(r.kind, r.name, r.reason) for r in reads] == [
+        ("GRPCRoute", "web-grpc", ""),
+        ("HTTPRoute", "odd", "UnsupportedValue"),
+    ]
+    assert reads[0].routes[0].kind == "GRPCRoute"
+    # The same objects again: the same readings (remembered); an object gone is forgotten.
+    again = route_reads(routes, NAMESPACES, False, "east", memo)
+    assert all(a is b for a, b in zip(again, reads, strict=True))
+    route_reads({"GRPCRoute": {}, "HTTPRoute": {"shop/odd": odd}}, NAMESPACES, False, "east", memo)
+    assert list(memo) == [("HTTPRoute", "shop/odd")]
 
 
 # ---- the home cluster: Secrets, MemberClusters, MeshConfigs ---------------------------------------
@@ -1231,11 +1563,25 @@ def test_what_each_trim_drops() -> None:
     assert split["spec"]["backends"][0] == {"service": "web-v1", "weight": 90}
     assert "matches" not in split["spec"]
     assert set(trim.secret(SECRETS["isthmus-system/members"])) == {"metadata", "data"}
+    canary = trim.http_route(HTTP_ROUTES["shop/web-canary"])
+    assert set(canary) == {"kind", "metadata", "spec"}  # not apiVersion, status
+    assert canary["metadata"] == {
+        "name": "web-canary",
+        "namespace": "shop",
+        "creationTimestamp": "2025-11-02T09:14:03Z",
+        "generation": 3,
+    }
+    assert set(canary["spec"]) == {"parentRefs", "rules"}  # not hostnames
+    assert canary["spec"]["parentRefs"][0] == WEB_PARENT
+    assert set(canary["spec"]["rules"][0]) == {"matches", "backendRefs", "filters", "timeouts", "retry"}
+    grpc = trim.grpc_route(GRPC_ROUTES["shop/web-grpc"])
+    assert grpc["spec"]["rules"] == GRPC_ROUTES["shop/web-grpc"]["spec"]["rules"]
 
 
 def test_values_of_unexpected_types_are_kept_as_they_are() -> None:
     odd = {"metadata": "x", "spec": "y", "status": ["z"], "endpoints": "e", "ports": 3, "data": None}
-    for fn in (trim.service, trim.endpoint_slice, trim.node, trim.pod, trim.namespace, trim.traffic_split):
+    fns = (trim.service, trim.endpoint_slice, trim.node, trim.pod, trim.namespace, trim.traffic_split)
+    for fn in (*fns, trim.http_route, trim.grpc_route):
         small = fn(odd)
         assert small["metadata"] == "x"
         for key, value in small.items():
@@ -1249,6 +1595,10 @@ def test_values_of_unexpected_types_are_kept_as_they_are() -> None:
         {"conditions": 1, "targetRef": None},
     ]
     assert trim.service({}) == {}
+    assert trim.http_route({"spec": {"parentRefs": "p", "rules": ["r", {"matches": 1, "x": 2}]}}) == {
+        "spec": {"parentRefs": "p", "rules": ["r", {"matches": 1}]}
+    }
+    assert trim.grpc_route({"spec": {"rules": 3}}) == {"spec": {"rules": 3}}
 
 
 # ---- the Reflector stores trimmed objects and judges changes on them ------------------------------

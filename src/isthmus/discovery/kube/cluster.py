@@ -5,9 +5,9 @@ Health policy (docs/discovery.md):
 * Any reflector failing (refused, hung, 5xx, 401/403) makes the cluster UNREACHABLE "since T":
   its last known endpoints are kept (its workloads are most likely still running) and reported.
   Not failures: a 429 (the server asks to wait; the reflector retries after Retry-After), and for
-  an optional kind (ServiceExport, TrafficSplit) a 404 (CRD not installed) or a 403 (the role does
-  not grant it): that feature is off for this cluster, reported once in the log and in
-  ``degraded``, and the kind is retried with backoff in case it appears.
+  an optional kind (ServiceExport, TrafficSplit, HTTPRoute, GRPCRoute) a 404 (CRD not installed)
+  or a 403 (the role does not grant it): that feature is off for this cluster, reported once in
+  the log and in ``degraded``, and the kind is retried with backoff in case it appears.
 * While unreachable, the API server is asked for /version every ``probe_interval``; its first
   answer wakes the reflectors from their backoff, so the cluster is synced again within about a
   second of the server being back (not after a doubling backoff).
@@ -21,6 +21,12 @@ before and after, through a SliceIndex; a Pod the services whose slices referenc
 next publish recomputes only those (convert.update_shard). A relist, a change of a Node's
 locality labels or of a Namespace's mesh label, and a policy change rebuild the whole shard
 (convert.shard_of). The health state only changes the shard's cluster record.
+
+TrafficSplits and GAMMA routes (HTTPRoute, GRPCRoute of gateway.networking.k8s.io/v1) change no
+service: they are read whole at each publish, the routes through discovery.gamma with each
+object's reading remembered while the watch holds the same object (convert.route_reads), so a
+publish re-reads only the routes that changed. ``routes_read`` holds the cluster's readings (for a
+status writer); a route refused (not Accepted) is logged once per object and generation.
 """
 
 from __future__ import annotations
@@ -36,14 +42,17 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from isthmus.discovery.aggregate import Aggregator, Shard
+from isthmus.discovery.gamma import ReadRoute
 from isthmus.discovery.kube import trim
 from isthmus.discovery.kube.convert import (
     ClusterObjects,
     ExportPolicy,
+    RouteMemo,
     SliceIndex,
     key_of,
     mesh_label,
     node_locality,
+    route_reads,
     shard_of,
     traffic_splits,
     update_shard,
@@ -60,7 +69,10 @@ COALESCE = 0.01  # seconds a burst of watch events may keep a shard rebuild wait
 SOURCE = "kube"
 MCS_GROUP, MCS_VERSION, MCS_PLURAL = "multicluster.x-k8s.io", "v1alpha1", "serviceexports"
 SMI_GROUP, SMI_VERSION, SMI_PLURAL = "split.smi-spec.io", "v1alpha2", "trafficsplits"
-OPTIONAL_CRDS = {MCS_PLURAL: "ServiceExport", SMI_PLURAL: "TrafficSplit"}  # absent CRD = none of them
+GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
+HTTP_ROUTES, GRPC_ROUTES = "httproutes", "grpcroutes"
+ROUTE_KINDS = {HTTP_ROUTES: "HTTPRoute", GRPC_ROUTES: "GRPCRoute"}  # plural -> kind (list items lack it)
+OPTIONAL_CRDS = {MCS_PLURAL: "ServiceExport", SMI_PLURAL: "TrafficSplit", **ROUTE_KINDS}  # absent CRD = none
 
 # Kinds whose objects affect every service in some way, by the part of them that matters: a change
 # of that part rebuilds the whole shard, any other change (a Node's status) nothing.
@@ -125,6 +137,12 @@ class ClusterWatcher:
         self._stale: set[ServiceKey] = set()
         self._index = SliceIndex()
         self._summaries: dict[str, dict[str, object]] = {}
+        # GAMMA routes: each route object's reading, kept while the watch holds that same object;
+        # the readings of the last publish (routes in mesh namespaces with a Service parent, for a
+        # status writer); the (kind, namespace, name) of refused routes -> generation logged.
+        self._route_memo: RouteMemo = {}
+        self.routes_read: tuple[ReadRoute, ...] = ()
+        self._refusals_logged: dict[tuple[str, str, str], int] = {}
 
     def last_heard(self) -> float | None:
         """When this cluster's API server last answered a list or sent a watch event (wall clock)."""
@@ -273,8 +291,8 @@ class ClusterWatcher:
         store = self._store(kind)
         if kind in ("services", MCS_PLURAL):
             return {key_of(key) for key in keys}
-        if kind == SMI_PLURAL:
-            return set()  # splits are read whole at each publish; no service changes
+        if kind == SMI_PLURAL or kind in ROUTE_KINDS:
+            return set()  # splits and routes are read whole at each publish; no service changes
         if kind == "endpointslices":
             return set().union(*(self._index.update(key, store.get(key)) for key in keys))
         if kind == "pods":
@@ -382,9 +400,39 @@ class ClusterWatcher:
         else:
             rule = self.policy.require_namespace_label
             splits = traffic_splits(self._store(SMI_PLURAL), self._store("namespaces"), rule)
-            shard = replace(content, cluster=member, splits=splits)
+            routes = tuple(route for read in self._read_routes() for route in read.routes)
+            shard = replace(content, cluster=member, splits=splits, routes=routes)
         if self.publish:
             self.aggregator.set_shard(SOURCE, shard)
+
+    def _read_routes(self) -> tuple[ReadRoute, ...]:
+        """The cluster's GAMMA routes as read now (``routes_read``); a refusal new for its object's
+        generation is logged."""
+        stores = {kind: self._store(plural) for plural, kind in ROUTE_KINDS.items()}
+        reads = route_reads(
+            stores,
+            self._store("namespaces"),
+            self.policy.require_namespace_label,
+            self.name,
+            self._route_memo,
+        )
+        self.routes_read = reads
+        refused = {(r.kind, r.namespace, r.name): r for r in reads if r.reason}
+        if self.publish:
+            for key, read in refused.items():
+                if self._refusals_logged.get(key) != read.generation:
+                    log.info(
+                        "cluster %s: %s %s/%s (generation %d) is not accepted: %s: %s",
+                        self.name,
+                        read.kind,
+                        read.namespace,
+                        read.name,
+                        read.generation,
+                        read.reason,
+                        read.message,
+                    )
+            self._refusals_logged = {key: read.generation for key, read in refused.items()}
+        return reads
 
     def publish_now(self) -> None:
         """Start publishing (after a credential rotation's warm-up) with the current state."""
@@ -435,6 +483,12 @@ class ClusterWatcher:
                 self._reflector("namespaces", core.list_namespace, trim.namespace),
                 self._reflector(MCS_PLURAL, crd(MCS_GROUP, MCS_VERSION, MCS_PLURAL), trim.service_export),
                 self._reflector(SMI_PLURAL, crd(SMI_GROUP, SMI_VERSION, SMI_PLURAL), trim.traffic_split),
+                self._reflector(
+                    HTTP_ROUTES, crd(GATEWAY_GROUP, GATEWAY_VERSION, HTTP_ROUTES), trim.http_route
+                ),
+                self._reflector(
+                    GRPC_ROUTES, crd(GATEWAY_GROUP, GATEWAY_VERSION, GRPC_ROUTES), trim.grpc_route
+                ),
             ]
             async with asyncio.TaskGroup() as tasks:
                 for r in reflectors:

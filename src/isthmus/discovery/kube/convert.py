@@ -20,16 +20,20 @@ Rules (documented in docs/discovery.md):
   exported there: its ServiceExport's creation time, else its Service's (the oldest export's ports
   win across clusters);
 * locality: region from the node's ``topology.kubernetes.io/region``, zone from the endpoint's zone
-  (else the node's), the member cluster as sub-zone; identity from the Pod's service account.
+  (else the node's), the member cluster as sub-zone; identity from the Pod's service account;
+* TrafficSplits and GAMMA routes (HTTPRoute, GRPCRoute) count in mesh namespaces only (the route's
+  own namespace, as for a split); a route is read by discovery.gamma (which refuses what Envoy
+  would reject), and one without a Service parent (a Gateway's: north-south) is not the mesh's.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from isthmus.discovery import gamma
 from isthmus.discovery.aggregate import NEVER, Shard
 from isthmus.discovery.kube.gateway import is_gateway_service, sidecar_port
 from isthmus.discovery.model import (
@@ -420,4 +424,68 @@ def traffic_splits(
                 backends.append((str(backend["service"]), weight))
         if any(weight for _, weight in backends):
             out.append(TrafficSplit(ServiceKey(namespace, str(root)), tuple(backends)))
+    return tuple(out)
+
+
+RouteMemo = MutableMapping[tuple[str, str], tuple[Obj, gamma.ReadRoute]]
+
+
+def read_route(obj: Obj, kind: str, cluster: str) -> gamma.ReadRoute:
+    """One route object read by discovery.gamma, as ``kind`` if it does not say (items of a list
+    carry no kind). An object of a shape the reader does not expect (a schema that lets anything
+    through) is refused, never raised: one bad object must not stop the cluster's publishing."""
+    if not obj.get("kind"):
+        obj = {**obj, "kind": kind}
+    try:
+        return gamma.read(obj, cluster)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        meta = _meta(obj)
+        namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        generation = meta.get("generation", 0)
+        try:
+            found = gamma.parents(obj)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            found = ()
+        return gamma.ReadRoute(
+            str(obj.get("kind")),
+            namespace,
+            name,
+            found,
+            (),
+            "UnsupportedValue",
+            f"malformed {type(exc).__name__}: {exc}",
+            generation if isinstance(generation, int) else 0,
+        )
+
+
+def route_reads(
+    routes: Mapping[str, Mapping[str, Obj]],
+    namespaces: Mapping[str, Obj],
+    require_namespace_label: bool = False,
+    cluster: str = "",
+    memo: RouteMemo | None = None,
+) -> tuple[gamma.ReadRoute, ...]:
+    """The GAMMA routes of a cluster (``routes``: kind -> its objects by store key) read by
+    discovery.gamma: those in mesh namespaces that have a Service parent, by kind and key. ``memo``
+    (kept by the caller) remembers each object's reading while it is the same object (the store
+    replaces an object that changed), and forgets the objects gone."""
+    memo = memo if memo is not None else {}
+    out: list[gamma.ReadRoute] = []
+    seen: set[tuple[str, str]] = set()
+    for kind in sorted(routes):
+        objs = routes[kind]
+        for key in sorted(objs):
+            obj = objs[key]
+            at = (kind, key)
+            seen.add(at)
+            known = memo.get(at)
+            if known is not None and known[0] is obj:
+                read = known[1]
+            else:
+                read = read_route(obj, kind, cluster)
+                memo[at] = (obj, read)
+            if read.parents and in_mesh(namespaces.get(read.namespace), require_namespace_label):
+                out.append(read)
+    for at in [at for at in memo if at not in seen]:
+        del memo[at]
     return tuple(out)

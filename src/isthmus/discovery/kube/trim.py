@@ -31,6 +31,14 @@ trimmed object equals its result on the whole one, for objects that set every fi
   409, as before). Its ``spec`` is not kept: the status subresource ignores everything but status.
 * TrafficSplit (convert): ``metadata.name``/``namespace``; ``spec.service``, of each backend
   ``service`` and ``weight``.
+* HTTPRoute, GRPCRoute (convert, through discovery.gamma): ``kind``,
+  ``metadata.name``/``namespace``/``creationTimestamp``/``generation``; of each
+  ``spec.parentRefs[]`` its ``group``, ``kind``, ``namespace``, ``name``, ``port``, ``sectionName``;
+  of each ``spec.rules[]`` its ``matches``, ``backendRefs``, ``filters``, ``timeouts`` and
+  ``retry``, each whole (the reader refuses what it does not implement inside them, so all of it
+  is read). Not ``status`` (the parents' conditions other controllers write), nor a rule's other
+  fields (``name``, ``sessionPersistence``: not read), nor ``spec.hostnames`` (not read for a
+  Service parent).
 * Secret (membership): ``metadata.name``/``namespace``; ``data`` whole.
 * MemberCluster, MeshConfig (config_api; status written back): ``apiVersion``, ``kind``,
   ``metadata.name``/``namespace``/``uid``/``resourceVersion``/``generation``; ``spec`` and
@@ -183,6 +191,39 @@ def traffic_split(obj: Obj) -> Obj:
         if isinstance(spec, dict) and "backends" in spec:
             spec["backends"] = _each(spec["backends"], ("service", "weight"))
     return out
+
+
+_PARENT_REF = ("group", "kind", "namespace", "name", "port", "sectionName")
+_RULE = ("matches", "backendRefs", "filters", "timeouts", "retry")
+
+
+def _route(obj: Obj) -> Obj:
+    out = _metadata(obj, (*_NAMED, "creationTimestamp", "generation"))
+    if "kind" in obj:
+        out["kind"] = _shared("kind", obj["kind"])
+    if "spec" in obj:
+        out["spec"] = spec = _keep(obj["spec"], ("parentRefs", "rules"))
+        if isinstance(spec, dict):
+            if "parentRefs" in spec:
+                spec["parentRefs"] = _each(spec["parentRefs"], _PARENT_REF)
+            if "rules" in spec:
+                rules = spec["rules"]
+                spec["rules"] = (
+                    [_copy({}, r, _RULE) if isinstance(r, dict) else r for r in rules]
+                    if isinstance(rules, list)
+                    else rules
+                )
+    return out
+
+
+def http_route(obj: Obj) -> Obj:
+    """An HTTPRoute (gateway.networking.k8s.io/v1)."""
+    return _route(obj)
+
+
+def grpc_route(obj: Obj) -> Obj:
+    """A GRPCRoute (gateway.networking.k8s.io/v1)."""
+    return _route(obj)
 
 
 def secret(obj: Obj) -> Obj:
