@@ -9,10 +9,12 @@ root namespace, since the filesystem is shared), and does the network work from 
 * ``GET  /apps``                           -> {"apps": [{"name", "address", "port", "status", "hits"}]}
 * ``POST /apps {"name", "address", "port", "status"?}``: start an HTTP upstream on address:port (port 0:
   any) answering every request with HTTP ``status`` (default 200) and JSON
-  {"app", "cluster", "method", "path", "query", "host", "peer", "headers": {all request headers}}
+  {"app", "cluster", "method", "path", "query", "host", "peer", "headers": {all request headers}};
+  a request with the query parameter ``delay=SECONDS`` is answered that much later
 * ``DELETE /apps/{name}``                  : stop that upstream
 * ``POST /requests {"url", "count"?, "headers"?, "timeout"?, "concurrency"?, "method"?, "keepalive"?,
-  "source"?}``: HTTP requests from inside the namespace (from local address ``source`` if given)
+  "source"?, "follow_redirects"?}``: HTTP requests from inside the namespace (from local address
+  ``source`` if given; ``follow_redirects`` false: a 3xx answer is the result)
   -> {"results": [{"status", "app", "cluster", "body", "text", "headers", "error", "errno", "elapsed"}],
   "count", "ok", "errors", "by_app", "by_status"}
 * ``GET  /fetch?url=...&timeout=...``      -> {"status", "body", "headers"} or {"status": null, "error"}
@@ -89,6 +91,8 @@ class Agent:
         async def answer(request: web.Request) -> web.Response:
             app = holder[0]
             app.hits += 1
+            with contextlib.suppress(ValueError):
+                await asyncio.sleep(min(60.0, max(0.0, float(request.query.get("delay", "0")))))
             body = {
                 "app": name,
                 "cluster": self.cluster,
@@ -169,6 +173,7 @@ class Agent:
         method = str(spec.get("method", "GET"))
         keepalive = bool(spec.get("keepalive", True))
         source = spec.get("source")
+        follow = bool(spec.get("follow_redirects", True))
         semaphore = asyncio.Semaphore(concurrency)
         connector = TCPConnector(
             force_close=not keepalive, limit=concurrency, local_addr=(str(source), 0) if source else None
@@ -180,7 +185,11 @@ class Agent:
                 result: dict[str, Any] = {"status": None, "app": None, "cluster": None, "error": None}
                 try:
                     async with session.request(
-                        method, url, headers=headers, timeout=ClientTimeout(total=timeout)
+                        method,
+                        url,
+                        headers=headers,
+                        timeout=ClientTimeout(total=timeout),
+                        allow_redirects=follow,
                     ) as resp:
                         text = await resp.text(errors="replace")
                         result["status"] = resp.status

@@ -302,13 +302,16 @@ class AgentClient:
         method: str = "GET",
         keepalive: bool = True,
         source: str | None = None,
+        follow_redirects: bool = True,
     ) -> Responses:
         """``count`` HTTP requests from inside the namespace, ``concurrency`` at a time; each gets
         ``timeout`` seconds. A Host header in ``headers`` replaces the URL's. ``source``: bind this
-        local address (e.g. a pod address) as the connections' source."""
+        local address (e.g. a pod address) as the connections' source. ``follow_redirects`` False:
+        a 3xx answer is the result (its status and Location header), not where it points."""
         self._check_url(url)
         body = {
             "source": source,
+            "follow_redirects": follow_redirects,
             "url": url,
             "count": count,
             "headers": dict(headers or {}),
@@ -415,6 +418,7 @@ class MeshWriter:
             }
         self.services: list[dict[str, Any]] = []
         self.traffic_splits: list[dict[str, Any]] = []
+        self.routes: list[dict[str, Any]] = []
 
     def set_locality(self, cluster: str, region: str, zone: str) -> None:
         self.members[cluster].update(region=region, zone=zone)
@@ -473,12 +477,20 @@ class MeshWriter:
         data: dict[str, Any] = {"clusters": list(self.members.values()), "services": list(services)}
         if self.traffic_splits:
             data["traffic_splits"] = self.traffic_splits
+        if self.routes:
+            data["routes"] = self.routes
         return yaml.safe_dump(data, sort_keys=False)
 
     def split(self, service: str, *backends: tuple[str, int], namespace: str = DEFAULT_NAMESPACE) -> None:
         """Add an SMI TrafficSplit for ``service`` (written with the next ``write``)."""
         entries = [{"service": name, "weight": weight} for name, weight in backends]
         self.traffic_splits.append({"namespace": namespace, "service": service, "backends": entries})
+
+    def route(self, obj: dict[str, Any]) -> None:
+        """Add a Gateway API route object (HTTPRoute or GRPCRoute, Kubernetes shape: ``kind``,
+        ``metadata``, ``spec`` with ``parentRefs`` to a Service) to ``routes`` (written with the next
+        ``write``)."""
+        self.routes.append(obj)
 
     def write(self, *services: dict[str, Any]) -> None:
         """Replace the file atomically (the control plane polls it every second)."""
@@ -698,6 +710,7 @@ class NsEnvoy:
         timeout: float = 5.0,
         concurrency: int = 1,
         source: str | None = None,
+        follow_redirects: bool = True,
     ) -> Responses:
         """Requests through this sidecar's outbound listener, made by its cluster's agent, with the
         given Host header (e.g. "web.shop"); ``source``: a local address to send from."""
@@ -708,6 +721,7 @@ class NsEnvoy:
             timeout=timeout,
             concurrency=concurrency,
             source=source,
+            follow_redirects=follow_redirects,
         )
 
 
