@@ -52,7 +52,7 @@ unit: $(STAMP) kube-binaries helm ## the test suite only, without the quality ga
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 golden: $(STAMP) ## regenerate tests/golden/ from the generators and the injector (review the diff!)
-	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py tests/unit/test_route_golden.py tests/unit/test_inject.py
+	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_generators.py tests/unit/test_route_golden.py tests/unit/test_authorization_golden.py tests/unit/test_inject.py
 
 api: $(STAMP) ## regenerate src/isthmus/api/v1alpha1 (Python) and deploy/crds (CRDs, also the chart's crds/) from api/protos
 	$(BIN)/python -m isthmus.api.generate python src

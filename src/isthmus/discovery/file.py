@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,9 @@ import yaml
 
 from isthmus.discovery import gamma
 from isthmus.discovery.model import (
+    AllowRule,
+    AuthorizationPolicy,
+    Caller,
     ClusterAddresses,
     Endpoint,
     Gateway,
@@ -46,6 +50,9 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class MeshFileError(ValueError):
     """The mesh file is not valid; the message says where and why."""
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # Kubernetes names (RFC 1123)
 
 
 def example_mesh_text() -> str:
@@ -165,7 +172,53 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
             addresses=_cluster_ips(s.get("cluster_ips"), clusters, f"{where}.cluster_ips"),
         )
     splits = _traffic_splits(doc, services, source)
-    return MeshView.build(services.values(), clusters.values(), splits, _routes(doc, services, source))
+    routes, policies = _routes(doc, services, source), _policies(doc, source)
+    return MeshView.build(services.values(), clusters.values(), splits, routes, policies)
+
+
+def _callers(raw: Any, where: str) -> tuple[Caller, ...]:
+    out = []
+    for i, item in enumerate(_as_list(raw, where)):
+        c = _as_dict(item, f"{where}[{i}]")
+        namespace, account = str(c.get("namespace", "*")), str(c.get("service_account", "*"))
+        for value, what in ((namespace, "namespace"), (account, "service_account")):
+            if value != "*" and not _DNS_LABEL.match(value):
+                raise MeshFileError(f"{where}[{i}].{what}: {value!r} is not a Kubernetes name (or *)")
+        out.append(Caller(namespace, account))
+    return tuple(out)
+
+
+def _policies(doc: dict[str, Any], source: str) -> list[AuthorizationPolicy]:
+    """``authorization_policies``: who may call the workloads of a service account,
+    ``{name, namespace, selector: {service_account}, rules: [{from: [{namespace, service_account}],
+    to: {ports, paths, methods}}]}`` (docs/authorization.md)."""
+    out = []
+    for i, raw in enumerate(_as_list(doc.get("authorization_policies"), f"{source}: authorization_policies")):
+        where = f"{source}: authorization_policies[{i}]"
+        p = _as_dict(raw, where)
+        selector = _as_dict(_require(p, "selector", where), f"{where}.selector")
+        rules = []
+        for j, rr in enumerate(_as_list(p.get("rules"), f"{where}.rules")):
+            rw = f"{where}.rules[{j}]"
+            r = _as_dict(rr, rw)
+            to = _as_dict(r.get("to") or {}, f"{rw}.to")
+            listed = _as_list(to.get("ports"), f"{rw}.to.ports")
+            ports = tuple(_port_number(n, f"{rw}.to.ports") for n in listed)
+            paths = tuple(str(x) for x in _as_list(to.get("paths"), f"{rw}.to.paths"))
+            if any(not x.startswith("/") for x in paths):
+                raise MeshFileError(f"{rw}.to.paths: each path starts with / (a prefix ends with *)")
+            methods = tuple(str(x).upper() for x in _as_list(to.get("methods"), f"{rw}.to.methods"))
+            rules.append(AllowRule(_callers(r.get("from"), f"{rw}.from"), ports, paths, methods))
+        out.append(
+            AuthorizationPolicy(
+                "AuthorizationPolicy",
+                str(p.get("namespace", "default")),
+                str(_require(p, "name", where)),
+                str(_require(selector, "service_account", f"{where}.selector")),
+                tuple(rules),
+            )
+        )
+    return out
 
 
 def _routes(doc: dict[str, Any], services: dict[ServiceKey, Service], source: str) -> list[ServiceRoute]:

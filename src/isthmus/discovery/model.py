@@ -344,11 +344,52 @@ def split_route(split: TrafficSplit, created: str = "") -> ServiceRoute:
     )
 
 
+# ---- authorization: who may call a workload, by SPIFFE identity ----------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Caller:
+    """A calling identity: a service account of a namespace, in any member cluster (the SPIFFE ID
+    spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT names no cluster). "*": any."""
+
+    namespace: str = "*"
+    service_account: str = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    """Requests (or, on a TCP port, connections) allowed: from any of ``callers`` (none: any mesh
+    identity), to any of ``ports`` (none: every port), and for HTTP to any of ``paths`` (exact, or
+    a prefix ending in ``*``) with any of ``methods`` (none: any). A rule naming paths or methods
+    allows nothing on a TCP port."""
+
+    callers: tuple[Caller, ...] = ()
+    ports: tuple[int, ...] = ()
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class AuthorizationPolicy:
+    """Selects the workloads of a service account (``namespace``/``service_account``) and lists who
+    may call them. No policy selecting a workload: every mesh identity may. Policies selecting it:
+    only what one of their rules allows (deny by default). Plain-text callers carry no identity and
+    never match. ``kind`` is where it came from: isthmus's AuthorizationPolicy, or SMI's
+    TrafficTarget, translated."""
+
+    kind: str
+    namespace: str
+    name: str
+    service_account: str
+    rules: tuple[AllowRule, ...] = field(default=(), compare=False)
+
+
 def _version(
     services: Iterable[Service],
     clusters: Iterable[MemberCluster],
     splits: Iterable[TrafficSplit] = (),
     routes: Iterable[ServiceRoute] = (),
+    policies: Iterable[AuthorizationPolicy] = (),
 ) -> str:
     """Content hash of services (in key order) and clusters (in name order).
 
@@ -363,6 +404,7 @@ def _version(
     h.update(repr(effective).encode())
     h.update(repr(sorted(splits)).encode())
     h.update(repr([(r, r.rules) for r in routes]).encode())
+    h.update(repr([(p, p.rules) for p in policies]).encode())
     return h.hexdigest()[:16]
 
 
@@ -384,6 +426,10 @@ class MeshView:
     routes: Mapping[ServiceKey, tuple[ServiceRoute, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # Authorization policies by the workloads they select: (namespace, service account).
+    policies: Mapping[tuple[str, str], tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @classmethod
     def build(
@@ -392,6 +438,7 @@ class MeshView:
         clusters: Iterable[MemberCluster],
         splits: Iterable[TrafficSplit] = (),
         routes: Iterable[ServiceRoute] = (),
+        policies: Iterable[AuthorizationPolicy] = (),
     ) -> MeshView:
         """A view of any services: sorts them by key and their endpoints."""
         svc = sorted(services, key=lambda s: s.key)
@@ -401,7 +448,7 @@ class MeshView:
             )
             for s in svc
         }
-        return cls.of(normalized, clusters, splits, routes)
+        return cls.of(normalized, clusters, splits, routes, policies)
 
     @classmethod
     def of(
@@ -410,6 +457,7 @@ class MeshView:
         clusters: Iterable[MemberCluster],
         splits: Iterable[TrafficSplit] = (),
         routes: Iterable[ServiceRoute] = (),
+        policies: Iterable[AuthorizationPolicy] = (),
     ) -> MeshView:
         """A view of services already in key order with sorted endpoints (not checked); copies the
         mapping. ``routes`` are GAMMA routes, one per (kind, namespace, name); each TrafficSplit
@@ -420,12 +468,17 @@ class MeshView:
         by_service: dict[ServiceKey, list[ServiceRoute]] = {}
         for route in every:
             by_service.setdefault(route.service, []).append(route)
+        selecting: dict[tuple[str, str], list[AuthorizationPolicy]] = {}
+        ordered = sorted(policies)
+        for policy in ordered:
+            selecting.setdefault((policy.namespace, policy.service_account), []).append(policy)
         return cls(
             services=MappingProxyType(dict(services)),
             clusters=_frozen_map((c.name, c) for c in mcs),
-            version=_version(services.values(), mcs, by_root.values(), every),
+            version=_version(services.values(), mcs, by_root.values(), every, ordered),
             splits=MappingProxyType(by_root),
             routes=MappingProxyType({k: tuple(v) for k, v in sorted(by_service.items())}),
+            policies=MappingProxyType({k: tuple(v) for k, v in sorted(selecting.items())}),
         )
 
     def service(self, namespace: str, name: str) -> Service | None:

@@ -152,6 +152,7 @@ def _change(before: MeshView, after: MeshView) -> _Change:
         group
         for group, inputs in INPUTS.items()
         if not (inputs.routes and before.routes != after.routes)
+        and not (inputs.policies and before.policies != after.policies)
         and all(inputs.service(old.get(k)) == inputs.service(new.get(k)) for k in keys)
     )
     return _Change(before, frozenset(keys), unaffected)

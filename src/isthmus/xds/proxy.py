@@ -188,6 +188,7 @@ _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
         CLUSTER_ONLY,
         "namespace",
         "service",
+        "service_account",  # the authorization policies that select it
         "listen_address",
         "outbound_port",
         "inbound_port",

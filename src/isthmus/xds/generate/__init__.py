@@ -48,7 +48,8 @@ class Inputs:
 
     ``service`` projects a Service (None: absent) onto what the generator reads of it, whatever the
     proxy; ``own`` (if set) projects the proxy's own service onto what it reads for that proxy only;
-    ``routes``: it reads the routes attached to services (MeshView.routes). When a new view
+    ``routes``: it reads the routes attached to services (MeshView.routes); ``policies``: the
+    authorization policies (MeshView.policies). When a new view
     differs from the last one only in services whose projections are equal (and not in what else
     the type reads), the cache keeps the type's resources as they are: an endpoint's new address
     regenerates EDS, not CDS, LDS or RDS. Nothing listed here reads the member clusters. Tested
@@ -58,6 +59,7 @@ class Inputs:
     service: Callable[[Service | None], Hashable]
     own: Callable[[Service | None, Proxy], Hashable] | None = None
     routes: bool = False
+    policies: bool = False
 
 
 def _nothing(service: Service | None) -> Hashable:
@@ -67,7 +69,7 @@ def _nothing(service: Service | None) -> Hashable:
 INPUTS: Mapping[str, Inputs] = {
     "cds-shared": Inputs(clusters.shared_inputs),
     "cds-own": Inputs(_nothing, own=clusters.own_inputs),
-    types.LISTENER: Inputs(listeners.inputs),
+    types.LISTENER: Inputs(listeners.inputs, policies=True),
     types.ROUTE: Inputs(routes.inputs, routes=True),
     types.SECRET: Inputs(_nothing),  # certificates change outside the view (ConfigCache.rotate_certificates)
 }

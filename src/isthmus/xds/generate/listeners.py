@@ -18,8 +18,9 @@ per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI
   per port of the proxy's own service, matched by the SNI clients send for it. TLS is terminated
   with the proxy's certificate and a client certificate of the trust domain is required; HTTP ports
   go through an HTTP connection manager that sets ``x-forwarded-client-cert`` (the caller's SPIFFE
-  URI, any value sent by the client is replaced), TCP ports through tcp_proxy, both to the
-  application at ``app_address:target_port``.
+  URI, any value sent by the client is replaced) and runs the inbound HTTP filters (http_filters:
+  authorization, then the router), TCP ports through tcp_proxy (after network RBAC when a policy
+  selects the workload), both to the application at ``app_address:target_port``.
 * East-west gateway: ``listen_address:15443`` (the gateway's ``inbound_port`` metadata is ignored),
   tls_inspector, one filter chain per service port with sidecars in the gateway's cluster, matched
   by SNI and forwarded by tcp_proxy without terminating TLS. A connection with an unknown SNI (or
@@ -36,7 +37,6 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, exten
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2, udp_listener_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.data.dns.v3 import dns_table_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -47,7 +47,10 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from isthmus.discovery.model import MeshView, Service, ServicePort
 from isthmus.xds import naming
+from isthmus.xds.generate import http_filters
 from isthmus.xds.generate.clusters import gateway_services, shared_inputs
+from isthmus.xds.generate.http_filters import authorization
+from isthmus.xds.generate.http_filters.router import router as _router
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.generate.tls import downstream_socket
 from isthmus.xds.generate.tls import pack as _pack
@@ -60,10 +63,6 @@ DNS_RESOLVER_TIMEOUT_S = 2
 
 def _address(host: str, port: int) -> Any:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
-
-
-def _router() -> Any:
-    return hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))
 
 
 def _tls_inspector() -> Any:
@@ -268,7 +267,9 @@ def outbound_tcp_listeners(view: MeshView, proxy: Proxy) -> list[Any]:
     return out
 
 
-def _inbound_http(port: ServicePort) -> Any:
+def _inbound_http(
+    view: MeshView, proxy: Proxy, service: Service, port: ServicePort, identity: MeshIdentity
+) -> Any:
     cluster = naming.inbound_cluster(port)
     manager = hcm.HttpConnectionManager(
         stat_prefix=f"inbound_{port.port}",
@@ -290,19 +291,20 @@ def _inbound_http(port: ServicePort) -> Any:
                 )
             ],
         ),
-        http_filters=[_router()],
+        http_filters=http_filters.inbound(view, proxy, service, port, identity),
     )
     return listener_components_pb2.Filter(name=HCM, typed_config=_pack(manager))
 
 
-def inbound_listener(service: Service, proxy: Proxy, identity: MeshIdentity) -> Any:
+def inbound_listener(view: MeshView, service: Service, proxy: Proxy, identity: MeshIdentity) -> Any:
     chains = []
     for port in service.ports:
-        network_filter = (
-            _inbound_http(port)
-            if port.protocol.is_http
-            else _tcp_proxy(f"inbound_{port.port}", naming.inbound_cluster(port))
-        )
+        if port.protocol.is_http:
+            filters = [_inbound_http(view, proxy, service, port, identity)]
+        else:
+            denied = authorization.network_filter(view, proxy, port, identity)
+            tcp = _tcp_proxy(f"inbound_{port.port}", naming.inbound_cluster(port))
+            filters = [denied, tcp] if denied is not None else [tcp]
         chains.append(
             listener_components_pb2.FilterChain(
                 name=f"inbound_{port.port}",
@@ -310,7 +312,7 @@ def inbound_listener(service: Service, proxy: Proxy, identity: MeshIdentity) -> 
                     server_names=[naming.sni(service, port)]
                 ),
                 transport_socket=downstream_socket(identity),
-                filters=[network_filter],
+                filters=filters,
             )
         )
     return listener_pb2.Listener(
@@ -363,7 +365,7 @@ def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -
             out[tcp.name] = tcp
     own = view.service(proxy.namespace, proxy.service)
     if identity.mtls and own is not None and own.ports:
-        inbound = inbound_listener(own, proxy, identity)
+        inbound = inbound_listener(view, own, proxy, identity)
         out[inbound.name] = inbound
     return out
 

@@ -1,0 +1,125 @@
+"""Authorization semantics (xds/generate/http_filters/authorization.py), asserted on the RBAC that
+LDS gives a workload: who matches a Caller (the SPIFFE ID's namespace and service account, any
+member cluster), deny by default once a policy selects the workload, HTTP conditions on TCP ports,
+the file source's checks, and LDS regenerated when policies change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import re2
+import yaml
+from test_authorization_golden import BASE, IDENTITY, WEB
+
+from isthmus.discovery.file import MeshFileError, parse_mesh
+from isthmus.discovery.model import AllowRule, AuthorizationPolicy, Caller, MeshView, Protocol, ServicePort
+from isthmus.xds import types
+from isthmus.xds.cache import ConfigCache
+from isthmus.xds.generate import GENERATORS
+from isthmus.xds.generate.http_filters.authorization import principal, rbac
+
+IDS = [
+    "spiffe://mesh.test/ns/shop/sa/client",
+    "spiffe://mesh.test/ns/shop/sa/client-2",
+    "spiffe://mesh.test/ns/blog/sa/client",
+    "spiffe://mesh.test/ns/blog/sa/backup",
+    "spiffe://other.test/ns/shop/sa/client",
+]
+
+
+def matches(matcher: Any, value: str) -> bool:
+    """Envoy's StringMatcher, for the three forms the generator uses."""
+    kind = matcher.WhichOneof("match_pattern")
+    if kind == "exact":
+        return bool(value == matcher.exact)
+    if kind == "prefix":
+        return value.startswith(matcher.prefix)
+    assert kind == "safe_regex"
+    return re2.fullmatch(matcher.safe_regex.regex, value) is not None
+
+
+@pytest.mark.parametrize(
+    ("caller", "allowed"),
+    [
+        (Caller("shop", "client"), {IDS[0]}),
+        (Caller("blog", "*"), {IDS[2], IDS[3]}),
+        (Caller("*", "client"), {IDS[0], IDS[2]}),
+        (Caller("*", "*"), set(IDS[:4])),
+    ],
+)
+def test_a_caller_is_a_namespace_and_account_of_the_trust_domain_in_any_cluster(
+    caller: Caller, allowed: set[str]
+) -> None:
+    found = principal(caller, "mesh.test").authenticated.principal_name
+    assert {i for i in IDS if matches(found, i)} == allowed
+
+
+HTTP, TCP = ServicePort("http", 80, 8080), ServicePort("pg", 5432, 5432, Protocol.TCP)
+
+
+def view(*rules: AllowRule, account: str = "web") -> MeshView:
+    base = parse_mesh(BASE)
+    return MeshView.of(
+        base.services, (), policies=[AuthorizationPolicy("AuthorizationPolicy", "shop", "p", account, rules)]
+    )
+
+
+def test_no_policy_no_filter_and_a_policy_denies_what_it_does_not_allow() -> None:
+    assert rbac(view(account="db"), WEB, HTTP, IDENTITY) is None, "a policy for another account"
+    config = rbac(view(AllowRule(ports=(5432,))), WEB, HTTP, IDENTITY)
+    assert config is not None
+    assert list(config.policies) == [], "the only rule is for another port: nothing is allowed on 80"
+
+
+def test_http_conditions_never_allow_a_tcp_connection() -> None:
+    config = rbac(
+        view(AllowRule(paths=("/api/*",)), AllowRule(callers=(Caller("shop", "db"),))), WEB, TCP, IDENTITY
+    )
+    assert config is not None
+    assert list(config.policies) == ["AuthorizationPolicy/shop/p[1]"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"name": "p", "namespace": "shop", "rules": []}, "selector"),
+        (
+            {
+                "name": "p",
+                "selector": {"service_account": "web"},
+                "rules": [{"from": [{"namespace": "Bad_NS"}]}],
+            },
+            "not a Kubernetes name",
+        ),
+        (
+            {"name": "p", "selector": {"service_account": "web"}, "rules": [{"to": {"paths": ["api"]}}]},
+            "starts with /",
+        ),
+        (
+            {"name": "p", "selector": {"service_account": "web"}, "rules": [{"to": {"ports": [70000]}}]},
+            "port",
+        ),
+    ],
+)
+def test_the_file_source_refuses_malformed_policies(policy: dict[str, Any], message: str) -> None:
+    mesh = yaml.safe_load(BASE)
+    mesh["authorization_policies"] = [policy]
+    with pytest.raises(MeshFileError, match=message):
+        parse_mesh(yaml.safe_dump(mesh))
+
+
+def test_a_policy_change_regenerates_the_workloads_listeners() -> None:
+    """The cache's inputs check (generate.INPUTS ``policies``) and LDS grouping by service account."""
+    open_view, closed = parse_mesh(BASE), view(AllowRule(callers=(Caller("shop", "client"),)))
+    cache = ConfigCache(open_view)
+    cache._identity = IDENTITY  # the workload's certificate: its inbound listener exists
+    before = cache.resources(types.LISTENER, WEB)
+    cache.set_view(closed)
+    after = cache.resources(types.LISTENER, WEB)
+    assert after is not before
+    direct = GENERATORS[types.LISTENER](closed, WEB, IDENTITY)
+    assert {n: r.body for n, r in after.items()} == {
+        n: m.SerializeToString(deterministic=True) for n, m in direct.items()
+    }
+    assert WEB.for_type(types.LISTENER).service_account == "web"
