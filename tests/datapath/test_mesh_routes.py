@@ -204,3 +204,47 @@ async def test_header_edits_rewrites_and_no_matching_rule(dp: DataPath) -> None:
         unmatched = await client.request("web.shop", path, count=3)
         assert unmatched.by_status == {"404": 3}, f"{path}: {unmatched.summary()}"
         assert not unmatched.apps, unmatched.summary()
+
+
+def replace_prefix(filter_type: str, to: str) -> dict[str, Any]:
+    spec = {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": to}}
+    key = "urlRewrite" if filter_type == "URLRewrite" else "requestRedirect"
+    return {"type": filter_type, key: spec}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="generate.routes turns ReplacePrefixMatch into Envoy's prefix_rewrite, which replaces "
+    "characters, not path elements: /strip/three with '/' becomes //three (remove this marker "
+    "with the fix)",
+)
+async def test_replace_prefix_match_replaces_path_elements(dp: DataPath) -> None:
+    """Gateway API ReplacePrefixMatch (HTTPPathModifier): the matched prefix's path elements are
+    replaced, with one slash between the replacement and the rest of the path."""
+    client = await routed(
+        dp,
+        http_route(
+            "web-prefixes",
+            {
+                "matches": [prefix("/strip")],
+                "filters": [replace_prefix("URLRewrite", "/")],
+                "backendRefs": [WEB_V1],
+            },
+            {
+                "matches": [prefix("/to")],
+                "filters": [replace_prefix("URLRewrite", "/y/")],
+                "backendRefs": [WEB_V1],
+            },
+            {"matches": [prefix("/moved")], "filters": [replace_prefix("RequestRedirect", "/")]},
+            {"backendRefs": [WEB_V1]},
+        ),
+    )
+    forwarded = {"/strip/three?q=1": ("/three", "q=1"), "/strip": ("/", ""), "/to/b": ("/y/b", "")}
+    for path, (want, query) in forwarded.items():
+        got = (await client.request("web.shop", path)).results[0]
+        assert got.ok, got.describe()
+        assert got.body is not None
+        assert (got.body["path"], got.body["query"]) == (want, query), f"{path}: {got.body}"
+    moved = (await client.request("web.shop", "/moved/z", follow_redirects=False)).results[0]
+    assert moved.status == 302, moved.describe()
+    assert moved.headers.get("Location") == "http://web.shop/z", moved.headers
