@@ -45,6 +45,7 @@ def schema_of(crd: dict[str, Any], *path: str) -> dict[str, Any]:
 
 MESH = "meshconfigs.isthmus.io.yaml"
 MEMBER = "memberclusters.isthmus.io.yaml"
+POLICY = "authorizationpolicies.isthmus.io.yaml"
 
 
 def test_generated_python_is_current(tmp_path: Path) -> None:
@@ -59,6 +60,7 @@ def test_generated_python_is_current(tmp_path: Path) -> None:
         "condition.proto",
         "mesh.proto",
         "member_cluster.proto",
+        "authorization.proto",
     }
 
 
@@ -89,7 +91,7 @@ def test_generated_modules_say_do_not_edit() -> None:
 
 def test_crd_names_and_shape() -> None:
     docs = committed_crds()
-    assert set(docs) == {MESH, MEMBER}
+    assert set(docs) == {MESH, MEMBER, POLICY}
     for name, crd in docs.items():
         assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
         assert crd["kind"] == "CustomResourceDefinition"

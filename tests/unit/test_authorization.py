@@ -5,6 +5,7 @@ the file source's checks, and LDS regenerated when policies change."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import re2
 import yaml
 from test_authorization_golden import BASE, IDENTITY, WEB
 
+from isthmus.discovery import authorization
 from isthmus.discovery.file import MeshFileError, parse_mesh
 from isthmus.discovery.model import AllowRule, AuthorizationPolicy, Caller, MeshView, Protocol, ServicePort
 from isthmus.xds import types
@@ -88,7 +90,7 @@ def test_http_conditions_never_allow_a_tcp_connection() -> None:
             {
                 "name": "p",
                 "selector": {"service_account": "web"},
-                "rules": [{"from": [{"namespace": "Bad_NS"}]}],
+                "rules": [{"callers": [{"namespace": "Bad_NS"}]}],
             },
             "not a Kubernetes name",
         ),
@@ -123,3 +125,67 @@ def test_a_policy_change_regenerates_the_workloads_listeners() -> None:
         n: m.SerializeToString(deterministic=True) for n, m in direct.items()
     }
     assert WEB.for_type(types.LISTENER).service_account == "web"
+
+
+TARGET = {
+    "kind": "TrafficTarget",
+    "metadata": {"name": "web-readers", "namespace": "shop"},
+    "spec": {
+        "destination": {"kind": "ServiceAccount", "name": "web", "namespace": "shop"},
+        "sources": [
+            {"kind": "ServiceAccount", "name": "client", "namespace": "shop"},
+            {"kind": "ServiceAccount", "name": "reporter", "namespace": "blog"},
+        ],
+        "rules": [
+            {"kind": "HTTPRouteGroup", "name": "web-routes", "matches": ["reads"]},
+            {"kind": "TCPRoute", "name": "pg"},
+            {"kind": "HTTPRouteGroup", "name": "not-there"},
+        ],
+    },
+}
+GROUPS = {
+    ("shop", "web-routes"): {
+        "spec": {
+            "matches": [
+                {"name": "reads", "methods": ["GET", "HEAD"], "pathRegex": "/api/.*"},
+                {"name": "writes", "methods": ["POST"], "pathRegex": "/api/.*"},
+            ]
+        }
+    }
+}
+TCP_ROUTES = {("shop", "pg"): {"spec": {"matches": {"ports": [5432]}}}}
+
+
+def test_an_smi_traffic_target_is_a_policy_of_its_destination() -> None:
+    policy = authorization.traffic_target(TARGET, GROUPS, TCP_ROUTES)
+    assert (policy.kind, policy.namespace, policy.service_account) == ("TrafficTarget", "shop", "web")
+    callers = (Caller("shop", "client"), Caller("blog", "reporter"))
+    assert policy.rules == (
+        AllowRule(callers, (), ("/api/.*",), ("GET", "HEAD"), regex=True),  # only the match named
+        AllowRule(callers, (5432,)),
+    ), "a rule naming a group that does not exist allows nothing"
+    config = rbac(MeshView.of(parse_mesh(BASE).services, (), policies=[policy]), WEB, HTTP, IDENTITY)
+    assert config is not None
+    [http] = [p for p in config.policies.values() if p.permissions[0].WhichOneof("rule") == "and_rules"]
+    path = http.permissions[0].and_rules.rules[0].url_path.path
+    assert path.safe_regex.regex == "/api/.*"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["destination"].update(kind="Service"), "ServiceAccount"),
+        (lambda s: s["destination"].update(namespace="other"), "namespace shop"),
+        (lambda s: s.update(sources=[]), "no ServiceAccount"),
+        (lambda s: s["rules"].append({"kind": "UDPRoute", "name": "x"}), "UDPRoute"),
+    ],
+)
+def test_a_malformed_traffic_target_is_refused(change: Any, message: str) -> None:
+    target = copy.deepcopy(TARGET)
+    change(target["spec"])
+    with pytest.raises(authorization.PolicyError, match=message):
+        authorization.traffic_target(target, GROUPS, TCP_ROUTES)
+    bad_regex = copy.deepcopy(GROUPS)
+    bad_regex["shop", "web-routes"]["spec"]["matches"][0]["pathRegex"] = "(?<=x)"
+    with pytest.raises(authorization.PolicyError, match="RE2"):
+        authorization.traffic_target(TARGET, bad_regex, TCP_ROUTES)

@@ -33,7 +33,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from isthmus.api.v1alpha1 import member_cluster_pb2, mesh_pb2, options_pb2
+from isthmus.api.v1alpha1 import authorization_pb2, member_cluster_pb2, mesh_pb2, options_pb2
 
 GROUP = "isthmus.io"
 VERSION = "v1alpha1"
@@ -254,7 +254,20 @@ MEMBER_CLUSTER = Kind(
     description="One member cluster of the mesh, named after it: what an operator sets on it (a drain) "
     "and what isthmus reports back.",
 )
-KINDS = (MESH_CONFIG, MEMBER_CLUSTER)
+AUTHORIZATION_POLICY = Kind(
+    kind="AuthorizationPolicy",
+    plural="authorizationpolicies",
+    spec=descriptor(authorization_pb2.AuthorizationPolicySpec),
+    columns=(
+        PrinterColumn(
+            "ServiceAccount", "string", ".spec.selector.serviceAccount", "The workloads it selects."
+        ),
+        AGE,
+    ),
+    description="Who may call the workloads of a service account, by SPIFFE identity "
+    "(docs/authorization.md); read from every member cluster.",
+)
+KINDS = (MESH_CONFIG, MEMBER_CLUSTER, AUTHORIZATION_POLICY)
 
 
 def crd(kind: Kind, docs: Mapping[str, str] = {}) -> Json:

@@ -14,7 +14,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -22,11 +21,9 @@ from typing import Any
 
 import yaml
 
-from isthmus.discovery import gamma
+from isthmus.discovery import authorization, gamma
 from isthmus.discovery.model import (
-    AllowRule,
     AuthorizationPolicy,
-    Caller,
     ClusterAddresses,
     Endpoint,
     Gateway,
@@ -50,9 +47,6 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class MeshFileError(ValueError):
     """The mesh file is not valid; the message says where and why."""
-
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # Kubernetes names (RFC 1123)
 
 
 def example_mesh_text() -> str:
@@ -176,51 +170,6 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshView:
     return MeshView.build(services.values(), clusters.values(), splits, routes, policies)
 
 
-def _callers(raw: Any, where: str) -> tuple[Caller, ...]:
-    out = []
-    for i, item in enumerate(_as_list(raw, where)):
-        c = _as_dict(item, f"{where}[{i}]")
-        namespace, account = str(c.get("namespace", "*")), str(c.get("service_account", "*"))
-        for value, what in ((namespace, "namespace"), (account, "service_account")):
-            if value != "*" and not _DNS_LABEL.match(value):
-                raise MeshFileError(f"{where}[{i}].{what}: {value!r} is not a Kubernetes name (or *)")
-        out.append(Caller(namespace, account))
-    return tuple(out)
-
-
-def _policies(doc: dict[str, Any], source: str) -> list[AuthorizationPolicy]:
-    """``authorization_policies``: who may call the workloads of a service account,
-    ``{name, namespace, selector: {service_account}, rules: [{from: [{namespace, service_account}],
-    to: {ports, paths, methods}}]}`` (docs/authorization.md)."""
-    out = []
-    for i, raw in enumerate(_as_list(doc.get("authorization_policies"), f"{source}: authorization_policies")):
-        where = f"{source}: authorization_policies[{i}]"
-        p = _as_dict(raw, where)
-        selector = _as_dict(_require(p, "selector", where), f"{where}.selector")
-        rules = []
-        for j, rr in enumerate(_as_list(p.get("rules"), f"{where}.rules")):
-            rw = f"{where}.rules[{j}]"
-            r = _as_dict(rr, rw)
-            to = _as_dict(r.get("to") or {}, f"{rw}.to")
-            listed = _as_list(to.get("ports"), f"{rw}.to.ports")
-            ports = tuple(_port_number(n, f"{rw}.to.ports") for n in listed)
-            paths = tuple(str(x) for x in _as_list(to.get("paths"), f"{rw}.to.paths"))
-            if any(not x.startswith("/") for x in paths):
-                raise MeshFileError(f"{rw}.to.paths: each path starts with / (a prefix ends with *)")
-            methods = tuple(str(x).upper() for x in _as_list(to.get("methods"), f"{rw}.to.methods"))
-            rules.append(AllowRule(_callers(r.get("from"), f"{rw}.from"), ports, paths, methods))
-        out.append(
-            AuthorizationPolicy(
-                "AuthorizationPolicy",
-                str(p.get("namespace", "default")),
-                str(_require(p, "name", where)),
-                str(_require(selector, "service_account", f"{where}.selector")),
-                tuple(rules),
-            )
-        )
-    return out
-
-
 def _routes(doc: dict[str, Any], services: dict[ServiceKey, Service], source: str) -> list[ServiceRoute]:
     """``routes``: Gateway API HTTPRoutes and GRPCRoutes as Kubernetes holds them (``kind``,
     ``metadata``, ``spec``), attached to services by parentRefs (discovery.gamma). Strict, as the
@@ -243,6 +192,23 @@ def _routes(doc: dict[str, Any], services: dict[ServiceKey, Service], source: st
             if any(rule.broken for rule in route.rules):
                 raise MeshFileError(f"{where}: {'; '.join(r.broken for r in route.rules if r.broken)}")
         out.extend(read.routes)
+    return out
+
+
+def _policies(doc: dict[str, Any], source: str) -> list[AuthorizationPolicy]:
+    """``authorization_policies``: ``{name, namespace, selector: {service_account}, rules:
+    [{callers: [{namespace, service_account}], to: {ports, paths, methods}}]}``, the spec of an
+    AuthorizationPolicy (discovery.authorization; docs/authorization.md)."""
+    out = []
+    for i, raw in enumerate(_as_list(doc.get("authorization_policies"), f"{source}: authorization_policies")):
+        where = f"{source}: authorization_policies[{i}]"
+        p = dict(_as_dict(raw, where))
+        namespace, name = str(p.pop("namespace", "default")), str(_require(p, "name", where))
+        p.pop("name")
+        try:
+            out.append(authorization.policy(namespace, name, p))
+        except authorization.PolicyError as exc:
+            raise MeshFileError(f"{where}: {exc}") from None
     return out
 
 

@@ -367,6 +367,7 @@ class AllowRule:
     ports: tuple[int, ...] = ()
     paths: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
+    regex: bool = False  # ``paths`` are RE2 regular expressions (SMI's pathRegex)
 
 
 @dataclass(frozen=True, slots=True, order=True)

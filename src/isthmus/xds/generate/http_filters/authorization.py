@@ -49,8 +49,10 @@ def principal(caller: Caller, trust_domain: str) -> Any:
     return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=match))
 
 
-def _path(path: str) -> Any:
-    if path.endswith("*"):
+def _path(path: str, regex: bool) -> Any:
+    if regex:
+        match = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=path))
+    elif path.endswith("*"):
         match = string_pb2.StringMatcher(prefix=path[:-1])
     else:
         match = string_pb2.StringMatcher(exact=path)
@@ -74,7 +76,7 @@ def _any_of(items: list[Any], wrap: str) -> Any:
 def permission(rule: AllowRule) -> Any:
     parts = []
     if rule.paths:
-        parts.append(_any_of([_path(p) for p in rule.paths], "permission"))
+        parts.append(_any_of([_path(p, rule.regex) for p in rule.paths], "permission"))
     if rule.methods:
         parts.append(_any_of([_method(m.upper()) for m in rule.methods], "permission"))
     if not parts:
