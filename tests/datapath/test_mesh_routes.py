@@ -212,12 +212,6 @@ def replace_prefix(filter_type: str, to: str) -> dict[str, Any]:
     return {"type": filter_type, key: spec}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate.routes turns ReplacePrefixMatch into Envoy's prefix_rewrite, which replaces "
-    "characters, not path elements: /strip/three with '/' becomes //three (remove this marker "
-    "with the fix)",
-)
 async def test_replace_prefix_match_replaces_path_elements(dp: DataPath) -> None:
     """Gateway API ReplacePrefixMatch (HTTPPathModifier): the matched prefix's path elements are
     replaced, with one slash between the replacement and the rest of the path."""

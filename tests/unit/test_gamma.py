@@ -217,3 +217,15 @@ def test_routes_change_rds_only_when_they_change() -> None:
     assert {n: r.body for n, r in after.items()} == {
         n: m.SerializeToString(deterministic=True) for n, m in direct.items()
     }
+
+
+def test_replace_prefix_match_needs_a_path_prefix_match() -> None:
+    rewrite = {
+        "type": "URLRewrite",
+        "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}},
+    }
+    read = gamma.read(
+        route([{"matches": [{"path": {"type": "Exact", "value": "/a"}}], "filters": [rewrite]}])
+    )
+    assert read.reason == "UnsupportedValue"
+    assert "PathPrefix" in read.message

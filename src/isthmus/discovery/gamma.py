@@ -288,6 +288,11 @@ def _rule(kind: str, raw: Mapping[str, Any], namespace: str, where: str) -> Rout
             raise RouteError("UnsupportedValue", f"{where}.retry: attempts and codes must be numbers")
         backoff = duration_ms(retry["backoff"], f"{where}.retry.backoff") if "backoff" in retry else 0
         fields["retry"] = Retry(attempts, tuple(codes), backoff)
+    prefixed = [
+        f for f in ("redirect", "rewrite") if f in fields and fields[f].path is not None and fields[f].prefix
+    ]
+    if prefixed and any(m.path_type is not PathType.PREFIX for m in matches):
+        raise RouteError("UnsupportedValue", f"{where}: ReplacePrefixMatch needs PathPrefix matches")
     if "redirect" in fields and backends:
         raise RouteError("UnsupportedValue", f"{where}: a redirect rule has no backendRefs")
     return RouteRule(matches, tuple(backends), mirrors=tuple(mirrors), broken="; ".join(broken), **fields)

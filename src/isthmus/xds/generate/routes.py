@@ -16,6 +16,7 @@ port means port 80 if the service has it, else its first HTTP port.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from typing import Any
 
@@ -163,7 +164,25 @@ def _header_options(edits: HeaderEdits) -> list[Any]:
     ]
 
 
-def _redirect(redirect: Redirect) -> Any:
+def _replace_prefix(out: Any, match: RouteMatch, replacement: str) -> None:
+    """Gateway API ReplacePrefixMatch on ``out`` (a RouteAction or RedirectAction): the matched
+    prefix's path elements are replaced, one slash between the replacement and the rest (prefix
+    /foo, replacement /xyz or /xyz/: /foo/bar -> /xyz/bar; replacement /: /foo/bar -> /bar, /foo
+    -> /). Envoy's prefix_rewrite replaces characters, which is that only when the replacement
+    does not end in a slash and the prefix is not /."""
+    prefix, base = match.path.rstrip("/"), replacement.rstrip("/")
+    if base and prefix:
+        out.prefix_rewrite = base
+        return
+    # The prefix and the slashes after it, replaced by the base and one slash.
+    out.regex_rewrite.CopyFrom(
+        regex_pb2.RegexMatchAndSubstitute(
+            pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}/*"), substitution=f"{base}/"
+        )
+    )
+
+
+def _redirect(redirect: Redirect, match: RouteMatch) -> Any:
     out = route_components_pb2.RedirectAction(response_code=REDIRECT_CODES.get(redirect.status, 0))
     if redirect.scheme:
         out.scheme_redirect = redirect.scheme
@@ -173,7 +192,7 @@ def _redirect(redirect: Redirect) -> Any:
         out.port_redirect = redirect.port
     if redirect.path is not None:
         if redirect.prefix:
-            out.prefix_rewrite = redirect.path
+            _replace_prefix(out, match, redirect.path)
         else:
             out.path_redirect = redirect.path
     return out
@@ -183,7 +202,7 @@ def _millis(ms: int) -> Any:
     return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
-def _action(view: MeshView, parent: ServicePort, rule: RouteRule) -> Any:
+def _action(view: MeshView, parent: ServicePort, match: RouteMatch, rule: RouteRule) -> Any:
     """Where a rule's requests go: its backends by weight (an unusable backend's share gets 500,
     or, for a lenient rule, it is left out), with the rule's rewrites, mirrors, timeouts, retries."""
     action = route_components_pb2.RouteAction(
@@ -217,7 +236,7 @@ def _action(view: MeshView, parent: ServicePort, rule: RouteRule) -> Any:
             action.host_rewrite_literal = rule.rewrite.hostname
         if rule.rewrite.path is not None:
             if rule.rewrite.prefix:
-                action.prefix_rewrite = rule.rewrite.path
+                _replace_prefix(action, match, rule.rewrite.path)
             else:
                 action.regex_rewrite.CopyFrom(
                     regex_pb2.RegexMatchAndSubstitute(
@@ -252,9 +271,9 @@ def _action(view: MeshView, parent: ServicePort, rule: RouteRule) -> Any:
 def envoy_route(view: MeshView, parent: ServicePort, match: RouteMatch, rule: RouteRule) -> Any:
     route = route_components_pb2.Route(match=route_match(match))
     if rule.redirect is not None:
-        route.redirect.CopyFrom(_redirect(rule.redirect))
+        route.redirect.CopyFrom(_redirect(rule.redirect, match))
     else:
-        route.route.CopyFrom(_action(view, parent, rule))
+        route.route.CopyFrom(_action(view, parent, match, rule))
     if rule.request_headers is not None:
         route.request_headers_to_add.extend(_header_options(rule.request_headers))
         route.request_headers_to_remove.extend(rule.request_headers.remove)
