@@ -115,6 +115,7 @@ class ControlPlane:
                 policy=self._cluster_policy,
                 secrets=secrets,
                 service_imports=settings.service_imports,
+                route_status=settings.route_status,
             )
             if settings.kube_authentication:
                 self.pod_bindings = PodBindings(self.members.pod_uid)
@@ -286,6 +287,8 @@ class ControlPlane:
         self.view_loaded = True
         if self.members is not None and self.members.service_imports and self._complete:
             self.members.write_imports(self._imports(view))
+        if self.members is not None and self._complete:
+            self.members.write_route_status(view)
         if changed:
             log.info(
                 "mesh version %s: %d services in %d clusters",
@@ -695,6 +698,8 @@ class ControlPlane:
             self.pool.set_view(self.cache.view)
         if self.members.service_imports and self.view_loaded:  # also if that view was published before
             self.members.write_imports(self._imports(self.cache.view))
+        if self.view_loaded:
+            self.members.write_route_status(self.cache.view)
 
     async def _freeze_after_sync(self) -> None:
         """Once ready, move everything built so far (the member clusters' objects, the first view

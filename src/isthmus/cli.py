@@ -300,6 +300,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not write MCS ServiceImports into member clusters (written where the CRD exists)",
     )
+    kube.add_argument(
+        "--no-route-status",
+        dest="route_status",
+        action="store_false",
+        help="do not write status.parents of HTTPRoutes and GRPCRoutes into member clusters "
+        "(docs/routing.md; needs update on httproutes/status, grpcroutes/status)",
+    )
 
     hook = serve.add_argument_group("sidecar injection (docs/injection.md)")
     hook.add_argument(
@@ -796,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             debounce_max=args.debounce_max,
             clusterset_range=args.clusterset_range,
             service_imports=args.service_imports,
+            route_status=args.route_status,
             config_namespace=args.config_namespace,
             webhook_address=args.webhook_address,
             webhook_sans=tuple(args.webhook_san),

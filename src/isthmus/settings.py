@@ -102,6 +102,7 @@ class ServeSettings:
     debounce_max: float = 1.0
     clusterset_range: str = DEFAULT_CLUSTERSET_RANGE  # where services' clusterset IPs are chosen
     service_imports: bool = True  # write MCS ServiceImports into member clusters that have the CRD
+    route_status: bool = True  # write the status of GAMMA routes (HTTPRoute, GRPCRoute) into member clusters
     config_namespace: str | None = None  # read MemberCluster objects (isthmus.io) there, home cluster
     mtls: bool = True
     trust_domain: str = "cluster.local"

@@ -220,7 +220,7 @@ def test_lint_and_template_every_values_file(helm: Callable[..., str], tmp_path:
     for which in ("member", "member-all"):
         objs = by_kind(render(helm, which))
         # The member mode's roles are deploy/member-cluster/rbac.yaml's, rule for rule.
-        for name in ("isthmus-reader", "isthmus-service-imports"):
+        for name in ("isthmus-reader", "isthmus-service-imports", "isthmus-route-status"):
             assert objs[("ClusterRole", name)]["rules"] == rbac[("ClusterRole", name)]["rules"], name
             binding, expected = objs[("ClusterRoleBinding", name)], rbac[("ClusterRoleBinding", name)]
             assert binding["roleRef"] == expected["roleRef"]
@@ -228,6 +228,7 @@ def test_lint_and_template_every_values_file(helm: Callable[..., str], tmp_path:
         assert {k for k in objs if k[0] in ("ClusterRole", "Role")} == {
             ("ClusterRole", "isthmus-reader"),
             ("ClusterRole", "isthmus-service-imports"),
+            ("ClusterRole", "isthmus-route-status"),
         }
         gateway = objs[("Service", "isthmus-eastwest")]
         assert gateway["metadata"]["labels"]["isthmus.io/gateway"] == "eastwest"

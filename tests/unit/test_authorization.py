@@ -189,3 +189,25 @@ def test_a_malformed_traffic_target_is_refused(change: Any, message: str) -> Non
     bad_regex["shop", "web-routes"]["spec"]["matches"][0]["pathRegex"] = "(?<=x)"
     with pytest.raises(authorization.PolicyError, match="RE2"):
         authorization.traffic_target(TARGET, bad_regex, TCP_ROUTES)
+
+
+def test_policies_survive_the_aggregate_and_the_oldest_wins_across_clusters() -> None:
+    """The file source's policies reach the served view (shards_of_view -> merge), and a policy
+    read in two member clusters is one: the oldest (aggregate.merge_policies)."""
+    from isthmus.discovery.aggregate import Shard, merge, merge_policies, shards_of_view
+    from isthmus.discovery.model import MemberCluster
+
+    mesh = yaml.safe_load(BASE)
+    mesh["authorization_policies"] = [
+        {"name": "p", "namespace": "shop", "selector": {"service_account": "web"}}
+    ]
+    read = parse_mesh(yaml.safe_dump(mesh))
+    assert merge(shards_of_view(read)).policies == read.policies
+    newer = AuthorizationPolicy("AuthorizationPolicy", "shop", "p", "web", (AllowRule(),))
+    older = AuthorizationPolicy("AuthorizationPolicy", "shop", "p", "web", ())
+    shards = [
+        Shard(MemberCluster("a"), policies=((newer, "2026-11-02T00:00:00Z"),)),
+        Shard(MemberCluster("b"), policies=((older, "2026-11-01T00:00:00Z"),)),
+    ]
+    [chosen] = merge_policies(shards)
+    assert chosen.rules == ()

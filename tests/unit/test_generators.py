@@ -305,3 +305,51 @@ def test_bad_traffic_splits_are_refused(split: str, message: str) -> None:
     mesh = SPLIT_MESH[: SPLIT_MESH.index("traffic_splits:")] + f"traffic_splits: [{split}]\n"
     with pytest.raises(MeshFileError, match=message):
         parse_mesh(mesh)
+
+
+PREFIX_REWRITES = """
+clusters: [{name: a, region: r1, zone: z1}]
+services:
+  - name: web
+    namespace: shop
+    ports: [{name: http, port: 80}]
+    endpoints: [{cluster: a, address: 127.0.1.1}]
+routes:
+  - kind: HTTPRoute
+    metadata: {name: prefixes, namespace: shop}
+    spec:
+      parentRefs: [{kind: Service, name: web, port: 80}]
+      rules:
+        - matches: [{path: {type: PathPrefix, value: /strip}}]
+          filters:
+            - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
+          backendRefs: [{name: web, port: 80}]
+        - matches: [{path: {type: PathPrefix, value: /a/}}]
+          filters:
+            - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b/}}}
+          backendRefs: [{name: web, port: 80}]
+        - matches: [{path: {type: PathPrefix, value: /moved}}]
+          filters:
+            - type: RequestRedirect
+              requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+        - filters:
+            - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}}
+          backendRefs: [{name: web, port: 80}]
+"""
+
+
+def test_replace_prefix_match_replaces_path_elements_not_characters() -> None:
+    """Gateway API ReplacePrefixMatch: /strip/three with "/" is /three (not //three), /a/x with
+    /b/ is /b/x (not /b//x), and a match of / with /v1 makes /items /v1/items (not /v1items)."""
+    view = parse_mesh(PREFIX_REWRITES)
+    routes = GENERATORS[types.ROUTE](view, sidecar("a", "r1", "z1"))["outbound_http"]
+    web = next(vh for vh in routes.virtual_hosts if "web.shop" in vh.domains)
+    by_prefix = {r.match.path_separated_prefix or r.match.prefix: r for r in web.routes}
+    strip = by_prefix["/strip"].route
+    assert not strip.prefix_rewrite
+    assert (strip.regex_rewrite.pattern.regex, strip.regex_rewrite.substitution) == ("^/strip/*", "/")
+    assert by_prefix["/a"].route.prefix_rewrite == "/b"
+    moved = by_prefix["/moved"].redirect
+    assert (moved.regex_rewrite.pattern.regex, moved.regex_rewrite.substitution) == ("^/moved/*", "/")
+    root = by_prefix["/"].route
+    assert (root.regex_rewrite.pattern.regex, root.regex_rewrite.substitution) == ("^/*", "/v1/")

@@ -38,6 +38,7 @@ from isthmus import metrics
 from isthmus.discovery import clusterset
 from isthmus.discovery.model import (
     FULL_WEIGHT,
+    AuthorizationPolicy,
     ClusterAddresses,
     Endpoint,
     MemberCluster,
@@ -77,6 +78,9 @@ class Shard:
     splits: tuple[TrafficSplit, ...] = ()
     # GAMMA routes (HTTPRoute, GRPCRoute) read in this cluster, attached to services of the mesh.
     routes: tuple[ServiceRoute, ...] = ()
+    # Authorization policies read in this cluster (AuthorizationPolicy, SMI TrafficTarget), each
+    # with its creationTimestamp (RFC 3339) for conflicts across clusters.
+    policies: tuple[tuple[AuthorizationPolicy, str], ...] = ()
     # The ClusterIPs of the services this cluster's API server defines (a headless one: none).
     addresses: Mapping[ServiceKey, tuple[str, ...]] = field(default_factory=dict)
     # When each service was exported here (RFC 3339; its ServiceExport's creation, else its Service's).
@@ -111,6 +115,18 @@ def merge_routes(shards: Iterable[Shard]) -> list[ServiceRoute]:
     return [route for _, routes in chosen.values() for route in routes]
 
 
+def merge_policies(shards: Iterable[Shard]) -> list[AuthorizationPolicy]:
+    """The policies of every shard; one (kind, namespace, name) read in several clusters is one
+    policy: the oldest wins, then the first cluster by name (as routes)."""
+    chosen: dict[tuple[str, str, str], tuple[tuple[str, str], AuthorizationPolicy]] = {}
+    for shard in shards:
+        for policy, created in shard.policies:
+            key, rank = (policy.kind, policy.namespace, policy.name), (created or NEVER, shard.cluster.name)
+            if key not in chosen or rank < chosen[key][0]:
+                chosen[key] = (rank, policy)
+    return [policy for _, policy in chosen.values()]
+
+
 def merge(
     shards: Iterable[Shard],
     extra_clusters: Iterable[MemberCluster] = (),
@@ -129,6 +145,7 @@ def merge(
         [c for c in clusters.values() if c.name],
         merge_splits(all_shards),
         merge_routes(all_shards),
+        merge_policies(all_shards),
     )
 
 
@@ -211,9 +228,11 @@ def shards_of_view(view: MeshView) -> list[Shard]:
         first = member is members[0]
         splits = tuple(view.splits.values()) if first else ()
         routes = gamma_routes(view) if first else ()
+        policies = tuple((p, "") for ps in view.policies.values() for p in ps) if first else ()
         here = member.name
         ips = {key: s.addresses_in(here) for key, s in view.services.items() if s.defined_in(here)}
-        out.append(Shard(member, ports, {k: v for k, v in eps.items() if v}, splits, routes, ips))
+        endpoints = {k: v for k, v in eps.items() if v}
+        out.append(Shard(member, ports, endpoints, splits, routes, policies, ips))
     return out
 
 
@@ -380,7 +399,9 @@ class Aggregator:
         self._remerge()
         clusters = self._clusters()
         shards = self._shards.values()
-        view = MeshView.of(self._services, clusters, merge_splits(shards), merge_routes(shards))
+        view = MeshView.of(
+            self._services, clusters, merge_splits(shards), merge_routes(shards), merge_policies(shards)
+        )
         self.flushes += 1
         self._set_gauges(clusters)
         self._last_flush = self._clock()

@@ -124,6 +124,7 @@ class ClusterWatcher:
         self.on_pods: Callable[[str, Collection[str] | None], None] | None = None
         # ServiceExports or Services changed: their conditions may have to be written (Members).
         self.on_exports: Callable[[str], None] | None = None
+        self.on_routes: Callable[[str], None] | None = None  # routes_read changed (route status)
         self._failing: set[str] = set()
         self._dirty = asyncio.Event()
         self._reflectors: dict[str, Reflector] = {}
@@ -416,6 +417,8 @@ class ClusterWatcher:
             self.name,
             self._route_memo,
         )
+        if reads != self.routes_read and self.on_routes is not None:
+            self.on_routes(self.name)
         self.routes_read = reads
         refused = {(r.kind, r.namespace, r.name): r for r in reads if r.reason}
         if self.publish:

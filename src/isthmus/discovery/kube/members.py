@@ -28,7 +28,9 @@ from isthmus.discovery.kube.kubeconfig import Credentials, KubeconfigError
 from isthmus.discovery.kube.mcs import ImportWriter
 from isthmus.discovery.kube.reflector import Timing
 from isthmus.discovery.kube.reviews import Review, Reviewer
+from isthmus.discovery.kube.route_status import RouteStatusWriter
 from isthmus.discovery.kube.secrets import SecretMembers
+from isthmus.discovery.model import MeshView
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Members:
         poll_interval: float = 2.0,
         secrets: SecretMembers | None = None,
         service_imports: bool = False,
+        route_status: bool = False,
     ) -> None:
         self.aggregator = aggregator
         self.static = dict(static or {})
@@ -74,6 +77,10 @@ class Members:
         self.service_imports = service_imports
         self._writers: dict[str, tuple[ImportWriter, asyncio.Task[None]]] = {}
         self._imports: Mapping[str, dict[str, object]] | None = None
+        # The status of GAMMA routes written into each member cluster (discovery.kube.route_status).
+        self.route_status = route_status
+        self._route_writers: dict[str, tuple[RouteStatusWriter, asyncio.Task[None]]] = {}
+        self._route_view: MeshView | None = None
         self._reconciled = False  # the members were reconciled at least once
         self._read_found: object | None = None  # the Secrets' findings last reconciled
 
@@ -129,6 +136,7 @@ class Members:
         watcher.publish = publish
         watcher.on_pods = self._pods_changed
         watcher.on_exports = self._exports_changed
+        watcher.on_routes = self._routes_changed
         task = asyncio.create_task(watcher.run(), name=f"cluster-{credentials.cluster}")
         task.add_done_callback(lambda t: self._ended(credentials.cluster, t))
         return _Member(watcher, task)
@@ -184,7 +192,7 @@ class Members:
         finally:
             for member in [*self.members.values(), *self._warming.values()]:
                 await _stop(member)
-            for name in list(self._writers):
+            for name in {*self._writers, *self._route_writers}:
                 await self._stop_writer(name)
             for reviewer in self._reviewers.values():
                 await reviewer.close()
@@ -205,12 +213,38 @@ class Members:
         if found is not None:
             found[0].wake()
 
+    def write_route_status(self, view: MeshView) -> None:
+        """The view the member clusters' route status is computed from (a complete one)."""
+        self._route_view = view
+        for writer, _ in self._route_writers.values():
+            writer.want(view)
+
+    def _routes_changed(self, cluster: str) -> None:
+        found = self._route_writers.get(cluster)
+        if found is not None:
+            found[0].wake()
+
     def _start_writer(self, name: str) -> None:
-        if not self.service_imports or name in self._writers:
-            return
+        """The writers into member cluster ``name``: ServiceImports, route status (if on)."""
 
         async def connect() -> Any:  # the member's current credentials (rotated ones included)
             return await self.members[name].watcher.credentials.api_client()
+
+        if self.route_status and name not in self._route_writers:
+
+            def reads() -> Any:
+                member = self.members.get(name)
+                return member.watcher.routes_read if member is not None else ()
+
+            status = RouteStatusWriter(name, connect, reads)
+            if self._route_view is not None:
+                status.want(self._route_view)
+            self._route_writers[name] = (
+                status,
+                asyncio.create_task(status.run(), name=f"route-status-{name}"),
+            )
+        if not self.service_imports or name in self._writers:
+            return
 
         def exports() -> Any:
             member = self.members.get(name)
@@ -222,10 +256,13 @@ class Members:
         self._writers[name] = (writer, asyncio.create_task(writer.run(), name=f"imports-{name}"))
 
     async def _stop_writer(self, name: str) -> None:
-        found = self._writers.pop(name, None)
-        if found is not None:
-            found[1].cancel()
-            await asyncio.wait([found[1]])  # not `await task`: a cancellation of ours must not be swallowed
+        for writers in (self._writers, self._route_writers):
+            found = writers.pop(name, None)
+            if found is not None:
+                found[1].cancel()
+                await asyncio.wait(
+                    [found[1]]
+                )  # not `await task`: a cancellation of ours must not be swallowed
 
     async def _reconcile_loop(self) -> None:
         """Reconcile every ``poll_interval`` (files), at once when the Secrets change, and while a
@@ -269,6 +306,8 @@ class Members:
                 out[name]["unreachable_since"] = _iso(time.time() - (time.monotonic() - w.unreachable_since))
             if name in self._writers:
                 out[name]["service_imports"] = self._writers[name][0].status()
+            if name in self._route_writers:
+                out[name]["route_status"] = self._route_writers[name][0].status()
         for name, error in self.errors.items():
             out.setdefault(
                 name,
