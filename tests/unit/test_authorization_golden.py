@@ -6,20 +6,19 @@ tests/unit/test_authorization.py."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from google.protobuf import json_format
+from test_generators import TEST_IDENTITY
 
+from goldens import golden
 from isthmus.discovery.file import parse_mesh
 from isthmus.discovery.model import Locality
 from isthmus.xds import naming, types
 from isthmus.xds.generate import GENERATORS
-from isthmus.xds.generate.identity import MeshIdentity, WorkloadCert
 from isthmus.xds.proxy import Proxy, Role
 
 FEATURES = Path(__file__).parent.parent / "golden" / "authorization"
@@ -35,16 +34,10 @@ services:
       - {cluster: b, address: 10.2.0.1, sidecar_port: 15006, service_account: web}
 """
 
-IDENTITY = MeshIdentity(
-    "mesh.test",
-    "ROOT-PEM",
-    WorkloadCert(
-        "spiffe://mesh.test/ns/shop/sa/web",
-        "CHAIN-PEM",
-        "KEY-PEM",
-        datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
-        datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC),
-    ),
+# The generators' test identity (fixed strings for PEM), as web's workload.
+assert TEST_IDENTITY.workload is not None
+IDENTITY = replace(
+    TEST_IDENTITY, workload=replace(TEST_IDENTITY.workload, spiffe_id="spiffe://mesh.test/ns/shop/sa/web")
 )
 WEB = Proxy("web-a", Role.SIDECAR, "shop", "web", "web", Locality("r1", "z1", "a"), "127.0.0.1", "127.0.0.1")
 
@@ -83,9 +76,4 @@ def render(feature: str) -> dict[str, object]:
 def test_authorization_feature(feature: str) -> None:
     got = render(feature)
     path = FEATURES / f"{feature}.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
-    assert path.exists(), f"missing golden file {path}; run `make golden`"
-    assert got == json.loads(path.read_text()), (
-        f"{feature} differs from {path}; if intended, run `make golden`"
-    )
+    assert got == golden(path, got), f"{feature} differs from {path}; if intended, run `make golden`"

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import datetime
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
 
+from goldens import golden
 from isthmus.discovery import clusterset
 from isthmus.discovery.file import MeshFileError, example_mesh_text, parse_mesh
 from isthmus.discovery.model import ClusterState, Locality, MeshView
@@ -154,10 +153,7 @@ def test_golden(case: str) -> None:
     mesh, proxy = CASES[case]
     got = render(mesh, proxy, TEST_IDENTITY if case in MTLS_CASES else PLAINTEXT)
     path = GOLDEN / f"{case}.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
-    assert path.exists(), f"missing golden file {path}; run `make golden`"
-    assert got == json.loads(path.read_text()), f"{case} differs from {path}; if intended, run `make golden`"
+    assert got == golden(path, got), f"{case} differs from {path}; if intended, run `make golden`"
 
 
 def test_generators_are_deterministic_and_do_not_mutate() -> None:

@@ -5,14 +5,13 @@ services they are attached to, for a caller in each namespace, pinned in FEATURE
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 from google.protobuf import json_format
 
+from goldens import golden
 from isthmus.discovery.file import parse_mesh
 from isthmus.discovery.model import Locality
 from isthmus.xds import types
@@ -77,9 +76,4 @@ def render(feature: str) -> dict[str, object]:
 def test_route_feature(feature: str) -> None:
     got = render(feature)
     path = FEATURES / f"{feature}.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
-    assert path.exists(), f"missing golden file {path}; run `make golden`"
-    assert got == json.loads(path.read_text()), (
-        f"{feature} differs from {path}; if intended, run `make golden`"
-    )
+    assert got == golden(path, got), f"{feature} differs from {path}; if intended, run `make golden`"

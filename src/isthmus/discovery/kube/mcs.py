@@ -26,7 +26,6 @@ status and retried with backoff, like any other error.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from isthmus.discovery.kube.writing import ClusterWriter
 from isthmus.discovery.model import MeshView, Service, ServiceKey, ServicePort
 
 log = logging.getLogger(__name__)
@@ -169,14 +169,10 @@ def _same(written: Obj, wanted: Obj) -> bool:
     )
 
 
-def _reason(exc: Exception) -> str:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", None) or type(exc).__name__
-    return f"{status} {reason}" if status else f"{reason}: {exc}"
-
-
-class ImportWriter:
+class ImportWriter(ClusterWriter):
     """Keeps one member cluster's ServiceImports equal to the wanted ones."""
+
+    what = "ServiceImports"
 
     def __init__(
         self,
@@ -189,17 +185,13 @@ class ImportWriter:
         backoff: tuple[float, float] = (1.0, 30.0),
         timeout: float = 10.0,
     ) -> None:
-        self.cluster = cluster
-        self.connect = connect
+        super().__init__(cluster, connect, resync=resync, backoff=backoff)
         self.exports = exports  # the cluster's ServiceExports and the ports it exports them with
-        self.recheck, self.resync, self.backoff, self.timeout = recheck, resync, backoff, timeout
+        self.recheck, self.timeout = recheck, timeout
         self._wanted: Mapping[str, Obj] | None = None
         self._written: dict[str, Obj] | None = None  # None: list before writing
         self._listed_at = 0.0
-        self._wake = asyncio.Event()
-        self._api: client.ApiClient | None = None
         self.installed: bool | None = None  # the CRD: None = not asked yet
-        self.error = ""
         self.writes = 0
         self.skipped: set[str] = set()  # wanted, but their namespace does not exist here
         self.foreign: set[str] = set()  # wanted, but a ServiceImport that isthmus did not make is there
@@ -223,47 +215,20 @@ class ImportWriter:
             "error": self.error,
         }
 
-    async def run(self) -> None:
-        delay = self.backoff[0]
-        try:
-            while True:
-                timeout = self.recheck if self.installed is False else self.resync
-                try:  # asyncio.timeout: wait_for can swallow a cancellation on Python 3.11
-                    async with asyncio.timeout(timeout):
-                        await self._wake.wait()
-                except TimeoutError:
-                    self._written = None  # re-list: undo others' edits, see a new CRD
-                self._wake.clear()
-                if self._wanted is None:
-                    continue
-                try:
-                    await self._sync(self._wanted)
-                    self.error, delay = "", self.backoff[0]
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    why = _reason(exc)
-                    if why != self.error:
-                        log.warning("cluster %s: writing ServiceImports failed: %s", self.cluster, why)
-                    self.error = why
-                    self._written = None
-                    if self._api is not None:  # reconnect: with the cluster's current credentials
-                        await self._api.close()
-                        self._api = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.backoff[1])
-                    self._wake.set()
-        finally:
-            if self._api is not None:
-                await self._api.close()
+    def interval(self) -> float:
+        return self.recheck if self.installed is False else self.resync
 
-    async def _objects(self) -> Any:
-        if self._api is None:
-            self._api = await self.connect()
-        return client.CustomObjectsApi(self._api)
+    def ready(self) -> bool:
+        return self._wanted is not None
 
-    async def _sync(self, wanted: Mapping[str, Obj]) -> None:
-        api = await self._objects()
+    def forget(self) -> None:
+        self._written = None  # re-list: undo others' edits, see a new CRD
+
+    async def write(self, api: Any) -> None:
+        assert self._wanted is not None
+        await self._sync(api, self._wanted)
+
+    async def _sync(self, api: Any, wanted: Mapping[str, Obj]) -> None:
         await self._imports(api, wanted)
         await self._export_statuses(api, wanted)
 

@@ -18,18 +18,15 @@ cluster writes a route's status subresource when what is wanted differs.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client
 
 from isthmus.discovery.gamma import Parent, ReadRoute
+from isthmus.discovery.kube.writing import ClusterWriter, reason
 from isthmus.discovery.model import Backend, MeshView, ServiceRoute
-
-log = logging.getLogger(__name__)
 
 CONTROLLER = "isthmus.io/mesh"
 Obj = dict[str, Any]
@@ -162,7 +159,7 @@ PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
 GROUP, VERSION = "gateway.networking.k8s.io", "v1"
 
 
-class RouteStatusWriter:
+class RouteStatusWriter(ClusterWriter):
     """Keeps the status of one member cluster's GAMMA routes equal to what the mesh makes of them.
 
     Woken by each view and by changes of the cluster's routes; it reads a route (its status is not
@@ -171,6 +168,8 @@ class RouteStatusWriter:
     write (403: the member role lacks ``update`` on ``httproutes/status``) or any other error is
     logged once, shown in the cluster's status and retried with backoff, never blocking discovery.
     """
+
+    what = "route status"
 
     def __init__(
         self,
@@ -182,13 +181,10 @@ class RouteStatusWriter:
         backoff: tuple[float, float] = (1.0, 30.0),
         timeout: float = 10.0,
     ) -> None:
-        self.cluster, self.connect, self.reads = cluster, connect, reads
-        self.resync, self.backoff, self.timeout = resync, backoff, timeout
+        super().__init__(cluster, connect, resync=resync, backoff=backoff)
+        self.reads, self.timeout = reads, timeout
         self._view: MeshView | None = None
-        self._wake = asyncio.Event()
-        self._api: client.ApiClient | None = None
         self._written: dict[tuple[str, str, str], object] = {}  # what was last written (or found)
-        self.error = ""
         self.writes = 0
 
     def want(self, view: MeshView) -> None:
@@ -202,44 +198,20 @@ class RouteStatusWriter:
     def status(self) -> dict[str, object]:
         return {"routes": len(self._written), "writes": self.writes, "error": self.error}
 
-    async def run(self) -> None:
-        delay = self.backoff[0]
-        try:
-            while True:
-                try:  # asyncio.timeout: wait_for can swallow a cancellation on Python 3.11
-                    async with asyncio.timeout(self.resync):
-                        await self._wake.wait()
-                except TimeoutError:
-                    self._written.clear()  # read them all again: undo others' edits
-                self._wake.clear()
-                if self._view is None:
-                    continue
-                try:
-                    await self._sync(self._view)
-                    if self.error:
-                        log.info("cluster %s: writing route status again", self.cluster)
-                    self.error, delay = "", self.backoff[0]
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    why = _why(exc)
-                    if why != self.error:
-                        log.warning("cluster %s: writing route status failed: %s", self.cluster, why)
-                    self.error = why
-                    if self._api is not None:
-                        await self._api.close()
-                        self._api = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.backoff[1])
-                    self._wake.set()
-        finally:
-            if self._api is not None:
-                await self._api.close()
+    def ready(self) -> bool:
+        return self._view is not None
 
-    async def _sync(self, view: MeshView) -> None:
-        if self._api is None:
-            self._api = await self.connect()
-        api = client.CustomObjectsApi(self._api)
+    def forget(self) -> None:
+        self._written.clear()  # read them all again: undo others' edits
+
+    def why(self, exc: Exception) -> str:
+        return _why(exc)
+
+    async def write(self, api: Any) -> None:
+        assert self._view is not None
+        await self._sync(api, self._view)
+
+    async def _sync(self, api: Any, view: MeshView) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         current = {}
         for read in self.reads():
@@ -284,11 +256,9 @@ class RouteStatusWriter:
 
 
 def _why(exc: Exception) -> str:
-    if isinstance(exc, client.ApiException):
-        if exc.status == 403:
-            return (
-                "refused (403): the member role does not grant update on httproutes/status and "
-                "grpcroutes/status (deploy/member-cluster/rbac.yaml)"
-            )
-        return f"HTTP {exc.status} {exc.reason}"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, client.ApiException) and exc.status == 403:
+        return (
+            "refused (403): the member role does not grant update on httproutes/status and "
+            "grpcroutes/status (deploy/member-cluster/rbac.yaml)"
+        )
+    return reason(exc)
