@@ -4,12 +4,20 @@ transition times kept while a condition's status holds."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 from typing import Any
 
 from isthmus.discovery import gamma
 from isthmus.discovery.aggregate import Shard, merge
 from isthmus.discovery.file import parse_mesh
-from isthmus.discovery.kube.route_status import CONTROLLER, merged, parent_statuses, unchanged
+from isthmus.discovery.kube.route_status import (
+    CONTROLLER,
+    RouteStatusWriter,
+    merged,
+    parent_statuses,
+    unchanged,
+)
 from isthmus.discovery.model import MemberCluster, MeshView
 
 MESH = """
@@ -105,3 +113,55 @@ def test_others_entries_are_kept_and_times_move_only_with_a_status() -> None:
     assert not unchanged(first, moved)
     times = {c["type"]: c["lastTransitionTime"] for c in moved["parents"][1]["conditions"]}
     assert times == {"Accepted": NOW, "ResolvedRefs": LATER}
+
+
+class FakeRoutes:
+    """The two calls RouteStatusWriter makes (CustomObjectsApi's), on routes held in memory."""
+
+    def __init__(self, *objs: dict[str, Any]) -> None:
+        self.objs = {o["metadata"]["name"]: copy.deepcopy(o) for o in objs}
+        self.written: list[dict[str, Any]] = []
+
+    async def get_namespaced_custom_object(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        return copy.deepcopy(self.objs[args[4]])
+
+    async def replace_namespaced_custom_object_status(self, *args: Any, **kw: Any) -> None:
+        self.objs[args[4]] = copy.deepcopy(args[5])
+        self.written.append(args[5]["status"])
+
+
+async def test_a_change_of_the_routes_waits_for_the_view_that_holds_them() -> None:
+    """The routes read change before the aggregator publishes the view with them: the writer waits
+    for that view instead of writing what an older view makes of them (NoMatchingParent, then
+    Accepted a moment later); a change that brings no view is written after ``settle``."""
+    obj = route()
+    read = gamma.read(obj, "east")
+    reads: tuple[gamma.ReadRoute, ...] = ()
+    writer = RouteStatusWriter("east", _no_connect, lambda: reads, settle=5.0)
+    api = FakeRoutes(obj)
+    writer.want(MeshView.build((), ()))  # a view before the cluster's services and routes
+    await writer.write(api)
+    assert api.written == []
+    reads = (read,)
+    writer.wake()
+    write = asyncio.create_task(writer.write(api))
+    await asyncio.sleep(0.05)
+    assert not write.done(), "waits for the view"
+    writer.want(view_with(("east", read)))
+    await asyncio.wait_for(write, 1.0)
+    [status] = api.written
+    assert conditions(status["parents"][0]) == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("True", "ResolvedRefs"),
+    }
+    # An edit that changes no view (its generation only): written after settle, with the view held.
+    writer.settle = 0.05
+    reads = (gamma.read({**obj, "metadata": {**obj["metadata"], "generation": 4}}, "east"),)
+    writer.wake()
+    await asyncio.wait_for(writer.write(api), 1.0)
+    assert len(api.written) == 2
+    assert {c["observedGeneration"] for c in api.written[1]["parents"][0]["conditions"]} == {4}
+
+
+async def _no_connect() -> Any:
+    raise AssertionError("the test hands write() its API")

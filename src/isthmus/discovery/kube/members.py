@@ -236,7 +236,9 @@ class Members:
                 member = self.members.get(name)
                 return member.watcher.routes_read if member is not None else ()
 
-            status = RouteStatusWriter(name, connect, reads)
+            # After a change of the routes read, wait for the view (the aggregator's debounce, and more).
+            settle = max(1.0, 2 * self.aggregator.max_delay)
+            status = RouteStatusWriter(name, connect, reads, settle=settle)
             if self._route_view is not None:
                 status.want(self._route_view)
             self._route_writers[name] = (

@@ -18,6 +18,8 @@ cluster writes a route's status subresource when what is wanted differs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -167,6 +169,12 @@ class RouteStatusWriter(ClusterWriter):
     what it last wrote, and every ``resync`` seconds, so edits by others are undone. A refused
     write (403: the member role lacks ``update`` on ``httproutes/status``) or any other error is
     logged once, shown in the cluster's status and retried with backoff, never blocking discovery.
+
+    The routes read change before the view that holds them is published (the aggregator waits for
+    a quiet moment): woken by a change of the routes, the writer waits up to ``settle`` seconds for
+    the next view, so that no route is judged by a view without it (a new member cluster's routes
+    would get NoMatchingParent, a route and its new backend BackendNotFound, each rewritten a moment
+    later). A change that changes no view (a refused route edited) is written after ``settle``.
     """
 
     what = "route status"
@@ -180,19 +188,25 @@ class RouteStatusWriter(ClusterWriter):
         resync: float = 300.0,
         backoff: tuple[float, float] = (1.0, 30.0),
         timeout: float = 10.0,
+        settle: float = 2.0,
     ) -> None:
         super().__init__(cluster, connect, resync=resync, backoff=backoff)
-        self.reads, self.timeout = reads, timeout
+        self.reads, self.timeout, self.settle = reads, timeout, settle
         self._view: MeshView | None = None
+        self._new_view = asyncio.Event()  # a view came since the last write began
+        self._reads_changed = False  # the routes read changed since the last write began
         self._written: dict[tuple[str, str, str], object] = {}  # what was last written (or found)
         self.writes = 0
 
     def want(self, view: MeshView) -> None:
         self._view = view
+        self._new_view.set()
         self._wake.set()
 
     def wake(self) -> None:
+        """The cluster's routes read changed (the view that holds them is on its way)."""
         if self._view is not None:
+            self._reads_changed = True
             self._wake.set()
 
     def status(self) -> dict[str, object]:
@@ -208,6 +222,12 @@ class RouteStatusWriter(ClusterWriter):
         return _why(exc)
 
     async def write(self, api: Any) -> None:
+        if self._reads_changed and not self._new_view.is_set():
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see ClusterWriter.run
+                async with asyncio.timeout(self.settle):
+                    await self._new_view.wait()
+        self._reads_changed = False
+        self._new_view.clear()
         assert self._view is not None
         await self._sync(api, self._view)
 
