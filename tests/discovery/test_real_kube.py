@@ -462,8 +462,9 @@ async def test_bookmarks_from_a_real_server_keep_the_watch_current(
 async def test_a_role_without_the_optional_kinds_degrades_only_those_features(
     real_clusters: dict[str, RealCluster], namespace: str, graph: tuple[Graph, Aggregator], tmp_path: Path
 ) -> None:
-    """An operator who uses neither ServiceExports, TrafficSplits nor GAMMA routes grants none of
-    them: the real API server answers 403 for them, and the cluster stays synced with its services."""
+    """An operator who uses neither ServiceExports, TrafficSplits, GAMMA routes nor authorization
+    policies grants none of them: the real API server answers 403 for them, and the cluster stays
+    synced with its services."""
     g, aggregator = graph
     cluster = real_clusters["b"]
     web = ServiceKey(namespace, "web")
@@ -507,7 +508,16 @@ async def test_a_role_without_the_optional_kinds_degrades_only_those_features(
         async with running(members):
             await g.until(lambda v: endpoints(v, web) == {("b", "10.6.0.1")}, timeout=30)
             deadline = time.monotonic() + 30
-            optional = {"serviceexports", "trafficsplits", "httproutes", "grpcroutes"}
+            optional = {
+                "serviceexports",
+                "trafficsplits",
+                "httproutes",
+                "grpcroutes",
+                "authorizationpolicies",
+                "traffictargets",
+                "httproutegroups",
+                "tcproutes",
+            }
             while set(members.status()["b"].get("degraded", {})) != optional:  # type: ignore[arg-type]
                 assert time.monotonic() < deadline, members.status()
                 await asyncio.sleep(0.2)

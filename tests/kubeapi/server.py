@@ -57,8 +57,9 @@ Semantics, as kube-apiserver with its watch cache behaves:
   installed), 429 TooManyRequests with Retry-After for a kind passed to
   ``throttle`` (a real server's "storage is (re)initializing"), 404 NotFound ``services "x" not
   found`` for a missing object.
-* A CRD (serviceexports; trafficsplits, httproutes and grpcroutes are not installed until
-  ``set_installed``) can be not installed: its paths 404, its group is absent from ``/apis``.
+* A CRD (serviceexports; trafficsplits, httproutes, grpcroutes, authorizationpolicies,
+  traffictargets, httproutegroups and tcproutes are not installed until ``set_installed``) can be
+  not installed: its paths 404, its group is absent from ``/apis``.
   Uninstalling at runtime deletes its objects (DELETED events), then ends its open watches cleanly.
 
 Not faithful (on purpose or not needed): no TLS, no protobuf, no aggregated discovery (v2), no
@@ -161,6 +162,22 @@ RESOURCES: tuple[ResourceType, ...] = (
     ),
     ResourceType("gateway.networking.k8s.io", "v1", "httproutes", "httproute", "HTTPRoute", True, crd=True),
     ResourceType("gateway.networking.k8s.io", "v1", "grpcroutes", "grpcroute", "GRPCRoute", True, crd=True),
+    ResourceType(
+        "isthmus.io",
+        "v1alpha1",
+        "authorizationpolicies",
+        "authorizationpolicy",
+        "AuthorizationPolicy",
+        True,
+        crd=True,
+    ),
+    ResourceType(
+        "access.smi-spec.io", "v1alpha3", "traffictargets", "traffictarget", "TrafficTarget", True, crd=True
+    ),
+    ResourceType(
+        "specs.smi-spec.io", "v1alpha4", "httproutegroups", "httproutegroup", "HTTPRouteGroup", True, crd=True
+    ),
+    ResourceType("specs.smi-spec.io", "v1alpha4", "tcproutes", "tcproute", "TCPRoute", True, crd=True),
 )
 
 

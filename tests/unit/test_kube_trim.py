@@ -42,6 +42,7 @@ from isthmus.discovery.kube.convert import (
     SliceIndex,
     mesh_label,
     node_locality,
+    policy_reads,
     route_reads,
     shard_of,
     traffic_splits,
@@ -1195,6 +1196,10 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
             "trafficsplits": SPLITS,
             "httproutes": HTTP_ROUTES,
             "grpcroutes": GRPC_ROUTES,
+            "authorizationpolicies": AUTHORIZATION_POLICIES,
+            "traffictargets": TRAFFIC_TARGETS,
+            "httproutegroups": ROUTE_GROUPS,
+            "tcproutes": TCP_ROUTES,
         }
         fns = {
             "services": trim.service,
@@ -1206,6 +1211,10 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
             "trafficsplits": trim.traffic_split,
             "httproutes": trim.http_route,
             "grpcroutes": trim.grpc_route,
+            "authorizationpolicies": trim.authorization_policy,
+            "traffictargets": trim.traffic_target,
+            "httproutegroups": trim.http_route_group,
+            "tcproutes": trim.tcp_route,
         }
         for kind, objs in stores.items():
             r = w._reflector(kind, never, fns[kind] if trims else None)
@@ -1228,6 +1237,14 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
         ("GRPCRoute", "web-grpc"),
     }  # the accepted ones in mesh namespaces ("other" has no label: in the mesh by default)
     assert small.routes_read == whole.routes_read
+    assert [(p, p.rules, t) for p, t in small_shard.policies] == [(p, p.rules, t) for p, t in shard.policies]
+    assert {(p.kind, p.name) for p, _ in shard.policies} == {
+        ("AuthorizationPolicy", "web-callers"),
+        ("AuthorizationPolicy", "deny-db"),
+        ("AuthorizationPolicy", "api"),
+        ("TrafficTarget", "web-from-client"),
+        ("TrafficTarget", "db-from-web"),
+    }  # not the refused ones, nor those in a namespace out of the mesh
     assert {r.name for r in whole.routes_read if r.reason} == {"bad-regex", "grpc-redirect"}
     assert shard.cluster.gateway is not None
     assert shard.cluster.gateway_ready is True
@@ -1691,3 +1708,250 @@ def test_the_strings_kept_are_shared_between_objects() -> None:
     assert first["targetRef"]["name"] is one["metadata"]["name"]
     assert first["targetRef"]["namespace"] is one["metadata"]["namespace"]
     assert first["nodeName"] is second["nodeName"]
+
+
+# ---- authorization policies: AuthorizationPolicy, TrafficTarget, HTTPRouteGroup, TCPRoute -------
+
+
+def crd_object(
+    api_version: str, kind: str, name: str, spec: Any, namespace: str = "shop", **extra: Any
+) -> Obj:
+    """A custom object as a real server serves it (metadata of every kind, a status nobody reads)."""
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": meta(name, namespace, **extra),
+        "spec": spec,
+        "status": {
+            "observedBy": "another-controller",
+            "conditions": [{"type": "Ready", "message": "x" * 300}],
+        },
+    }
+
+
+def isthmus_policy(name: str, spec: Any, namespace: str = "shop", **extra: Any) -> Obj:
+    return crd_object("isthmus.io/v1alpha1", "AuthorizationPolicy", name, spec, namespace, **extra)
+
+
+AUTHORIZATION_POLICIES = {
+    # Every field the reader knows.
+    "shop/web-callers": isthmus_policy(
+        "web-callers",
+        {
+            "selector": {"serviceAccount": "web"},
+            "rules": [
+                {
+                    "callers": [{"namespace": "shop", "serviceAccount": "client"}, {"namespace": "blog"}],
+                    "to": {"ports": [80], "paths": ["/api/*", "/health"], "methods": ["get", "POST"]},
+                },
+                {"callers": [{"serviceAccount": "*"}]},
+                {},
+            ],
+        },
+        creationTimestamp="2025-10-01T08:00:00Z",
+    ),
+    "shop/deny-db": isthmus_policy("deny-db", {"selector": {"serviceAccount": "db"}}, generation=5),
+    "shop/bad-caller": isthmus_policy(
+        "bad-caller",
+        {"selector": {"serviceAccount": "web"}, "rules": [{"callers": [{"namespace": "Not_A_Name"}]}]},
+        generation=9,
+    ),
+    "shop/unknown-field": isthmus_policy(
+        "unknown-field", {"selector": {"serviceAccount": "web"}, "rules": [{"from": []}]}
+    ),
+    "legacy/old": isthmus_policy("old", {"selector": {"serviceAccount": "old"}}, "legacy"),
+    "other/api": isthmus_policy("api", {"selector": {"serviceAccount": "api"}}, "other"),
+}
+
+
+def smi(kind: str, name: str, spec: Any, namespace: str = "shop", **extra: Any) -> Obj:
+    version = "access.smi-spec.io/v1alpha3" if kind == "TrafficTarget" else "specs.smi-spec.io/v1alpha4"
+    return crd_object(version, kind, name, spec, namespace, **extra)
+
+
+TRAFFIC_TARGETS = {
+    "shop/web-from-client": smi(
+        "TrafficTarget",
+        "web-from-client",
+        {
+            "destination": {"kind": "ServiceAccount", "name": "web", "namespace": "shop", "port": 80},
+            "sources": [
+                {"kind": "ServiceAccount", "name": "client", "namespace": "shop"},
+                {"kind": "ServiceAccount", "name": "bot", "namespace": "blog"},
+            ],
+            "rules": [
+                {"kind": "HTTPRouteGroup", "name": "web-api", "matches": ["reads"]},
+                {"kind": "HTTPRouteGroup", "name": "web-all"},
+                {"kind": "HTTPRouteGroup", "name": "not-yet"},  # allows nothing until it exists
+            ],
+        },
+        creationTimestamp="2025-10-02T08:00:00Z",
+    ),
+    "shop/db-from-web": smi(
+        "TrafficTarget",
+        "db-from-web",
+        {
+            "destination": {"kind": "ServiceAccount", "name": "db", "namespace": "shop"},
+            "sources": [{"kind": "ServiceAccount", "name": "web", "namespace": "shop"}],
+            "rules": [{"kind": "TCPRoute", "name": "db-port"}],
+        },
+    ),
+    "shop/bad-regex": smi(
+        "TrafficTarget",
+        "bad-regex",
+        {
+            "destination": {"kind": "ServiceAccount", "name": "web"},
+            "sources": [{"kind": "ServiceAccount", "name": "client"}],
+            "rules": [{"kind": "HTTPRouteGroup", "name": "lookahead"}],
+        },
+        generation=4,
+    ),
+    "legacy/old": smi(
+        "TrafficTarget",
+        "old",
+        {
+            "destination": {"kind": "ServiceAccount", "name": "old"},
+            "sources": [{"kind": "ServiceAccount", "name": "x"}],
+        },
+        "legacy",
+    ),
+}
+ROUTE_GROUPS = {
+    "shop/web-api": smi(
+        "HTTPRouteGroup",
+        "web-api",
+        {
+            "matches": [
+                {
+                    "name": "reads",
+                    "methods": ["GET", "HEAD"],
+                    "pathRegex": "/api/.*",
+                    "headers": [{"x": "y"}],
+                },
+                {"name": "writes", "methods": ["POST"], "pathRegex": "/api/.*"},
+            ]
+        },
+    ),
+    "shop/web-all": smi("HTTPRouteGroup", "web-all", {"matches": [{"name": "any", "methods": ["*"]}]}),
+    "shop/lookahead": smi(
+        "HTTPRouteGroup", "lookahead", {"matches": [{"name": "x", "pathRegex": "/(?=v2)"}]}
+    ),
+}
+TCP_ROUTES = {
+    "shop/db-port": smi("TCPRoute", "db-port", {"matches": {"ports": [5432, 5433]}}),
+}
+POLICY_STORES = {
+    "policies": (AUTHORIZATION_POLICIES, trim.authorization_policy),
+    "traffic_targets": (TRAFFIC_TARGETS, trim.traffic_target),
+    "route_groups": (ROUTE_GROUPS, trim.http_route_group),
+    "tcp_routes": (TCP_ROUTES, trim.tcp_route),
+}
+
+
+def policies_read(
+    stores: Mapping[str, Mapping[str, Any]], namespaces: Mapping[str, Any], rule: bool
+) -> list[Any]:
+    """policy_reads with everything compared (an AuthorizationPolicy's rules do not take part in its ==)."""
+    reads = policy_reads(**stores, namespaces=namespaces, require_namespace_label=rule)
+    return [(read, read.policy.rules if read.policy else None) for read in reads]
+
+
+@pytest.mark.parametrize("require_label", [False, True])
+def test_policies_of_trimmed_objects_are_those_of_whole_ones(require_label: bool) -> None:
+    whole = {field: objs for field, (objs, _) in POLICY_STORES.items()}
+    small = {field: trimmed(objs, fn) for field, (objs, fn) in POLICY_STORES.items()}
+    small_namespaces = trimmed(NAMESPACES, trim.namespace)
+    expected = policies_read(whole, NAMESPACES, require_label)
+    assert policies_read(small, small_namespaces, require_label) == expected
+    seen: dict[str, dict[str, set[Path]]] = {field: {} for field in POLICY_STORES}
+    seen_namespaces: dict[str, set[Path]] = {}
+    views = {field: read_objects(objs, seen[field], ReadAsList) for field, (objs, _) in POLICY_STORES.items()}
+    recorded = policy_reads(
+        **views, namespaces=read_objects(NAMESPACES, seen_namespaces), require_namespace_label=require_label
+    )
+    assert [(r.kind, r.namespace, r.name, r.message) for r in recorded] == [
+        (r.kind, r.namespace, r.name, r.message) for r, _ in expected
+    ]  # the recording views read as the objects do
+    for field, (objs, fn) in POLICY_STORES.items():
+        assert not unkept(objs, seen[field], fn), field
+        assert not too_big(objs, fn, 0.5), field
+        assert not changes_argument(objs, fn), field
+    assert not unkept(NAMESPACES, seen_namespaces, trim.namespace)
+
+
+def test_the_policy_fixtures_decide_the_reading_by_every_field_read() -> None:
+    """The equality above means something: the whole objects use every rule of the reader."""
+    stores = {field: objs for field, (objs, _) in POLICY_STORES.items()}
+    reads = {(r.kind, r.namespace, r.name): r for r in policy_reads(**stores, namespaces=NAMESPACES)}
+    assert set(reads) == {
+        ("AuthorizationPolicy", "shop", "web-callers"),
+        ("AuthorizationPolicy", "shop", "deny-db"),
+        ("AuthorizationPolicy", "shop", "bad-caller"),
+        ("AuthorizationPolicy", "shop", "unknown-field"),
+        ("AuthorizationPolicy", "other", "api"),
+        ("TrafficTarget", "shop", "web-from-client"),
+        ("TrafficTarget", "shop", "db-from-web"),
+        ("TrafficTarget", "shop", "bad-regex"),
+    }  # not those in the namespace out of the mesh
+    callers = reads["AuthorizationPolicy", "shop", "web-callers"]
+    assert callers.created == "2025-10-01T08:00:00Z"
+    assert callers.policy is not None
+    assert callers.policy.service_account == "web"
+    first, anyone, everything = callers.policy.rules
+    assert [(c.namespace, c.service_account) for c in first.callers] == [("shop", "client"), ("blog", "*")]
+    assert (first.ports, first.paths, first.methods) == ((80,), ("/api/*", "/health"), ("GET", "POST"))
+    assert [(c.namespace, c.service_account) for c in anyone.callers] == [("*", "*")]
+    assert (everything.callers, everything.ports, everything.paths) == ((), (), ())
+    deny = reads["AuthorizationPolicy", "shop", "deny-db"]
+    assert deny.policy is not None
+    assert (deny.policy.service_account, deny.policy.rules, deny.generation) == ("db", (), 5)
+    bad = reads["AuthorizationPolicy", "shop", "bad-caller"]
+    assert (bad.policy, bad.generation) == (None, 9)
+    assert "Not_A_Name" in bad.message
+    assert reads["AuthorizationPolicy", "shop", "unknown-field"].policy is None  # parsed strictly
+    target = reads["TrafficTarget", "shop", "web-from-client"]
+    assert target.policy is not None
+    assert target.created == "2025-10-02T08:00:00Z"
+    reads_rule, any_rule = target.policy.rules  # "writes" is not named; "not-yet" does not exist
+    assert [(c.namespace, c.service_account) for c in reads_rule.callers] == [
+        ("shop", "client"),
+        ("blog", "bot"),
+    ]
+    assert (reads_rule.ports, reads_rule.paths, reads_rule.methods, reads_rule.regex) == (
+        (80,),
+        ("/api/.*",),
+        ("GET", "HEAD"),
+        True,
+    )
+    assert (any_rule.paths, any_rule.methods) == ((), ())
+    db = reads["TrafficTarget", "shop", "db-from-web"]
+    assert db.policy is not None
+    assert [r.ports for r in db.policy.rules] == [(5432, 5433)]
+    refused = reads["TrafficTarget", "shop", "bad-regex"]
+    assert (refused.policy, refused.generation) == (None, 4)
+    assert "RE2" in refused.message
+    labelled = policy_reads(**stores, namespaces=NAMESPACES, require_namespace_label=True)
+    assert {r.namespace for r in labelled} == {"shop"}  # "other" is not labelled enabled
+
+
+def test_a_policy_reading_is_remembered_while_its_objects_are_the_same() -> None:
+    """The memo re-reads an object only when it (or, for a TrafficTarget, a group or TCPRoute its
+    rules name) was replaced, as the store does for a change; a new group is read at once."""
+    stores = {field: dict(objs) for field, (objs, _) in POLICY_STORES.items()}
+    memo: dict[Any, Any] = {}
+    first = {(r.kind, r.name): r for r in policy_reads(**stores, namespaces=NAMESPACES, memo=memo)}
+    again = {(r.kind, r.name): r for r in policy_reads(**stores, namespaces=NAMESPACES, memo=memo)}
+    assert all(again[k] is first[k] for k in first)
+    group = copy.deepcopy(ROUTE_GROUPS["shop/web-all"])
+    group["spec"]["matches"][0]["methods"] = ["DELETE"]
+    stores["route_groups"]["shop/web-all"] = group
+    stores["route_groups"]["shop/not-yet"] = smi("HTTPRouteGroup", "not-yet", {"matches": [{"name": "a"}]})
+    changed = {(r.kind, r.name): r for r in policy_reads(**stores, namespaces=NAMESPACES, memo=memo)}
+    target = changed["TrafficTarget", "web-from-client"]
+    assert target is not first["TrafficTarget", "web-from-client"]
+    assert target.policy is not None
+    assert [r.methods for r in target.policy.rules] == [("GET", "HEAD"), ("DELETE",), ()]
+    assert changed["AuthorizationPolicy", "web-callers"] is first["AuthorizationPolicy", "web-callers"]
+    del stores["policies"]["shop/deny-db"]
+    policy_reads(**stores, namespaces=NAMESPACES, memo=memo)
+    assert ("AuthorizationPolicy", "shop/deny-db") not in memo

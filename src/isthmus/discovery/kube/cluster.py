@@ -5,9 +5,10 @@ Health policy (docs/discovery.md):
 * Any reflector failing (refused, hung, 5xx, 401/403) makes the cluster UNREACHABLE "since T":
   its last known endpoints are kept (its workloads are most likely still running) and reported.
   Not failures: a 429 (the server asks to wait; the reflector retries after Retry-After), and for
-  an optional kind (ServiceExport, TrafficSplit, HTTPRoute, GRPCRoute) a 404 (CRD not installed)
-  or a 403 (the role does not grant it): that feature is off for this cluster, reported once in
-  the log and in ``degraded``, and the kind is retried with backoff in case it appears.
+  an optional kind (ServiceExport, TrafficSplit, HTTPRoute, GRPCRoute, AuthorizationPolicy,
+  TrafficTarget, HTTPRouteGroup, TCPRoute) a 404 (CRD not installed) or a 403 (the role does not
+  grant it): that feature is off for this cluster, reported once in the log and in ``degraded``,
+  and the kind is retried with backoff in case it appears.
 * While unreachable, the API server is asked for /version every ``probe_interval``; its first
   answer wakes the reflectors from their backoff, so the cluster is synced again within about a
   second of the server being back (not after a doubling backoff).
@@ -27,6 +28,10 @@ service: they are read whole at each publish, the routes through discovery.gamma
 object's reading remembered while the watch holds the same object (convert.route_reads), so a
 publish re-reads only the routes that changed. ``routes_read`` holds the cluster's readings (for a
 status writer); a route refused (not Accepted) is logged once per object and generation.
+Authorization policies (isthmus.io's AuthorizationPolicy; SMI's TrafficTarget with the
+HTTPRouteGroups and TCPRoutes its rules name) are read the same way, through
+discovery.authorization (convert.policy_reads), into the shard's ``policies`` with each object's
+creationTimestamp; a refused one is logged once per object and generation.
 """
 
 from __future__ import annotations
@@ -47,11 +52,14 @@ from isthmus.discovery.kube import trim
 from isthmus.discovery.kube.convert import (
     ClusterObjects,
     ExportPolicy,
+    PolicyMemo,
+    ReadPolicy,
     RouteMemo,
     SliceIndex,
     key_of,
     mesh_label,
     node_locality,
+    policy_reads,
     route_reads,
     shard_of,
     traffic_splits,
@@ -72,7 +80,22 @@ SMI_GROUP, SMI_VERSION, SMI_PLURAL = "split.smi-spec.io", "v1alpha2", "trafficsp
 GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
 HTTP_ROUTES, GRPC_ROUTES = "httproutes", "grpcroutes"
 ROUTE_KINDS = {HTTP_ROUTES: "HTTPRoute", GRPC_ROUTES: "GRPCRoute"}  # plural -> kind (list items lack it)
-OPTIONAL_CRDS = {MCS_PLURAL: "ServiceExport", SMI_PLURAL: "TrafficSplit", **ROUTE_KINDS}  # absent CRD = none
+POLICY_GROUP, POLICY_VERSION, POLICIES = "isthmus.io", "v1alpha1", "authorizationpolicies"
+ACCESS_GROUP, ACCESS_VERSION, TRAFFIC_TARGETS = "access.smi-spec.io", "v1alpha3", "traffictargets"
+SPECS_GROUP, SPECS_VERSION = "specs.smi-spec.io", "v1alpha4"
+HTTP_ROUTE_GROUPS, TCP_ROUTES = "httproutegroups", "tcproutes"
+POLICY_KINDS = {
+    POLICIES: "AuthorizationPolicy",
+    TRAFFIC_TARGETS: "TrafficTarget",
+    HTTP_ROUTE_GROUPS: "HTTPRouteGroup",
+    TCP_ROUTES: "TCPRoute",
+}
+OPTIONAL_CRDS = {  # absent CRD (or not granted) = none
+    MCS_PLURAL: "ServiceExport",
+    SMI_PLURAL: "TrafficSplit",
+    **ROUTE_KINDS,
+    **POLICY_KINDS,
+}
 
 # Kinds whose objects affect every service in some way, by the part of them that matters: a change
 # of that part rebuilds the whole shard, any other change (a Node's status) nothing.
@@ -144,6 +167,10 @@ class ClusterWatcher:
         self._route_memo: RouteMemo = {}
         self.routes_read: tuple[ReadRoute, ...] = ()
         self._refusals_logged: dict[tuple[str, str, str], int] = {}
+        # Authorization policies: each object's reading (with the objects it came from), and the
+        # (kind, namespace, name) of refused policies -> generation logged.
+        self._policy_memo: PolicyMemo = {}
+        self._policy_refusals_logged: dict[tuple[str, str, str], int] = {}
 
     def last_heard(self) -> float | None:
         """When this cluster's API server last answered a list or sent a watch event (wall clock)."""
@@ -292,8 +319,8 @@ class ClusterWatcher:
         store = self._store(kind)
         if kind in ("services", MCS_PLURAL):
             return {key_of(key) for key in keys}
-        if kind == SMI_PLURAL or kind in ROUTE_KINDS:
-            return set()  # splits and routes are read whole at each publish; no service changes
+        if kind == SMI_PLURAL or kind in ROUTE_KINDS or kind in POLICY_KINDS:
+            return set()  # splits, routes, policies are read whole at each publish; no service changes
         if kind == "endpointslices":
             return set().union(*(self._index.update(key, store.get(key)) for key in keys))
         if kind == "pods":
@@ -402,7 +429,8 @@ class ClusterWatcher:
             rule = self.policy.require_namespace_label
             splits = traffic_splits(self._store(SMI_PLURAL), self._store("namespaces"), rule)
             routes = tuple(route for read in self._read_routes() for route in read.routes)
-            shard = replace(content, cluster=member, splits=splits, routes=routes)
+            policies = tuple((r.policy, r.created) for r in self._read_policies() if r.policy is not None)
+            shard = replace(content, cluster=member, splits=splits, routes=routes, policies=policies)
         if self.publish:
             self.aggregator.set_shard(SOURCE, shard)
 
@@ -435,6 +463,34 @@ class ClusterWatcher:
                         read.message,
                     )
             self._refusals_logged = {key: read.generation for key, read in refused.items()}
+        return reads
+
+    def _read_policies(self) -> tuple[ReadPolicy, ...]:
+        """The cluster's authorization policies as read now; a refusal new for its object's
+        generation is logged."""
+        reads = policy_reads(
+            self._store(POLICIES),
+            self._store(TRAFFIC_TARGETS),
+            self._store(HTTP_ROUTE_GROUPS),
+            self._store(TCP_ROUTES),
+            self._store("namespaces"),
+            self.policy.require_namespace_label,
+            self._policy_memo,
+        )
+        if self.publish:
+            refused = {(r.kind, r.namespace, r.name): r for r in reads if r.policy is None}
+            for key, read in refused.items():
+                if self._policy_refusals_logged.get(key) != read.generation:
+                    log.warning(
+                        "cluster %s: %s %s/%s (generation %d) is refused and not applied: %s",
+                        self.name,
+                        read.kind,
+                        read.namespace,
+                        read.name,
+                        read.generation,
+                        read.message,
+                    )
+            self._policy_refusals_logged = {key: read.generation for key, read in refused.items()}
         return reads
 
     def publish_now(self) -> None:
@@ -492,6 +548,18 @@ class ClusterWatcher:
                 self._reflector(
                     GRPC_ROUTES, crd(GATEWAY_GROUP, GATEWAY_VERSION, GRPC_ROUTES), trim.grpc_route
                 ),
+                self._reflector(
+                    POLICIES, crd(POLICY_GROUP, POLICY_VERSION, POLICIES), trim.authorization_policy
+                ),
+                self._reflector(
+                    TRAFFIC_TARGETS, crd(ACCESS_GROUP, ACCESS_VERSION, TRAFFIC_TARGETS), trim.traffic_target
+                ),
+                self._reflector(
+                    HTTP_ROUTE_GROUPS,
+                    crd(SPECS_GROUP, SPECS_VERSION, HTTP_ROUTE_GROUPS),
+                    trim.http_route_group,
+                ),
+                self._reflector(TCP_ROUTES, crd(SPECS_GROUP, SPECS_VERSION, TCP_ROUTES), trim.tcp_route),
             ]
             async with asyncio.TaskGroup() as tasks:
                 for r in reflectors:

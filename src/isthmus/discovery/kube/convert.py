@@ -23,20 +23,25 @@ Rules (documented in docs/discovery.md):
   (else the node's), the member cluster as sub-zone; identity from the Pod's service account;
 * TrafficSplits and GAMMA routes (HTTPRoute, GRPCRoute) count in mesh namespaces only (the route's
   own namespace, as for a split); a route is read by discovery.gamma (which refuses what Envoy
-  would reject), and one without a Service parent (a Gateway's: north-south) is not the mesh's.
+  would reject), and one without a Service parent (a Gateway's: north-south) is not the mesh's;
+* authorization policies (isthmus's AuthorizationPolicy, SMI's TrafficTarget with the
+  HTTPRouteGroups and TCPRoutes of its namespace) count in mesh namespaces only (the policy's own
+  namespace), read by discovery.authorization; a malformed one is refused whole.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, MutableMapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from isthmus.discovery import gamma
+from isthmus.discovery import authorization, gamma
 from isthmus.discovery.aggregate import NEVER, Shard
 from isthmus.discovery.kube.gateway import is_gateway_service, sidecar_port
 from isthmus.discovery.model import (
+    AuthorizationPolicy,
     Endpoint,
     Health,
     Locality,
@@ -489,3 +494,117 @@ def route_reads(
     for at in [at for at in memo if at not in seen]:
         del memo[at]
     return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPolicy:
+    """One policy object as read: the policy (None: refused, ``message`` says why), its
+    creationTimestamp (for conflicts across clusters) and generation (for the refusal's log line)."""
+
+    kind: str
+    namespace: str
+    name: str
+    policy: AuthorizationPolicy | None
+    created: str = ""
+    generation: int = 0
+    message: str = ""
+
+
+# (kind, store key) -> (the objects the reading came from, compared by identity; the reading)
+PolicyMemo = MutableMapping[tuple[str, str], tuple[tuple[Obj, ...], ReadPolicy]]
+
+
+def _by_name(objs: Mapping[str, Obj]) -> dict[tuple[str, str], Obj]:
+    """Objects by (namespace, name), as discovery.authorization looks up a TrafficTarget's rules."""
+    out = {}
+    for obj in objs.values():
+        meta = _meta(obj)
+        out[(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))] = obj
+    return out
+
+
+def _read_policy(kind: str, obj: Obj, read: Callable[[], AuthorizationPolicy]) -> ReadPolicy:
+    meta = _meta(obj)
+    namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+    generation = meta.get("generation", 0)
+    generation = generation if isinstance(generation, int) else 0
+    created = str(meta.get("creationTimestamp") or "")
+    try:
+        found = read()
+    except authorization.PolicyError as exc:
+        return ReadPolicy(kind, namespace, name, None, created, generation, str(exc))
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape the reader does not expect
+        return ReadPolicy(
+            kind, namespace, name, None, created, generation, f"malformed: {type(exc).__name__}: {exc}"
+        )
+    return ReadPolicy(kind, namespace, name, found, created, generation)
+
+
+def policy_reads(
+    policies: Mapping[str, Obj],
+    traffic_targets: Mapping[str, Obj],
+    route_groups: Mapping[str, Obj],
+    tcp_routes: Mapping[str, Obj],
+    namespaces: Mapping[str, Obj],
+    require_namespace_label: bool = False,
+    memo: PolicyMemo | None = None,
+) -> tuple[ReadPolicy, ...]:
+    """The authorization policies of a cluster in mesh namespaces, read by discovery.authorization:
+    its AuthorizationPolicies and its TrafficTargets (each with the HTTPRouteGroups and TCPRoutes of
+    the cluster), by kind and store key. ``memo`` (kept by the caller) remembers each reading while
+    the objects it came from are the same (the store replaces an object that changed); a
+    TrafficTarget's come from its HTTPRouteGroups and TCPRoutes too."""
+    memo = memo if memo is not None else {}
+    groups, tcp = _by_name(route_groups), _by_name(tcp_routes)
+    out: list[ReadPolicy] = []
+    seen: set[tuple[str, str]] = set()
+    stores = ((authorization.KIND, policies), (authorization.TRAFFIC_TARGET, traffic_targets))
+    for kind, objs in stores:
+        for key in sorted(objs):
+            obj = objs[key]
+            if not in_mesh(
+                namespaces.get(str(_meta(obj).get("namespace") or "default")), require_namespace_label
+            ):
+                continue
+            at = (kind, key)
+            seen.add(at)
+            read: Callable[[], AuthorizationPolicy]
+            if kind == authorization.KIND:
+                sources: tuple[Obj, ...] = (obj,)
+                read = functools.partial(authorization.policy_object, obj)
+            else:
+                sources = (obj, *_rule_objects(obj, groups, tcp))
+                read = functools.partial(authorization.traffic_target, obj, groups, tcp)
+            known = memo.get(at)
+            if known is not None and _same(known[0], sources):
+                out.append(known[1])
+                continue
+            found = _read_policy(kind, obj, read)
+            memo[at] = (sources, found)
+            out.append(found)
+    for at in [at for at in memo if at not in seen]:
+        del memo[at]
+    return tuple(out)
+
+
+def _rule_objects(
+    target: Obj, groups: Mapping[tuple[str, str], Obj], tcp: Mapping[tuple[str, str], Obj]
+) -> tuple[Obj, ...]:
+    """The HTTPRouteGroups and TCPRoutes a TrafficTarget's rules name, as they are now (a
+    placeholder for one that does not exist, so that its appearing changes the reading)."""
+    namespace = str(_meta(target).get("namespace") or "default")
+    rules = (target.get("spec") or {}).get("rules") if isinstance(target.get("spec"), Mapping) else None
+    out: list[Obj] = []
+    for rule in rules if isinstance(rules, list) else ():
+        if not isinstance(rule, Mapping):
+            continue
+        found = {"HTTPRouteGroup": groups, "TCPRoute": tcp}.get(str(rule.get("kind")), {})
+        out.append(found.get((namespace, str(rule.get("name", ""))), _ABSENT))
+    return tuple(out)
+
+
+_ABSENT: Obj = {}
+
+
+def _same(before: tuple[Obj, ...], now: tuple[Obj, ...]) -> bool:
+    return len(before) == len(now) and all(a is b for a, b in zip(before, now, strict=True))

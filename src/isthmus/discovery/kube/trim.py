@@ -39,6 +39,16 @@ trimmed object equals its result on the whole one, for objects that set every fi
   is read). Not ``status`` (the parents' conditions other controllers write), nor a rule's other
   fields (``name``, ``sessionPersistence``: not read), nor ``spec.hostnames`` (not read for a
   Service parent).
+* AuthorizationPolicy (convert, through discovery.authorization):
+  ``metadata.name``/``namespace``/``creationTimestamp``/``generation``; ``spec`` whole (it is
+  parsed strictly, as the config API's objects: an unknown field must stay an error).
+* TrafficTarget (convert, through discovery.authorization): ``metadata`` as an
+  AuthorizationPolicy's; ``spec.destination``'s ``kind``, ``namespace``, ``name``, ``port``; of
+  each ``spec.sources[]`` its ``kind``, ``namespace``, ``name``; of each ``spec.rules[]`` its
+  ``kind``, ``name``, ``matches``.
+* HTTPRouteGroup, TCPRoute (convert: what a TrafficTarget's rules name): ``metadata.name``/
+  ``namespace``; of each ``spec.matches[]`` of a group its ``name``, ``methods``, ``pathRegex``
+  (not ``headers``: not read); of a TCPRoute ``spec.matches.ports``.
 * Secret (membership): ``metadata.name``/``namespace``; ``data`` whole.
 * MemberCluster, MeshConfig (config_api; status written back): ``apiVersion``, ``kind``,
   ``metadata.name``/``namespace``/``uid``/``resourceVersion``/``generation``; ``spec`` and
@@ -224,6 +234,52 @@ def http_route(obj: Obj) -> Obj:
 def grpc_route(obj: Obj) -> Obj:
     """A GRPCRoute (gateway.networking.k8s.io/v1)."""
     return _route(obj)
+
+
+_POLICY_META = (*_NAMED, "creationTimestamp", "generation")
+
+
+def authorization_policy(obj: Obj) -> Obj:
+    """isthmus's AuthorizationPolicy (isthmus.io/v1alpha1)."""
+    return _copy(_metadata(obj, _POLICY_META), obj, ("spec",))
+
+
+_SOURCE = ("kind", "namespace", "name")
+
+
+def traffic_target(obj: Obj) -> Obj:
+    """An SMI TrafficTarget (access.smi-spec.io/v1alpha3)."""
+    out = _metadata(obj, _POLICY_META)
+    if "spec" in obj:
+        out["spec"] = spec = _keep(obj["spec"], ("destination", "sources", "rules"))
+        if isinstance(spec, dict):
+            if "destination" in spec:
+                spec["destination"] = _keep(spec["destination"], (*_SOURCE, "port"))
+            if "sources" in spec:
+                spec["sources"] = _each(spec["sources"], _SOURCE)
+            if "rules" in spec:
+                spec["rules"] = _each(spec["rules"], ("kind", "name", "matches"))
+    return out
+
+
+def http_route_group(obj: Obj) -> Obj:
+    """An SMI HTTPRouteGroup (specs.smi-spec.io/v1alpha4)."""
+    out = _metadata(obj, _NAMED)
+    if "spec" in obj:
+        out["spec"] = spec = _keep(obj["spec"], ("matches",))
+        if isinstance(spec, dict) and "matches" in spec:
+            spec["matches"] = _each(spec["matches"], ("name", "methods", "pathRegex"))
+    return out
+
+
+def tcp_route(obj: Obj) -> Obj:
+    """An SMI TCPRoute (specs.smi-spec.io/v1alpha4)."""
+    out = _metadata(obj, _NAMED)
+    if "spec" in obj:
+        out["spec"] = spec = _keep(obj["spec"], ("matches",))
+        if isinstance(spec, dict) and "matches" in spec:
+            spec["matches"] = _keep(spec["matches"], ("ports",))
+    return out
 
 
 def secret(obj: Obj) -> Obj:
