@@ -152,7 +152,7 @@ async def test_a_traffic_target_allows_what_its_route_group_matches(clusters: Ea
         task.cancel()
 
 
-async def test_a_malformed_policy_is_refused_once_and_the_rest_of_the_mesh_is_unaffected(
+async def test_a_malformed_policy_is_refused_once_fails_closed_and_the_rest_of_the_mesh_is_unaffected(
     clusters: EastWest, caplog: pytest.LogCaptureFixture
 ) -> None:
     apis, graph, aggregator, directory = clusters
@@ -164,8 +164,9 @@ async def test_a_malformed_policy_is_refused_once_and_the_rest_of_the_mesh_is_un
         await graph.until(synced("east", "west"))
         east.create(policy("bad", "web", [{"namespace": "Not_A_Namespace"}], generation=1))
         east.create(policy("good", "web", [{"namespace": "shop", "serviceAccount": "client"}]))
-        view = await graph.until(lambda v: bool(selecting(v)))
-        assert [p.name for p in selecting(view)] == ["good"]
+        view = await graph.until(lambda v: len(selecting(v)) == 2)
+        # Refused, it fails closed: it denies every call to web (it allows nothing), beside "good".
+        assert {p.name: p.rules for p in selecting(view)}["bad"] == ()
         assert len(addresses(view)) == 2
 
         def refusals() -> list[str]:
@@ -179,6 +180,7 @@ async def test_a_malformed_policy_is_refused_once_and_the_rest_of_the_mesh_is_un
         (message,) = refusals()
         assert "generation 1" in message
         assert "Not_A_Namespace" in message
+        assert "may be called by nobody" in message
         # The cluster publishes again and again (endpoints change): the refusal is not logged again.
         for i in range(2, 5):
             east.update(endpoint_slice("web-east", [f"127.0.1.{i}"]))
@@ -186,7 +188,7 @@ async def test_a_malformed_policy_is_refused_once_and_the_rest_of_the_mesh_is_un
         assert len(refusals()) == 1, refusals()
         # Mended (a new generation): it is a policy of the mesh.
         east.update(policy("bad", "web", [{"namespace": "blog"}], generation=2))
-        view = await graph.until(lambda v: len(selecting(v)) == 2)
+        view = await graph.until(lambda v: {p.name: p.rules for p in selecting(v)}["bad"] != ())
         assert sorted(p.name for p in selecting(view)) == ["bad", "good"]
         assert len(refusals()) == 1
     finally:

@@ -211,3 +211,113 @@ def test_policies_survive_the_aggregate_and_the_oldest_wins_across_clusters() ->
     ]
     [chosen] = merge_policies(shards)
     assert chosen.rules == ()
+
+
+def test_a_policy_edited_in_place_regenerates_the_listeners_and_an_edited_route_the_routes() -> None:
+    """Found by the data-path test: the model's equality leaves a policy's (and a route's) rules
+    out, so a policy whose callers changed, same name, kept the old RBAC (and a route's new rules
+    the old routes) until something else changed."""
+    allowed = [{"namespace": "shop", "service_account": "client"}]
+    mesh = yaml.safe_load(BASE)
+    mesh["authorization_policies"] = [
+        {
+            "name": "p",
+            "namespace": "shop",
+            "selector": {"service_account": "web"},
+            "rules": [{"callers": allowed}],
+        }
+    ]
+    route = {
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/a"}}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                }
+            ],
+        },
+    }
+    mesh["routes"] = [route]
+    before = parse_mesh(yaml.safe_dump(mesh))
+    allowed.append({"namespace": "shop", "service_account": "reporter"})
+    route["spec"]["rules"][0]["matches"][0]["path"]["value"] = "/b"
+    after = parse_mesh(yaml.safe_dump(mesh))
+    cache = ConfigCache(before)
+    cache._identity = IDENTITY
+    notified: list[str] = []
+    for type_url in (types.LISTENER, types.ROUTE):
+        cache.follow(type_url, WEB, notified.append)
+        cache.resources(type_url, WEB)
+    assert cache.set_view(after)
+    assert sorted(notified) == sorted([types.LISTENER, types.ROUTE])
+    for type_url in (types.LISTENER, types.ROUTE):
+        direct = GENERATORS[type_url](after, WEB, IDENTITY)
+        assert {n: r.body for n, r in cache.resources(type_url, WEB).items()} == {
+            n: m.SerializeToString(deterministic=True) for n, m in direct.items()
+        }
+    inbound = cache.resources(types.LISTENER, WEB)["inbound_15006"].body
+    assert b"spiffe://mesh.test/ns/shop/sa/reporter" in inbound
+
+
+def test_a_tcp_ports_handshake_accepts_only_the_allowed_callers_and_connects_the_app_after_it() -> None:
+    """Found by the data-path test: network RBAC decides at the first bytes, after tcp_proxy has
+    connected the app, so a server-first app greeted denied callers. With a policy, a TCP port's
+    TLS handshake accepts only the allowed callers (none allowed: no identity at all) and tcp_proxy
+    connects once it is done; without one, any identity of the trust domain, connected at once."""
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    def tcp_chain(view: MeshView) -> tuple[list[Any], Any]:
+        inbound = GENERATORS[types.LISTENER](view, WEB, IDENTITY)["inbound_15006"]
+        chain = next(c for c in inbound.filter_chains if c.name == "inbound_5432")
+        context = tls_pb2.DownstreamTlsContext()
+        chain.transport_socket.typed_config.Unpack(context)
+        validation = context.common_tls_context.combined_validation_context.default_validation_context
+        proxy = tcp_proxy_pb2.TcpProxy()
+        chain.filters[-1].typed_config.Unpack(proxy)
+        return [m.matcher for m in validation.match_typed_subject_alt_names], proxy
+
+    peers, proxy = tcp_chain(view(AllowRule(callers=(Caller("shop", "db"), Caller("blog", "*")))))
+    assert proxy.upstream_connect_mode == tcp_proxy_pb2.ON_DOWNSTREAM_TLS_HANDSHAKE
+    assert proxy.HasField("max_early_data_bytes"), "Envoy refuses a delayed connect without it"
+    ids = [*IDS, "spiffe://mesh.test/ns/shop/sa/db"]
+    assert {i for i in ids if any(matches(m, i) for m in peers)} == {
+        "spiffe://mesh.test/ns/shop/sa/db",
+        "spiffe://mesh.test/ns/blog/sa/client",
+        "spiffe://mesh.test/ns/blog/sa/backup",
+    }
+    peers, _ = tcp_chain(view(AllowRule(ports=(80,))))  # nothing allowed on 5432
+    assert peers
+    assert not any(matches(m, i) for m in peers for i in ids)
+    re2.compile(peers[0].safe_regex.regex)  # Envoy compiles it with RE2
+    peers, proxy = tcp_chain(parse_mesh(BASE))  # no policy
+    assert proxy.upstream_connect_mode == tcp_proxy_pb2.IMMEDIATE
+    assert [m.prefix for m in peers] == ["spiffe://mesh.test/"]
+
+
+def test_a_refused_policy_fails_closed_where_its_selector_reads() -> None:
+    bad_rule = {
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"selector": {"serviceAccount": "web"}, "rules": [{"callers": "x"}]},
+    }
+    with pytest.raises(authorization.PolicyError):
+        authorization.policy_object(bad_rule)
+    closed = authorization.denying(authorization.KIND, bad_rule)
+    assert closed is not None
+    assert (closed.namespace, closed.service_account, closed.rules) == ("shop", "web", ())
+    no_selector = {
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"selector": {"serviceAccount": "Bad_SA"}},
+    }
+    assert authorization.denying(authorization.KIND, no_selector) is None, "nothing it selects can be known"
+    target = copy.deepcopy(TARGET)
+    target["spec"]["rules"] = [{"kind": "UDPRoute", "name": "x"}]
+    denied = authorization.denying(authorization.TRAFFIC_TARGET, target)
+    assert denied is not None
+    assert (denied.service_account, denied.rules) == ("web", ())
+    config = rbac(MeshView.of(parse_mesh(BASE).services, (), policies=[denied]), WEB, HTTP, IDENTITY)
+    assert config is not None
+    assert list(config.policies) == [], "an ALLOW filter with no policy: every call to web is denied"

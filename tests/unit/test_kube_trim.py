@@ -1244,7 +1244,14 @@ def test_a_watcher_with_trimmed_stores_answers_as_with_whole_ones() -> None:
         ("AuthorizationPolicy", "api"),
         ("TrafficTarget", "web-from-client"),
         ("TrafficTarget", "db-from-web"),
-    }  # not the refused ones, nor those in a namespace out of the mesh
+        # The refused ones fail closed: their workloads may be called by nobody.
+        ("AuthorizationPolicy", "bad-caller"),
+        ("AuthorizationPolicy", "unknown-field"),
+        ("TrafficTarget", "bad-regex"),
+    }  # not those in a namespace out of the mesh
+    assert all(
+        p.rules == () for p, _ in shard.policies if p.name in ("bad-caller", "unknown-field", "bad-regex")
+    )
     assert {r.name for r in whole.routes_read if r.reason} == {"bad-regex", "grpc-redirect"}
     assert shard.cluster.gateway is not None
     assert shard.cluster.gateway_ready is True
@@ -1906,9 +1913,10 @@ def test_the_policy_fixtures_decide_the_reading_by_every_field_read() -> None:
     assert deny.policy is not None
     assert (deny.policy.service_account, deny.policy.rules, deny.generation) == ("db", (), 5)
     bad = reads["AuthorizationPolicy", "shop", "bad-caller"]
-    assert (bad.policy, bad.generation) == (None, 9)
+    assert bad.policy is not None
+    assert (bad.policy.service_account, bad.policy.rules, bad.generation) == ("web", (), 9)  # closed
     assert "Not_A_Name" in bad.message
-    assert reads["AuthorizationPolicy", "shop", "unknown-field"].policy is None  # parsed strictly
+    assert reads["AuthorizationPolicy", "shop", "unknown-field"].message  # parsed strictly
     target = reads["TrafficTarget", "shop", "web-from-client"]
     assert target.policy is not None
     assert target.created == "2025-10-02T08:00:00Z"
@@ -1928,7 +1936,8 @@ def test_the_policy_fixtures_decide_the_reading_by_every_field_read() -> None:
     assert db.policy is not None
     assert [r.ports for r in db.policy.rules] == [(5432, 5433)]
     refused = reads["TrafficTarget", "shop", "bad-regex"]
-    assert (refused.policy, refused.generation) == (None, 4)
+    assert refused.policy is not None
+    assert (refused.policy.rules, refused.generation) == ((), 4)
     assert "RE2" in refused.message
     labelled = policy_reads(**stores, namespaces=NAMESPACES, require_namespace_label=True)
     assert {r.namespace for r in labelled} == {"shop"}  # "other" is not labelled enabled

@@ -9,6 +9,8 @@ Semantics (docs/authorization.md): no policy selecting a workload allows every m
 policy allows only what its rules say. A TrafficTarget allows its sources (service accounts) to
 call its destination's workloads on what its rules' HTTPRouteGroup matches (methods, path regular
 expressions) and TCPRoute ports list; a rule naming something that does not exist allows nothing.
+A refused policy fails closed where its selector still reads (``denying``): its workloads may be
+called by nobody until it is mended.
 """
 
 from __future__ import annotations
@@ -76,6 +78,32 @@ def policy(namespace: str, name: str, spec: Mapping[str, Any]) -> AuthorizationP
 def policy_object(obj: Mapping[str, Any]) -> AuthorizationPolicy:
     meta = obj.get("metadata") or {}
     return policy(str(meta.get("namespace") or "default"), str(meta.get("name") or ""), obj.get("spec") or {})
+
+
+def denying(kind: str, obj: Mapping[str, Any]) -> AuthorizationPolicy | None:
+    """What a refused policy still says, failing closed: the workloads it selects (if that much of
+    it reads) may be called by nobody until it is mended. A malformed policy must not open up a
+    workload that it alone protected."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+    if not isinstance(spec, Mapping):
+        return None
+    if kind == KIND:
+        selector = spec.get("selector") or {}
+        account = (
+            selector.get("serviceAccount", selector.get("service_account"))
+            if isinstance(selector, Mapping)
+            else None
+        )
+    else:
+        destination = spec.get("destination") or {}
+        account = destination.get("name") if isinstance(destination, Mapping) else None
+        if isinstance(destination, Mapping) and destination.get("namespace", namespace) != namespace:
+            return None
+    if not isinstance(account, str) or not _NAME.match(account):
+        return None
+    return AuthorizationPolicy(kind, namespace, name, account, ())
 
 
 def _regex(value: str, where: str) -> str:

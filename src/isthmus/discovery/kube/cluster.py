@@ -478,16 +478,22 @@ class ClusterWatcher:
             self._policy_memo,
         )
         if self.publish:
-            refused = {(r.kind, r.namespace, r.name): r for r in reads if r.policy is None}
+            refused = {(r.kind, r.namespace, r.name): r for r in reads if r.message}
             for key, read in refused.items():
                 if self._policy_refusals_logged.get(key) != read.generation:
+                    closed = (
+                        f"service account {read.policy.service_account}'s workloads may be called by nobody"
+                        if read.policy is not None
+                        else "not applied"
+                    )
                     log.warning(
-                        "cluster %s: %s %s/%s (generation %d) is refused and not applied: %s",
+                        "cluster %s: %s %s/%s (generation %d) is refused (%s until mended): %s",
                         self.name,
                         read.kind,
                         read.namespace,
                         read.name,
                         read.generation,
+                        closed,
                         read.message,
                     )
             self._policy_refusals_logged = {key: read.generation for key, read in refused.items()}

@@ -498,8 +498,10 @@ def route_reads(
 
 @dataclass(frozen=True, slots=True)
 class ReadPolicy:
-    """One policy object as read: the policy (None: refused, ``message`` says why), its
-    creationTimestamp (for conflicts across clusters) and generation (for the refusal's log line)."""
+    """One policy object as read: the policy, its creationTimestamp (for conflicts across clusters)
+    and generation (for the refusal's log line). Refused (``message`` says why): the policy is the
+    one that denies every call to the workloads it selects (authorization.denying), or None where
+    not even its selector reads."""
 
     kind: str
     namespace: str
@@ -532,12 +534,13 @@ def _read_policy(kind: str, obj: Obj, read: Callable[[], AuthorizationPolicy]) -
     try:
         found = read()
     except authorization.PolicyError as exc:
-        return ReadPolicy(kind, namespace, name, None, created, generation, str(exc))
+        why = str(exc)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape the reader does not expect
-        return ReadPolicy(
-            kind, namespace, name, None, created, generation, f"malformed: {type(exc).__name__}: {exc}"
-        )
-    return ReadPolicy(kind, namespace, name, found, created, generation)
+        why = f"malformed: {type(exc).__name__}: {exc}"
+    else:
+        return ReadPolicy(kind, namespace, name, found, created, generation)
+    # Refused: fail closed (its workloads may be called by nobody), where its selector reads.
+    return ReadPolicy(kind, namespace, name, authorization.denying(kind, obj), created, generation, why)
 
 
 def policy_reads(
