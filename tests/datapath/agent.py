@@ -10,7 +10,10 @@ root namespace, since the filesystem is shared), and does the network work from 
 * ``POST /apps {"name", "address", "port", "status"?}``: start an HTTP upstream on address:port (port 0:
   any) answering every request with HTTP ``status`` (default 200) and JSON
   {"app", "cluster", "method", "path", "query", "host", "peer", "headers": {all request headers}};
-  a request with the query parameter ``delay=SECONDS`` is answered that much later
+  a request with the query parameter ``delay=SECONDS`` is answered that much later; ``"kind": "echo"``
+  instead: a TCP server answering each chunk it reads with ``APP@CLUSTER `` and the chunk (``"banner":
+  true``: it first says ``APP@CLUSTER hello\n`` on accepting, as server-first protocols do); its
+  ``hits`` are connections accepted
 * ``DELETE /apps/{name}``                  : stop that upstream
 * ``POST /requests {"url", "count"?, "headers"?, "timeout"?, "concurrency"?, "method"?, "keepalive"?,
   "source"?, "follow_redirects"?}``: HTTP requests from inside the namespace (from local address
@@ -19,6 +22,8 @@ root namespace, since the filesystem is shared), and does the network work from 
   "count", "ok", "errors", "by_app", "by_status"}
 * ``GET  /fetch?url=...&timeout=...``      -> {"status", "body", "headers"} or {"status": null, "error"}
 * ``POST /connect {"host", "port", "timeout"?, "source"?}`` -> {"ok", "error", "errno", "local", "elapsed"}
+* ``POST /exchange {"host", "port", "send"?, "timeout"?, "source"?}``: connect, send ``send`` (text), read
+  until the peer closes or ``timeout`` -> {"connected", "received", "closed", "error", "elapsed"}
 
 Standard library and aiohttp only; it must not import anything from the test tree (it runs as a
 script). SIGTERM/SIGINT stop it within about a second.
@@ -65,8 +70,10 @@ class App:
     address: str
     port: int
     status: int
-    runner: web.AppRunner
+    runner: web.AppRunner | None  # None: a TCP echo app (``server``)
     hits: int = 0
+    kind: str = "http"
+    server: asyncio.Server | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -75,6 +82,7 @@ class App:
             "port": self.port,
             "status": self.status,
             "hits": self.hits,
+            "kind": self.kind,
         }
 
 
@@ -122,9 +130,38 @@ class Agent:
         log.info("app %s listening on %s:%d", name, address, bound)
         return app
 
+    async def start_echo(self, name: str, address: str, port: int, banner: bool) -> App:
+        holder: list[App] = []
+        prefix = f"{name}@{self.cluster} ".encode()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            holder[0].hits += 1
+            try:
+                if banner:
+                    writer.write(prefix + b"hello\n")
+                    await writer.drain()
+                while chunk := await reader.read(65536):
+                    writer.write(prefix + chunk)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, address, port, reuse_address=True)
+        bound = int(server.sockets[0].getsockname()[1])
+        app = App(name, address, bound, 0, None, kind="echo", server=server)
+        holder.append(app)
+        self.apps[name] = app
+        log.info("echo app %s listening on %s:%d", name, address, bound)
+        return app
+
     async def stop_app(self, name: str) -> None:
         app = self.apps.pop(name)
-        await app.runner.cleanup()
+        if app.server is not None:
+            app.server.close()
+        if app.runner is not None:
+            await app.runner.cleanup()
 
     async def close(self) -> None:
         for name in list(self.apps):
@@ -144,12 +181,17 @@ class Agent:
         try:
             name, address = str(spec["name"]), str(spec["address"])
             port, status = int(spec.get("port", 0)), int(spec.get("status", 200))
-        except (KeyError, TypeError, ValueError) as exc:
+            kind, banner = str(spec.get("kind", "http")), bool(spec.get("banner", False))
+            assert kind in ("http", "echo"), f"kind {kind!r}"
+        except (AssertionError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad app spec {spec!r}: {_error(exc)}"}, status=400)
         if name in self.apps:
             return web.json_response({"error": f"app {name!r} exists"}, status=409)
         try:
-            app = await self.start_app(name, address, port, status)
+            if kind == "echo":
+                app = await self.start_echo(name, address, port, banner)
+            else:
+                app = await self.start_app(name, address, port, status)
         except OSError as exc:
             return web.json_response(
                 {"error": f"cannot listen on {address}:{port}: {_error(exc)}"}, status=500
@@ -268,6 +310,47 @@ class Agent:
             }
         )
 
+    async def h_exchange(self, request: web.Request) -> web.Response:
+        spec = await request.json()
+        host, port = str(spec["host"]), int(spec["port"])
+        send = str(spec.get("send") or "").encode()
+        timeout = float(spec.get("timeout", 3.0))
+        source = spec.get("source")
+        started = time.monotonic()
+        result: dict[str, Any] = {"connected": False, "received": "", "closed": False, "error": None}
+        received = b""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=(str(source), 0) if source else None), timeout
+            )
+        except Exception as exc:
+            result["error"] = _error(exc)
+        else:
+            result["connected"] = True
+            try:
+                if send:
+                    writer.write(send)
+                    await writer.drain()
+                deadline = started + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    chunk = await asyncio.wait_for(reader.read(65536), left)
+                    if not chunk:
+                        result["closed"] = True
+                        break
+                    received += chunk
+            except TimeoutError:
+                pass  # still open when the time was up
+            except OSError as exc:
+                result["closed"] = True  # reset by the peer
+                result["error"] = _error(exc)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        result["received"] = received.decode(errors="replace")
+        result["elapsed"] = round(time.monotonic() - started, 4)
+        return web.json_response(result)
+
     def api(self) -> web.Application:
         api = web.Application()
         api.router.add_get("/health", self.h_health)
@@ -277,6 +360,7 @@ class Agent:
         api.router.add_post("/requests", self.h_requests)
         api.router.add_get("/fetch", self.h_fetch)
         api.router.add_post("/connect", self.h_connect)
+        api.router.add_post("/exchange", self.h_exchange)
         return api
 
 

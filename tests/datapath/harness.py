@@ -1,6 +1,7 @@
 """The pytest-side API of the data-path tier (see ``netns`` for the network and ``agent`` for the agent).
 
-* ``AgentClient``: talks to one cluster's agent over its Unix socket: apps, requests, fetch, connect.
+* ``AgentClient``: talks to one cluster's agent over its Unix socket: apps (HTTP, or TCP echo), requests,
+  fetch, connect, exchange (raw TCP: send, then read until closed).
 * ``MeshWriter``: the mesh file for ``isthmus serve --mesh`` (docs/file-source.md), with the topology's
   member clusters (and their east-west gateways at the transit addresses) already declared.
 * ``ControlPlane``: ``isthmus serve``, in one of two ways (``DataPath.start(xds=...)``, ``XDS_MODES``):
@@ -195,6 +196,18 @@ class Fetched:
 
 
 @dataclass(frozen=True, slots=True)
+class Exchanged:
+    """A raw TCP exchange: ``received`` is everything the peer sent before it closed (``closed``) or
+    the time was up; ``connected`` False: the connect itself failed (``error``)."""
+
+    connected: bool
+    received: str
+    closed: bool
+    error: str | None
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
 class Connected:
     ok: bool
     error: str | None
@@ -275,12 +288,28 @@ class AgentClient:
     def _check_url(self, url: str) -> None:
         self.check_address(URL(url).host or "")
 
-    async def start_app(self, name: str, address: str, port: int = APP_PORT, status: int = 200) -> App:
-        """An HTTP upstream on address:port (port 0: any) in this cluster's namespace."""
+    async def start_app(
+        self,
+        name: str,
+        address: str,
+        port: int = APP_PORT,
+        status: int = 200,
+        kind: str = "http",
+        banner: bool = False,
+    ) -> App:
+        """An HTTP upstream on address:port (port 0: any) in this cluster's namespace; ``kind="echo"``:
+        a TCP server answering each chunk with ``NAME@CLUSTER `` and the chunk (``banner``: it first
+        says ``NAME@CLUSTER hello\n`` when it accepts, server-first)."""
         self.check_address(address)
-        got = await self._call(
-            "POST", "/apps", body={"name": name, "address": address, "port": port, "status": status}
-        )
+        spec = {
+            "name": name,
+            "address": address,
+            "port": port,
+            "status": status,
+            "kind": kind,
+            "banner": banner,
+        }
+        got = await self._call("POST", "/apps", body=spec)
         return App(name, self.cluster.name, got["address"], int(got["port"]))
 
     async def stop_app(self, name: str) -> None:
@@ -362,6 +391,21 @@ class AgentClient:
             bool(got["ok"]), got.get("error"), got.get("errno"), got.get("local"), float(got["elapsed"])
         )
 
+    async def exchange(
+        self, host: str, port: int, send: str = "", timeout: float = 3.0, source: str | None = None
+    ) -> Exchanged:
+        """Connect, send ``send``, read until the peer closes or ``timeout`` seconds have passed."""
+        self.check_address(host)
+        body = {"host": host, "port": port, "send": send, "timeout": timeout, "source": source}
+        got = await self._call("POST", "/exchange", body=body, timeout=timeout + 5)
+        return Exchanged(
+            bool(got["connected"]),
+            got["received"],
+            bool(got["closed"]),
+            got.get("error"),
+            float(got["elapsed"]),
+        )
+
 
 def _start_agent(topology: Topology, net: ClusterNet) -> AgentClient:
     sock = topology.rundir / f"agent-{net.name}.sock"
@@ -419,6 +463,7 @@ class MeshWriter:
         self.services: list[dict[str, Any]] = []
         self.traffic_splits: list[dict[str, Any]] = []
         self.routes: list[dict[str, Any]] = []
+        self.policies: list[dict[str, Any]] = []
 
     def set_locality(self, cluster: str, region: str, zone: str) -> None:
         self.members[cluster].update(region=region, zone=zone)
@@ -479,6 +524,8 @@ class MeshWriter:
             data["traffic_splits"] = self.traffic_splits
         if self.routes:
             data["routes"] = self.routes
+        if self.policies:
+            data["authorization_policies"] = self.policies
         return yaml.safe_dump(data, sort_keys=False)
 
     def split(self, service: str, *backends: tuple[str, int], namespace: str = DEFAULT_NAMESPACE) -> None:
@@ -491,6 +538,12 @@ class MeshWriter:
         ``metadata``, ``spec`` with ``parentRefs`` to a Service) to ``routes`` (written with the next
         ``write``)."""
         self.routes.append(obj)
+
+    def policy(self, obj: dict[str, Any]) -> None:
+        """Add an authorization policy (``{name, namespace, selector: {service_account}, rules}``,
+        docs/authorization.md) to ``authorization_policies`` (written with the next ``write``; to
+        replace or remove policies, edit ``policies`` and write)."""
+        self.policies.append(obj)
 
     def write(self, *services: dict[str, Any]) -> None:
         """Replace the file atomically (the control plane polls it every second)."""
@@ -711,6 +764,7 @@ class NsEnvoy:
         concurrency: int = 1,
         source: str | None = None,
         follow_redirects: bool = True,
+        method: str = "GET",
     ) -> Responses:
         """Requests through this sidecar's outbound listener, made by its cluster's agent, with the
         given Host header (e.g. "web.shop"); ``source``: a local address to send from."""
@@ -722,6 +776,7 @@ class NsEnvoy:
             concurrency=concurrency,
             source=source,
             follow_redirects=follow_redirects,
+            method=method,
         )
 
 
@@ -806,13 +861,17 @@ class DataPath:
         address: str | None = None,
         port: int | None = None,
         status: int = 200,
+        kind: str = "http",
+        banner: bool = False,
     ) -> App:
         """An HTTP upstream in ``cluster`` on a new pod address (or ``address``), port 8080 (in loopback
-        mode: a free port, since the root namespace is shared with everything else)."""
+        mode: a free port, since the root namespace is shared with everything else); ``kind="echo"``:
+        a TCP echo server instead (see ``AgentClient.start_app``)."""
         address = address or self.topology.new_pod(cluster)
         if port is None:
             port = APP_PORT if self.isolated else self.topology.port(cluster, address)
-        return await self.agents[cluster].start_app(name, address, port=port, status=status)
+        agent = self.agents[cluster]
+        return await agent.start_app(name, address, port=port, status=status, kind=kind, banner=banner)
 
     # ---- control plane -------------------------------------------------------------------------
 
@@ -1101,6 +1160,7 @@ __all__ = [
     "ControlPlane",
     "DataPath",
     "EnvoyBootstrap",
+    "Exchanged",
     "FetchError",
     "Fetched",
     "MeshWriter",
