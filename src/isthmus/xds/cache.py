@@ -144,15 +144,23 @@ _TYPE_OF: Mapping[str, str] = {
 }
 
 
+def _with_rules(by_key: Mapping[Any, tuple[Any, ...]]) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+    """Routes or policies by key, with their rules: the model's equality leaves ``rules`` out (so
+    that they sort), and a route or policy edited in place differs in its rules only."""
+    return [(key, [(item, item.rules) for item in items]) for key, items in by_key.items()]
+
+
 def _change(before: MeshView, after: MeshView) -> _Change:
     old, new = before.services, after.services
     keys = [k for k, s in new.items() if (o := old.get(k)) is not s and (o is None or o.digest != s.digest)]
     keys += [k for k in old if k not in new]
+    routes_changed = _with_rules(before.routes) != _with_rules(after.routes)
+    policies_changed = _with_rules(before.policies) != _with_rules(after.policies)
     unaffected = frozenset(
         group
         for group, inputs in INPUTS.items()
-        if not (inputs.routes and before.routes != after.routes)
-        and not (inputs.policies and before.policies != after.policies)
+        if not (inputs.routes and routes_changed)
+        and not (inputs.policies and policies_changed)
         and all(inputs.service(old.get(k)) == inputs.service(new.get(k)) for k in keys)
     )
     return _Change(before, frozenset(keys), unaffected)
