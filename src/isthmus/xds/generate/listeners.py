@@ -20,7 +20,8 @@ per TCP service port, and its inbound mTLS listener; the east-west gateway's SNI
   go through an HTTP connection manager that sets ``x-forwarded-client-cert`` (the caller's SPIFFE
   URI, any value sent by the client is replaced) and runs the inbound HTTP filters (http_filters:
   authorization, then the router), TCP ports through tcp_proxy (after network RBAC when a policy
-  selects the workload), both to the application at ``app_address:target_port``.
+  selects the workload; then the handshake also accepts only the allowed callers' certificates and
+  tcp_proxy connects the app only after it), both to the application at ``app_address:target_port``.
 * East-west gateway: ``listen_address:15443`` (the gateway's ``inbound_port`` metadata is ignored),
   tls_inspector, one filter chain per service port with sidecars in the gateway's cluster, matched
   by SNI and forwarded by tcp_proxy without terminating TLS. A connection with an unknown SNI (or
@@ -71,8 +72,13 @@ def _tls_inspector() -> Any:
     )
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> Any:
+def _tcp_proxy(stat_prefix: str, cluster: str, after_handshake: bool = False) -> Any:
+    """``after_handshake``: connect upstream only once the downstream TLS handshake is done."""
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    if after_handshake:
+        proxy.upstream_connect_mode = tcp_proxy_pb2.ON_DOWNSTREAM_TLS_HANDSHAKE
+        # Envoy requires it with a delayed connect; 0: no bytes read before the app is connected.
+        proxy.max_early_data_bytes.value = 0
     return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=_pack(proxy))
 
 
@@ -299,11 +305,18 @@ def _inbound_http(
 def inbound_listener(view: MeshView, service: Service, proxy: Proxy, identity: MeshIdentity) -> Any:
     chains = []
     for port in service.ports:
+        peers = None
         if port.protocol.is_http:
             filters = [_inbound_http(view, proxy, service, port, identity)]
         else:
+            # With a policy, the handshake accepts only the allowed callers, and the app is connected
+            # only after it: the network RBAC alone decides at the first bytes, after tcp_proxy has
+            # connected the app (a server-first app would greet a denied caller).
+            peers = authorization.tcp_peers(view, proxy, port, identity)
             denied = authorization.network_filter(view, proxy, port, identity)
-            tcp = _tcp_proxy(f"inbound_{port.port}", naming.inbound_cluster(port))
+            tcp = _tcp_proxy(
+                f"inbound_{port.port}", naming.inbound_cluster(port), after_handshake=peers is not None
+            )
             filters = [denied, tcp] if denied is not None else [tcp]
         chains.append(
             listener_components_pb2.FilterChain(
@@ -311,7 +324,7 @@ def inbound_listener(view: MeshView, service: Service, proxy: Proxy, identity: M
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     server_names=[naming.sni(service, port)]
                 ),
-                transport_socket=downstream_socket(identity),
+                transport_socket=downstream_socket(identity, peers),
                 filters=filters,
             )
         )

@@ -9,7 +9,7 @@ server accepts any identity of the trust domain.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2, config_source_pb2
@@ -73,10 +73,19 @@ def upstream_socket(identity: MeshIdentity, sni: str, peers: Iterable[str]) -> A
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def downstream_socket(identity: MeshIdentity) -> Any:
-    """Server side of mesh mTLS: our certificate; clients must present one of the trust domain."""
+def downstream_socket(identity: MeshIdentity, peers: Sequence[Any] | None = None) -> Any:
+    """Server side of mesh mTLS: our certificate; clients must present one of the trust domain (or,
+    given ``peers``, URI SAN StringMatchers, one whose URI SAN one of them matches)."""
+    common = _common(identity, ())
+    if peers is not None:
+        validation = common.combined_validation_context.default_validation_context
+        del validation.match_typed_subject_alt_names[:]
+        validation.match_typed_subject_alt_names.extend(
+            common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.URI, matcher=m)
+            for m in peers
+        )
     context = tls_pb2.DownstreamTlsContext(
-        common_tls_context=_common(identity, ()),
+        common_tls_context=common,
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))

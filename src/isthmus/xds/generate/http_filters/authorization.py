@@ -6,6 +6,12 @@ No policy selects the workload: no filter (every mesh identity may call; the lis
 requires a certificate of the trust domain). Policies select it: an ALLOW filter with one Envoy
 policy per rule that applies to the port; anything else is denied (HTTP 403; on a TCP port the
 connection is closed). A rule naming paths or methods cannot apply to a TCP port.
+
+On a TCP port the network RBAC filter decides at the connection's first bytes, after tcp_proxy has
+connected to the app: a server-first app (a greeting, as MySQL or SMTP send) would answer a denied
+caller, and every app would see its connections. So a TCP port's TLS handshake itself accepts only
+the allowed callers' certificates (``tcp_peers``), and its tcp_proxy connects to the app only once
+the handshake is done: a denied caller never reaches the app (found by the data-path test).
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ def selecting(view: MeshView, proxy: Proxy) -> tuple[AuthorizationPolicy, ...]:
     return view.policies.get((proxy.namespace, proxy.service_account), ())
 
 
-def principal(caller: Caller, trust_domain: str) -> Any:
-    """The SPIFFE IDs a Caller stands for, as a match on the peer certificate's URI SAN."""
+def caller_match(caller: Caller, trust_domain: str) -> Any:
+    """The SPIFFE IDs a Caller stands for, as a StringMatcher of a URI SAN."""
     base = f"spiffe://{trust_domain}/"
     if caller.namespace == "*" and caller.service_account == "*":
         match = string_pb2.StringMatcher(prefix=base)
@@ -46,6 +52,12 @@ def principal(caller: Caller, trust_domain: str) -> Any:
         match = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
     else:
         match = string_pb2.StringMatcher(exact=f"{base}ns/{caller.namespace}/sa/{caller.service_account}")
+    return match
+
+
+def principal(caller: Caller, trust_domain: str) -> Any:
+    """The SPIFFE IDs a Caller stands for, as a match on the peer certificate's URI SAN."""
+    match = caller_match(caller, trust_domain)
     return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=match))
 
 
@@ -86,6 +98,36 @@ def permission(rule: AllowRule) -> Any:
     return rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=parts))
 
 
+def _applying(
+    policies: tuple[AuthorizationPolicy, ...], port: ServicePort
+) -> list[tuple[AuthorizationPolicy, int, AllowRule]]:
+    """The rules that apply to the port: (policy, index in its rules, rule)."""
+    out = []
+    for policy in policies:
+        for i, rule in enumerate(policy.rules):
+            if rule.ports and port.port not in rule.ports:
+                continue
+            if not port.protocol.is_http and (rule.paths or rule.methods):
+                continue  # HTTP conditions cannot hold on a TCP connection
+            out.append((policy, i, rule))
+    return out
+
+
+def tcp_peers(view: MeshView, proxy: Proxy, port: ServicePort, identity: MeshIdentity) -> list[Any] | None:
+    """For a TCP port: the URI SAN matchers its TLS handshake accepts, one per allowed caller (a
+    matcher of no identity when none is allowed), or None when no policy selects the workload."""
+    policies = selecting(view, proxy)
+    if not policies or port.protocol.is_http:
+        return None
+    found: dict[bytes, Any] = {}
+    for _, _, rule in _applying(policies, port):
+        for caller in rule.callers or (Caller(),):
+            match = caller_match(caller, identity.trust_domain)
+            found.setdefault(match.SerializeToString(deterministic=True), match)
+    # RE2: a letter before the start of the text: no URI SAN matches.
+    return list(found.values()) or [string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex="a^"))]
+
+
 def rbac(view: MeshView, proxy: Proxy, port: ServicePort, identity: MeshIdentity) -> Any | None:
     """The RBAC of one inbound port, or None when no policy selects the workload."""
     policies = selecting(view, proxy)
@@ -93,17 +135,12 @@ def rbac(view: MeshView, proxy: Proxy, port: ServicePort, identity: MeshIdentity
         return None
     out = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
     http = port.protocol.is_http
-    for policy in policies:
-        for i, rule in enumerate(policy.rules):
-            if rule.ports and port.port not in rule.ports:
-                continue
-            if not http and (rule.paths or rule.methods):
-                continue  # HTTP conditions cannot hold on a TCP connection
-            callers = [principal(c, identity.trust_domain) for c in rule.callers]
-            who = _any_of(callers, "principal") if callers else principal(Caller(), identity.trust_domain)
-            name = f"{policy.kind}/{policy.namespace}/{policy.name}[{i}]"
-            what = permission(rule) if http else rbac_pb2.Permission(any=True)
-            out.policies[name].CopyFrom(rbac_pb2.Policy(permissions=[what], principals=[who]))
+    for policy, i, rule in _applying(policies, port):
+        callers = [principal(c, identity.trust_domain) for c in rule.callers]
+        who = _any_of(callers, "principal") if callers else principal(Caller(), identity.trust_domain)
+        name = f"{policy.kind}/{policy.namespace}/{policy.name}[{i}]"
+        what = permission(rule) if http else rbac_pb2.Permission(any=True)
+        out.policies[name].CopyFrom(rbac_pb2.Policy(permissions=[what], principals=[who]))
     return out
 
 
