@@ -878,9 +878,11 @@ def grpc_to(name: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "port": 7070, **extra}
 
 
-async def grpc_ready(dp: DataPath, world: World) -> None:
+async def grpc_ready(dp: DataPath, world: World, metadata: dict[str, str] | None = None) -> None:
+    """Until gRPC calls to echo:7070 (with ``metadata``, for routes that match on it) are answered."""
+
     async def answered() -> None:
-        got = await grpc_calls(dp, world.client, "echo:7070", count=2)
+        got = await grpc_calls(dp, world.client, "echo:7070", count=2, metadata=metadata or {})
         sidecar = world.pods["echo-v1"].sidecar
         assert sidecar is not None
         codecs = await sidecar.admin.stats("downstream_cx_http")
@@ -890,16 +892,6 @@ async def grpc_ready(dp: DataPath, world: World) -> None:
     await eventually(answered, what="gRPC calls to echo:7070 answered", within=WITHIN)
 
 
-GRPC_OVER_MTLS = (
-    "gRPC (and any http2 port) over mTLS fails: the client sidecar speaks HTTP/2 to the far "
-    "sidecar, whose inbound HTTP connection manager (codec AUTO) picks its codec by the TLS ALPN, "
-    "which is the mesh's 'isthmus' (xds/generate/tls.py MESH_ALPN), not h2: it reads the HTTP/2 "
-    "preface as HTTP/1 (downstream_cx_http1_total on inbound_7070) and the call fails UNAVAILABLE, "
-    "'reset reason: protocol error'"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GRPC_OVER_MTLS)
 async def test_grpcroute_weight(dp: DataPath) -> None:
     """70/30 between the versions over gRPC (and echo-v3, weight 0, never)."""
     weighted = {"backendRefs": [grpc_to("echo-v1", weight=70), grpc_to("echo-v2", weight=30),
@@ -926,7 +918,6 @@ GRPC_EDITS = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GRPC_OVER_MTLS)
 async def test_grpcroute_request_header_modifier(dp: DataPath) -> None:
     """RequestHeaderModifier on GRPCRoute rules chosen by a header match."""
     rules = [
@@ -935,7 +926,7 @@ async def test_grpcroute_request_header_modifier(dp: DataPath) -> None:
         for case, spec in GRPC_EDITS.items()
     ]  # fmt: skip
     world = await echo_world(dp, grpc_route("grpc-request-header-modifier", *rules), grpc=True)
-    await grpc_ready(dp, world)
+    await grpc_ready(dp, world, {"x-test-case": "set"})  # no rule matches a call without it
     cases = [
         ("set", {"some-other-header": "this-header-should-be-set", "x-header-set": "overwritten"}, "echo-v1",
          {"some-other-header": "this-header-should-be-set", "x-header-set": "set-overwrites-values"}, ()),
@@ -960,7 +951,6 @@ async def test_grpcroute_request_header_modifier(dp: DataPath) -> None:
             assert name not in seen, (case, name, seen)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GRPC_OVER_MTLS)
 async def test_grpcroute_request_mirror(dp: DataPath) -> None:
     """RequestMirror: echo-v1 answers, echo-v2 (the other cluster) gets a copy, with the rule's
     header edits when the rule has them."""

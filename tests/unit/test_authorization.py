@@ -321,3 +321,32 @@ def test_a_refused_policy_fails_closed_where_its_selector_reads() -> None:
     config = rbac(MeshView.of(parse_mesh(BASE).services, (), policies=[denied]), WEB, HTTP, IDENTITY)
     assert config is not None
     assert list(config.policies) == [], "an ALLOW filter with no policy: every call to web is denied"
+
+
+def test_an_http_ports_policy_is_in_its_inbound_routes_not_in_the_listener() -> None:
+    """A policy change on an HTTP-only workload changes its inbound RDS, not its LDS: Envoy applies
+    an RDS update to the next request on every connection, a listener change only to new ones."""
+    http_only = BASE.replace(", {name: pg, port: 5432, protocol: tcp}", "")
+    open_view = parse_mesh(http_only)
+    closed = MeshView.of(
+        open_view.services,
+        (),
+        policies=[
+            AuthorizationPolicy(
+                "AuthorizationPolicy", "shop", "p", "web", (AllowRule(callers=(Caller("shop", "a"),)),)
+            )
+        ],
+    )
+    cache = ConfigCache(open_view)
+    cache._identity = IDENTITY
+    before = {t: cache.resources(t, WEB) for t in (types.LISTENER, types.ROUTE)}
+    cache.set_view(closed)
+    after = {t: cache.resources(t, WEB) for t in (types.LISTENER, types.ROUTE)}
+    assert after[types.LISTENER].version == before[types.LISTENER].version
+    assert after[types.ROUTE].version != before[types.ROUTE].version
+    [name] = [n for n in after[types.ROUTE] if n.startswith("inbound|")]
+    assert after[types.ROUTE][name] is not before[types.ROUTE][name]
+    direct = GENERATORS[types.ROUTE](closed, WEB, IDENTITY)
+    assert {n: r.body for n, r in after[types.ROUTE].items()} == {
+        n: m.SerializeToString(deterministic=True) for n, m in direct.items()
+    }

@@ -43,21 +43,29 @@ WEB = Proxy("web-a", Role.SIDECAR, "shop", "web", "web", Locality("r1", "z1", "a
 
 
 def inbound_filters(mesh: dict[str, object]) -> dict[str, object]:
-    """Per inbound filter chain: its network filters, and an HTTP manager's HTTP filters."""
+    """Per inbound filter chain: its network filters, and an HTTP manager's HTTP filters (and its
+    routes' per-route filter configuration, from RDS: where an HTTP port's RBAC rules are); and
+    the chain's TLS peer validation (a TCP port's handshake accepts only allowed callers)."""
     view = parse_mesh(yaml.safe_dump(mesh))
     listeners = GENERATORS[types.LISTENER](view, WEB, IDENTITY)
     inbound = listeners[naming.inbound_listener(WEB.inbound_port)]
+    routes = GENERATORS[types.ROUTE](view, WEB, IDENTITY)
     out: dict[str, object] = {}
     for chain in json_format.MessageToDict(inbound, preserving_proto_field_name=True)["filter_chains"]:
         filters = []
         for f in chain["filters"]:
             config = f["typed_config"]
             if "http_filters" in config:
+                name = config["rds"]["route_config_name"]
+                [host] = json_format.MessageToDict(routes[name], preserving_proto_field_name=True)[
+                    "virtual_hosts"
+                ]
                 filters.append(
                     {
                         f["name"]: [
                             h.get("typed_config", {}) | {"name": h["name"]} for h in config["http_filters"]
-                        ]
+                        ],
+                        f"RDS {name}": [r.get("typed_per_filter_config", {}) for r in host["routes"]],
                     }
                 )
             else:

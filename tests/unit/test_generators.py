@@ -349,3 +349,30 @@ def test_replace_prefix_match_replaces_path_elements_not_characters() -> None:
     assert (moved.regex_rewrite.pattern.regex, moved.regex_rewrite.substitution) == ("^/moved/*", "/")
     root = by_prefix["/"].route
     assert (root.regex_rewrite.pattern.regex, root.regex_rewrite.substitution) == ("^/*", "/v1/")
+
+
+def test_an_http2_or_grpc_port_is_served_as_http2_on_the_inbound_side() -> None:
+    """The calling sidecar speaks HTTP/2 to a grpc or http2 port (its cluster's protocol options);
+    the far sidecar's connection manager must too: AUTO would go by the mesh ALPN and read HTTP/1."""
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    mesh = """
+services:
+  - name: api
+    namespace: shop
+    ports: [{name: grpc, port: 7070, protocol: grpc}, {name: http, port: 80}]
+    endpoints: [{cluster: a, address: 127.0.1.1, sidecar_port: 15006, service_account: api}]
+clusters: [{name: a, region: r1, zone: z1}]
+"""
+    proxy = replace(sidecar("a", "r1", "z1"), service="api", service_account="api")
+    listeners = GENERATORS[types.LISTENER](parse_mesh(mesh), proxy, TEST_IDENTITY)
+    [inbound] = [lst for name, lst in listeners.items() if name.startswith("inbound")]
+    codecs = {}
+    for chain in inbound.filter_chains:
+        manager = hcm.HttpConnectionManager()
+        chain.filters[0].typed_config.Unpack(manager)
+        codecs[chain.name] = manager.codec_type
+    assert codecs == {
+        "inbound_7070": hcm.HttpConnectionManager.HTTP2,
+        "inbound_80": hcm.HttpConnectionManager.AUTO,
+    }

@@ -196,6 +196,9 @@ _FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {
         "outbound_traffic",
     ),
     # Captured proxies' routes also match their own cluster's ClusterIPs (and clusterset IPs) as Hosts.
-    types.ROUTE: ("namespace", "capture", CLUSTER_IF_CAPTURED),
+    types.ROUTE: ("namespace", "service", "service_account", "capture", CLUSTER_IF_CAPTURED),
+    "rds-shared": ("namespace", "capture", CLUSTER_IF_CAPTURED),  # the outbound route table
+    # Inbound routes (with mTLS): its own service's HTTP ports, and the policies of its account.
+    "rds-own": ("namespace", "service", "service_account"),
     types.SECRET: ("namespace", "service_account"),
 }

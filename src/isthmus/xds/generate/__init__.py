@@ -32,6 +32,7 @@ GENERATORS: Mapping[str, Generator] = {
 # that what is the same for every sidecar is generated once and what is per pod stays small.
 PARTS: Mapping[str, tuple[tuple[str, Generator], ...]] = {
     types.CLUSTER: (("cds-shared", clusters.generate_shared), ("cds-own", clusters.generate_own)),
+    types.ROUTE: (("rds-shared", routes.generate_outbound), ("rds-own", routes.generate_inbound)),
 }
 
 
@@ -70,7 +71,8 @@ INPUTS: Mapping[str, Inputs] = {
     "cds-shared": Inputs(clusters.shared_inputs),
     "cds-own": Inputs(_nothing, own=clusters.own_inputs),
     types.LISTENER: Inputs(listeners.inputs, policies=True),
-    types.ROUTE: Inputs(routes.inputs, routes=True),
+    "rds-shared": Inputs(routes.inputs, routes=True),
+    "rds-own": Inputs(_nothing, own=routes.own_inputs, policies=True),
     types.SECRET: Inputs(_nothing),  # certificates change outside the view (ConfigCache.rotate_certificates)
 }
 

@@ -36,7 +36,6 @@ from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, resolver_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2, udp_listener_config_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.data.dns.v3 import dns_table_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
@@ -46,7 +45,7 @@ from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
-from isthmus.discovery.model import MeshView, Service, ServicePort
+from isthmus.discovery.model import MeshView, Protocol, Service, ServicePort
 from isthmus.xds import naming
 from isthmus.xds.generate import http_filters
 from isthmus.xds.generate.clusters import gateway_services, shared_inputs
@@ -87,13 +86,7 @@ def _outbound_http() -> Any:
     manager = hcm.HttpConnectionManager(
         stat_prefix="outbound_http",
         codec_type=hcm.HttpConnectionManager.AUTO,
-        rds=hcm.Rds(
-            route_config_name=naming.OUTBOUND_HTTP_ROUTE,
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(),
-                resource_api_version=config_source_pb2.V3,
-            ),
-        ),
+        rds=_rds(naming.OUTBOUND_HTTP_ROUTE),
         http_filters=[_router()],
     )
     return listener_components_pb2.Filter(name=HCM, typed_config=_pack(manager))
@@ -273,30 +266,31 @@ def outbound_tcp_listeners(view: MeshView, proxy: Proxy) -> list[Any]:
     return out
 
 
+def _rds(name: str) -> Any:
+    """Routes from RDS, over the ADS stream."""
+    return hcm.Rds(
+        route_config_name=name,
+        config_source=config_source_pb2.ConfigSource(
+            ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+        ),
+    )
+
+
 def _inbound_http(
     view: MeshView, proxy: Proxy, service: Service, port: ServicePort, identity: MeshIdentity
 ) -> Any:
-    cluster = naming.inbound_cluster(port)
+    """The inbound HTTP connection manager of one port: its routes (to the application, with the
+    port's authorization) from RDS, named as its inbound cluster (xds.generate.routes)."""
+    # The codec of the port's protocol, as the calling sidecar's cluster speaks it (clusters.py):
+    # AUTO would go by the TLS ALPN, which is the mesh's ("isthmus"), not h2, and read an HTTP/2
+    # caller's preface as HTTP/1 (gRPC between meshed pods failed: the conformance tests).
+    http2 = port.protocol in (Protocol.HTTP2, Protocol.GRPC)
     manager = hcm.HttpConnectionManager(
         stat_prefix=f"inbound_{port.port}",
-        codec_type=hcm.HttpConnectionManager.AUTO,
+        codec_type=hcm.HttpConnectionManager.HTTP2 if http2 else hcm.HttpConnectionManager.AUTO,
         forward_client_cert_details=hcm.HttpConnectionManager.SANITIZE_SET,
         set_current_client_cert_details=hcm.HttpConnectionManager.SetCurrentClientCertDetails(uri=True),
-        route_config=route_pb2.RouteConfiguration(
-            name=cluster,
-            virtual_hosts=[
-                route_components_pb2.VirtualHost(
-                    name=cluster,
-                    domains=["*"],
-                    routes=[
-                        route_components_pb2.Route(
-                            match=route_components_pb2.RouteMatch(prefix="/"),
-                            route=route_components_pb2.RouteAction(cluster=cluster),
-                        )
-                    ],
-                )
-            ],
-        ),
+        rds=_rds(naming.inbound_cluster(port)),
         http_filters=http_filters.inbound(view, proxy, service, port, identity),
     )
     return listener_components_pb2.Filter(name=HCM, typed_config=_pack(manager))

@@ -41,6 +41,7 @@ from isthmus.discovery.model import (
     ServiceRoute,
 )
 from isthmus.xds import naming
+from isthmus.xds.generate.http_filters import authorization
 from isthmus.xds.generate.identity import PLAINTEXT, MeshIdentity
 from isthmus.xds.generate.tls import pack
 from isthmus.xds.proxy import Proxy, Role
@@ -351,13 +352,51 @@ def outbound_routes(view: MeshView, proxy: Proxy) -> Any:
     return config
 
 
-def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+def generate_outbound(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    """The outbound route table, alike for every sidecar of a namespace (and cluster, if captured)."""
     if proxy.role is not Role.SIDECAR:
         return {}
     config = outbound_routes(view, proxy)
     return {config.name: config}
 
 
+def generate_inbound(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    """With mTLS, a sidecar's inbound routes: one route table per HTTP port of its own service
+    (named as its inbound cluster), everything to the application, with the authorization of the
+    policies that select its service account as the RBAC filter's per-route configuration. Here,
+    not in the listener, so that a policy change is an RDS update that applies to the next request
+    on every connection, where a listener change would apply only to new connections (the old ones
+    drain with the old filter chain)."""
+    own = view.service(proxy.namespace, proxy.service)
+    if proxy.role is not Role.SIDECAR or not identity.mtls or own is None:
+        return {}
+    out = {}
+    for port in own.ports:
+        if not port.protocol.is_http:
+            continue
+        name = naming.inbound_cluster(port)
+        route = route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            route=route_components_pb2.RouteAction(cluster=name),
+        )
+        rules = authorization.rbac(view, proxy, port, identity)
+        if rules is not None:
+            route.typed_per_filter_config[authorization.HTTP_RBAC].CopyFrom(authorization.per_route(rules))
+        host = route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])
+        out[name] = route_pb2.RouteConfiguration(name=name, virtual_hosts=[host])
+    return out
+
+
+def generate(view: MeshView, proxy: Proxy, identity: MeshIdentity = PLAINTEXT) -> dict[str, Any]:
+    return {**generate_outbound(view, proxy, identity), **generate_inbound(view, proxy, identity)}
+
+
 def inputs(service: Service | None) -> Hashable:
-    """What RDS reads of a service (see generate.INPUTS): that it exists, its ports and addresses."""
+    """What outbound RDS reads of a service (see generate.INPUTS): that it exists, its ports and
+    addresses."""
     return None if service is None else (service.ports, service.addresses, service.vip)
+
+
+def own_inputs(service: Service | None, proxy: Proxy) -> Hashable:
+    """What inbound RDS reads of the proxy's own service: its ports."""
+    return None if service is None else service.ports
