@@ -371,17 +371,6 @@ async def test_mesh_ports(dp: DataPath) -> None:
     )
 
 
-CROSS_NAMESPACE_BACKEND = (
-    "the consumer route's backendRef names echo-v1 in the producer's namespace; isthmus refuses "
-    "backends outside the route's namespace without a ReferenceGrant (RefNotPermitted, "
-    "discovery/gamma.py _backend: from a mesh file, as here, the file is refused and isthmus serve "
-    "exits ('routes[0]: RefNotPermitted: spec.rules[0].backendRefs[0] is in namespace'), from a "
-    "member cluster that share is answered 500), while GEP-1294 allows mesh routes backendRefs in "
-    "any namespace without one"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ProcessDied, reason=CROSS_NAMESPACE_BACKEND)
 async def test_mesh_consumer_route(dp: DataPath) -> None:
     """A route in the caller's namespace on a Service of another applies to that namespace's
     callers only; the producer namespace's callers are untouched."""

@@ -229,3 +229,24 @@ def test_replace_prefix_match_needs_a_path_prefix_match() -> None:
     )
     assert read.reason == "UnsupportedValue"
     assert "PathPrefix" in read.message
+
+
+def test_a_consumer_route_may_send_to_the_service_it_is_attached_to() -> None:
+    """A consumer route (namespace blog, parent shop/web) may name its parent as a backend, as the
+    mesh conformance's consumer route does; any other service of shop is RefNotPermitted."""
+    obj = {
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "blog"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "web", "namespace": "shop"}],
+            "rules": [
+                {"backendRefs": [{"name": "web", "namespace": "shop", "port": 80}]},
+                {"backendRefs": [{"name": "db", "namespace": "shop", "port": 80}]},
+            ],
+        },
+    }
+    [read] = gamma.read(obj).routes
+    parent, other = read.rules
+    assert parent.broken == ""
+    assert parent.backends == (Backend(WEB, 80, 1),)
+    assert other.broken.startswith("RefNotPermitted")

@@ -166,8 +166,13 @@ def _grpc_match(raw: Mapping[str, Any], where: str) -> RouteMatch:
     return RouteMatch("/", PathType.PREFIX, headers)
 
 
-def _backend(raw: Any, namespace: str, where: str) -> tuple[Backend, str]:
-    """A backendRef and why it cannot be used ("" if it can, as far as this object tells)."""
+def _backend(
+    raw: Any, namespace: str, where: str, parents: frozenset[ServiceKey] = frozenset()
+) -> tuple[Backend, str]:
+    """A backendRef and why it cannot be used ("" if it can, as far as this object tells). A
+    service of another namespace may be named only if it is one of the route's parents (a consumer
+    route sending its namespace's calls on to the service they were for: GEP-1294); any other needs
+    a ReferenceGrant, which isthmus does not read."""
     raw = _map(raw, where)
     name, port, weight = raw.get("name"), raw.get("port", 0), raw.get("weight", 1)
     if not isinstance(name, str) or not name:
@@ -178,7 +183,7 @@ def _backend(raw: Any, namespace: str, where: str) -> tuple[Backend, str]:
     backend = Backend(ServiceKey(str(target), name), port, weight)
     if raw.get("group", "") not in ("", "core") or raw.get("kind", "Service") != "Service":
         return backend, f"InvalidKind: {where} is not a Service"
-    if target != namespace:  # no ReferenceGrant support: only the route's own namespace
+    if target != namespace and backend.service not in parents:
         return backend, f"RefNotPermitted: {where} is in namespace {target!r}"
     return backend, ""
 
@@ -213,7 +218,13 @@ def _path_modifier(raw: Any, where: str) -> tuple[str | None, bool]:
     raise RouteError("UnsupportedValue", f"{where}: {kind!r} with its value is needed")
 
 
-def _rule(kind: str, raw: Mapping[str, Any], namespace: str, where: str) -> RouteRule:
+def _rule(
+    kind: str,
+    raw: Mapping[str, Any],
+    namespace: str,
+    where: str,
+    parents: frozenset[ServiceKey] = frozenset(),
+) -> RouteRule:
     matches = tuple(
         (_grpc_match if kind == "GRPCRoute" else _http_match)(
             _map(m, f"{where}.matches[{i}]"), f"{where}.matches[{i}]"
@@ -222,7 +233,7 @@ def _rule(kind: str, raw: Mapping[str, Any], namespace: str, where: str) -> Rout
     ) or (RouteMatch(),)
     backends, broken = [], []
     for i, ref in enumerate(_list(raw.get("backendRefs"), f"{where}.backendRefs")):
-        backend, why = _backend(ref, namespace, f"{where}.backendRefs[{i}]")
+        backend, why = _backend(ref, namespace, f"{where}.backendRefs[{i}]", parents)
         if _list(_map(ref, "").get("filters"), f"{where}.backendRefs[{i}].filters"):
             raise RouteError("UnsupportedValue", f"{where}.backendRefs[{i}].filters are not supported")
         backends.append(backend)
@@ -258,7 +269,7 @@ def _rule(kind: str, raw: Mapping[str, Any], namespace: str, where: str) -> Rout
             fields["rewrite"] = Rewrite(str(spec.get("hostname", "") or ""), path, prefix)
         elif ftype == "RequestMirror":
             spec = _map(item.get("requestMirror"), here)
-            backend, why = _backend(spec.get("backendRef"), namespace, f"{here}.backendRef")
+            backend, why = _backend(spec.get("backendRef"), namespace, f"{here}.backendRef", parents)
             if why:
                 raise RouteError(why.split(":", 1)[0], why.split(": ", 1)[1])
             percent = 100.0
@@ -331,15 +342,16 @@ def read(obj: Mapping[str, Any], cluster: str = "") -> ReadRoute:
     namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
     generation = meta.get("generation", 0)
     found = parents(obj)
+    services = frozenset(p.service for p in found)
     generation = generation if isinstance(generation, int) else 0
     try:
         if kind not in KINDS:
             raise RouteError("UnsupportedValue", f"kind {kind!r} is not a mesh route")
         spec = _map(obj.get("spec"), "spec")
         rules = tuple(
-            _rule(kind, _map(r, f"spec.rules[{i}]"), namespace, f"spec.rules[{i}]")
+            _rule(kind, _map(r, f"spec.rules[{i}]"), namespace, f"spec.rules[{i}]", services)
             for i, r in enumerate(_list(spec.get("rules"), "spec.rules"))
-        ) or (_rule(kind, {}, namespace, "spec.rules[0]"),)
+        ) or (_rule(kind, {}, namespace, "spec.rules[0]", services),)
         if any(p.section for p in found):
             raise RouteError("UnsupportedValue", "parentRefs[].sectionName is not supported for Services")
     except RouteError as exc:
