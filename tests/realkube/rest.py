@@ -168,3 +168,13 @@ class Rest:
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
         answer = await self.request("POST", path, body)
         return str(answer["status"]["token"])
+
+
+async def forbidden(rest: Rest, method: str, path: str, body: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``rest``'s account is refused (403) ``method`` on ``path`` (a PATCH as a merge patch)."""
+    headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else None
+    try:
+        await rest.request(method, path, body, headers)
+    except ApiError as exc:
+        return exc.status == 403
+    return False

@@ -50,7 +50,7 @@ from realkube.cluster import RealCluster
 from realkube.crds import SERVICE_EXPORT, SERVICE_IMPORT, TRAFFIC_SPLIT, with_status
 from realkube.fixtures import RBAC
 from realkube.objects import endpoint_slice, service_without_selector
-from realkube.rest import ApiError, Rest
+from realkube.rest import ApiError, Rest, forbidden
 from realkube.wait import until
 
 pytestmark = [pytest.mark.realkube, pytest.mark.timeout(900)]  # a cold helm build takes ~3 min
@@ -404,15 +404,6 @@ def refused(cluster: RealCluster, user: str) -> list[str]:
         for e in cluster.audit()
         if e["user"]["username"] == user and e["responseStatus"]["code"] in (401, 403)
     ]
-
-
-async def forbidden(rest: Rest, method: str, path: str, body: Obj | None = None) -> bool:
-    headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else None
-    try:
-        await rest.request(method, path, body, headers)
-    except ApiError as exc:
-        return exc.status == 403
-    return False
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from realkube.cluster import RealCluster
 from realkube.fixtures import READER, READER_NAMESPACE, reader_kubeconfig
 from realkube.gateway_api import route_crds
 from realkube.objects import endpoint_slice, service_without_selector
-from realkube.rest import ApiError, Rest
+from realkube.rest import ApiError, Rest, forbidden
 from realkube.wait import until
 
 pytestmark = [pytest.mark.realkube, pytest.mark.timeout(300)]
@@ -131,14 +131,6 @@ async def running(*tasks: Callable[[], Any]) -> AsyncIterator[None]:
         for task in started:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def forbidden(rest: Rest, method: str, path: str, body: dict[str, Any] | None = None) -> bool:
-    try:
-        await rest.request(method, path, body)
-    except ApiError as exc:
-        return exc.status == 403
-    return False
 
 
 @pytest.fixture
