@@ -233,6 +233,10 @@ async def test_a_revoked_caller_is_denied_at_once_on_its_existing_connections(dp
     dp.mesh.policies[:] = [policy("web-callers", "web", allow("client"))]
     dp.mesh.write(*dp.mesh.services)
     await answers(reporter, 403, within=5)  # the control plane reads the file within 1 s
+    denied = await reporter.request("web.shop", "/", count=3)
+    assert [r.status for r in denied.results] == [403] * 3, denied.summary()
+    allowed = await client.request("web.shop", "/", count=3)
+    assert allowed.all_ok, allowed.summary()
 
 
 async def test_paths_and_methods_narrow_a_rule(dp: DataPath) -> None:
